@@ -1,0 +1,124 @@
+"""Token-level attention masks from (layout, rules): a dense boolean mask and a FlexAttention ``BlockMask``.
+
+Both come from one representation: tokens are compressed into **classes** (tokens with the same group membership),
+and a rule set becomes a small ``(C, C)`` class mask ``allowed[a, b] = any_{g in a, h in b} rules[g, h]`` — the
+union semantics of the official bitmask, without its 31-group limit. Then
+
+* dense: ``mask[q, k] = class_mask[cls[q], cls[k]]`` — one gather, ``(1, 1, L, L)`` bool for SDPA (True = attend);
+* BlockMask: per 128×128 block, which classes occur on each side decides full / partial / empty straight from
+  ``class_mask``; ``BlockMask.from_kv_blocks`` takes those tables, so no ``mask_mod`` is evaluated over L².
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from replan.attention.layout import TokenLayout
+from replan.attention.rules import RuleSet
+
+
+@dataclass(frozen=True)
+class GroupMembership:
+    """Tokens compressed into membership classes: ``class_groups[c, g]`` says class c belongs to group g."""
+
+    names: tuple[str, ...]
+    token_class: torch.Tensor  # (L,) long
+    class_groups: torch.Tensor  # (C, G) bool
+
+    @classmethod
+    def from_layout(cls, layout: TokenLayout) -> GroupMembership:
+        names, member = layout.membership()
+        class_groups, token_class = torch.unique(member, dim=0, return_inverse=True)
+        return cls(tuple(names), token_class, class_groups)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_class.numel()
+
+    def class_mask(self, rules: RuleSet) -> torch.Tensor:
+        """``(C, C)`` bool: may a token of class a attend to a token of class b under ``rules``."""
+        r = rules.matrix(self.names).float()
+        g = self.class_groups.float()
+        allowed = (g @ r @ g.T) > 0
+        empty = ~allowed.any(dim=1)
+        if empty.any():
+            stranded = sorted({self.names[j] for c in empty.nonzero().flatten().tolist()
+                               for j in self.class_groups[c].nonzero().flatten().tolist()})
+            raise ValueError(
+                f"the attention rules '{rules.label}' let tokens of {stranded} attend to nothing; "
+                "allow each group at least itself (e.g. 'Hint 1, Hint 1': true)"
+            )
+        return allowed
+
+
+def dense_mask(membership: GroupMembership, rules: RuleSet, device=None) -> torch.Tensor:
+    """``(1, 1, L, L)`` boolean mask (True = may attend) for SDPA."""
+    allowed = membership.class_mask(rules).to(device)
+    cls = membership.token_class.to(device)
+    return allowed[cls[:, None], cls[None, :]][None, None]
+
+
+def block_mask(membership: GroupMembership, rules: RuleSet, device=None, block_size: int = 128):
+    """A FlexAttention ``BlockMask`` equal to ``dense_mask`` (broadcast over batch and heads)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    allowed = membership.class_mask(rules)
+    num_classes = allowed.shape[0]
+    length = membership.num_tokens
+    num_blocks = -(-length // block_size)
+    pad = num_blocks * block_size - length
+    # the padding class (index C) attends to nothing and is seen by nothing
+    allowed_pad = torch.zeros(num_classes + 1, num_classes + 1, dtype=torch.bool)
+    allowed_pad[:num_classes, :num_classes] = allowed
+    cls_pad = torch.cat([membership.token_class, torch.full((pad,), num_classes, dtype=torch.long)])
+
+    present = torch.zeros(num_blocks, num_classes + 1, dtype=torch.bool)
+    present[torch.arange(num_blocks * block_size) // block_size, cls_pad] = True
+    p = present.float()
+    any_true = (p @ allowed_pad.float() @ p.T) > 0
+    any_false = (p @ (~allowed_pad).float() @ p.T) > 0
+    full = any_true & ~any_false
+    partial = any_true & any_false
+
+    def tables(blocks: torch.Tensor):
+        counts = blocks.sum(dim=-1, dtype=torch.int32)
+        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[None, None].to(device), order[None, None].to(device)
+
+    allowed_dev, cls_dev = allowed_pad.to(device), cls_pad.to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed_dev[cls_dev[q_idx], cls_dev[kv_idx]]
+
+    kv_num, kv_idx = tables(partial)
+    full_num, full_idx = tables(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(length, length)
+    )
+
+
+def materialize_block_mask(bm) -> torch.Tensor:
+    """Expand a ``BlockMask`` into its ``(L, L)`` boolean token mask (full blocks, plus ``mask_mod`` on partial ones).
+
+    For tests and debugging: this is what FlexAttention computes with, independent of how the tables were built.
+    """
+    from torch.nn.attention.flex_attention import create_mask
+
+    q_len, kv_len = bm.seq_lengths
+    bq, bk = bm.BLOCK_SIZE
+    nq, nk = bm.kv_num_blocks.shape[-1], bm.kv_indices.shape[-1]
+
+    def block_table(num, idx):
+        table = torch.zeros(nq, nk, dtype=torch.bool, device=num.device)
+        for row in range(nq):
+            table[row, idx[0, 0, row, : int(num[0, 0, row])].long()] = True
+        return table
+
+    partial = block_table(bm.kv_num_blocks, bm.kv_indices)
+    full = block_table(bm.full_kv_num_blocks, bm.full_kv_indices) if bm.full_kv_num_blocks is not None else partial & False
+    mods = create_mask(bm.mask_mod, 1, 1, nq * bq, nk * bk, device=bm.kv_num_blocks.device)[0, 0]
+    expand = lambda t: t.repeat_interleave(bq, 0).repeat_interleave(bk, 1)  # noqa: E731
+    dense = expand(full) | (expand(partial) & mods)
+    return dense[:q_len, :kv_len]

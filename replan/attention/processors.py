@@ -1,0 +1,118 @@
+"""Region attention at run time: per-call state, the step callback, and processors that apply the current mask.
+
+``RegionAttention`` holds one edit's layout and rule schedule. Installed on a transformer (``with
+region.installed(transformer): ...``) it wraps every attention processor so that each double- and single-stream
+block attends with the mask of the current step. The mask for a rule set is built once, on first use, and cached;
+``region.callback`` (a diffusers ``callback_on_step_end``) advances the step, so a rule switch changes the mask
+exactly once. A pass whose sequence length is not the layout's (the true-CFG negative pass, which has no hint
+tokens) runs unmasked, as official.
+
+The wrapped processor is the stock diffusers one, so the attention math is diffusers' own; with no regions the
+editor does not install anything and is the stock pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+
+from replan.attention.layout import TokenLayout
+from replan.attention.masks import GroupMembership, block_mask, dense_mask
+from replan.attention.rules import RuleSchedule, RuleSet
+
+BACKENDS = ("dense", "flex")
+
+
+class RegionAttention:
+    """One edit's region-attention state.
+
+    Args:
+        layout: token layout with regions attached.
+        schedule: rules per step.
+        backend: ``"dense"`` (boolean mask through SDPA; CPU and GPU) or ``"flex"`` (a ``BlockMask`` through
+            diffusers' FlexAttention backend; use on GPU, ideally with the transformer compiled).
+        block_size: FlexAttention block size.
+    """
+
+    def __init__(self, layout: TokenLayout, schedule: RuleSchedule, backend: str = "dense", block_size: int = 128):
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        self.layout = layout
+        self.membership = GroupMembership.from_layout(layout)
+        self.schedule = schedule
+        self.backend = backend
+        self.block_size = block_size
+        self.step = 0
+        self._cache: dict[tuple[RuleSet, str], object] = {}
+        self.builds: Counter = Counter()  # rule-set label → number of mask builds
+        self.steps: dict[int, str] = {}  # step → label of the rules its masked passes used
+        self.unmasked_calls = 0
+        for rules in schedule.rule_sets:  # fail before any compute if a rule set strands a group
+            self.membership.class_mask(rules)
+
+    # ------------------------------------------------------------------------------------------------ state
+    @property
+    def rules(self) -> RuleSet:
+        return self.schedule.at(self.step)
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """``callback_on_step_end``: step ``step`` is done, the next one uses the rules of ``step + 1``."""
+        self.set_step(step + 1)
+        return callback_kwargs
+
+    def mask(self, device: torch.device | str = "cpu"):
+        """The mask of the current step's rules on ``device``, built once per (rule set, device)."""
+        rules = self.rules
+        key = (rules, str(device))
+        if key not in self._cache:
+            if self.backend == "dense":
+                self._cache[key] = dense_mask(self.membership, rules, device)
+            else:
+                self._cache[key] = block_mask(self.membership, rules, device, self.block_size)
+            self.builds[rules.label] += 1
+        return self._cache[key]
+
+    def mask_for(self, seq_len: int, device):
+        """The mask for an attention call over ``seq_len`` tokens, or None for a pass without our hints."""
+        if seq_len != self.layout.total_len:
+            self.unmasked_calls += 1
+            return None
+        self.steps.setdefault(self.step, self.rules.label)
+        return self.mask(device)
+
+    # ------------------------------------------------------------------------------------------------ install
+    @contextmanager
+    def installed(self, transformer):
+        """Wrap every attention processor of ``transformer`` for the duration of the block; restore afterwards."""
+        original = dict(transformer.attn_processors)
+        transformer.set_attn_processor({name: RegionAttnProcessor(proc, self) for name, proc in original.items()})
+        try:
+            yield self
+        finally:
+            transformer.set_attn_processor(original)
+
+
+class RegionAttnProcessor:
+    """Wraps a stock FLUX-family processor (double-stream ``FluxAttnProcessor``/``Flux2AttnProcessor``, and the
+    single-stream blocks that use the same class) and hands it the region mask of the current step."""
+
+    def __init__(self, base, region: RegionAttention):
+        self.base = base
+        self.region = region
+        self.masked = base
+        if region.backend == "flex":  # same processor, FlexAttention backend (accepts a BlockMask as attn_mask)
+            self.masked = copy.copy(base)
+            self.masked._attention_backend = "flex"
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        seq_len = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
+        mask = self.region.mask_for(seq_len, hidden_states.device)
+        if mask is None:
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return self.masked(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)

@@ -1,0 +1,73 @@
+"""Loading and normalising input images.
+
+Every image entering replan becomes 8-bit RGB (``PIL.Image`` mode ``"RGB"``):
+
+* RGBA / LA / palette images with transparency are composited over **white** (transparent pixels would otherwise
+  keep arbitrary colour values);
+* greyscale (``L``, ``1``) is replicated to three channels;
+* 16-bit and 32-bit integer images (``I;16``, ``I``) are scaled to 8 bits by their full range (``/257`` for 16-bit);
+  float images (``F``) are assumed to be in [0, 1] when their maximum is ≤ 1, else in [0, 255];
+* CMYK / YCbCr / LAB are converted with PIL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MIN_SIDE = 64
+MAX_PIXELS = 16 * 1024 * 1024
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB as described in the module docstring."""
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL image, got {type(image).__name__}")
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I"):
+        arr = np.asarray(image).astype(np.float64)
+        peak = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) <= 65535) else float(arr.max())
+        arr = np.clip(arr / peak * 255.0 if peak > 255 else arr, 0, 255)
+        return Image.fromarray(arr.round().astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(image).astype(np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(arr * scale, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    """Open a path (or take a PIL image) and return it as RGB; ``ValueError`` with the path if it cannot be read."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def check_image_size(size: tuple[int, int], min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS) -> None:
+    """Reject images the editors cannot handle sensibly, with the fix in the message."""
+    w, h = size
+    if min(w, h) < min_side:
+        raise ValueError(f"image is {w}x{h}; both sides must be at least {min_side} px (upscale it first)")
+    if w * h > max_pixels:
+        raise ValueError(
+            f"image is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is {max_pixels / 1e6:.1f} MP (downscale it first)"
+        )

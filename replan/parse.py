@@ -1,0 +1,294 @@
+"""Parse planner output in the official RePlan grammar into a ``RegionPlan``.
+
+Grammar (replan-spec §1.5)::
+
+    <think>TEXT</think><gen_image>TEXT</gen_image><region>[{"bbox_2d": [x1,y1,x2,y2], "point_2d": [x,y], "hint": "..."}]</region>
+
+``strict=True`` raises ``PlanParseError`` naming what is wrong and where. The default lenient mode repairs what can be
+repaired (code fences, trailing commas, single quotes, a missing think block, a truncated region list, swapped
+corners, boxes partly outside the image), drops what cannot be used (zero-area boxes, items without a box or hint)
+and records every repair in ``plan.repairs``. A reply without ``<region>`` is a plain global edit, as official.
+Whatever the input, the result is a plan or a ``PlanParseError``; never another exception.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+
+from replan.coords import Size, box_area, clip_box, planner_to_original
+from replan.plan import Region, RegionPlan, _fmt_box
+
+_FENCE = re.compile(r"```[a-zA-Z]*[ \t]*\n?(.*?)```", re.S)
+_TRAILING_COMMA = re.compile(r",\s*([\]}])")
+_MAX_LITERAL_EVAL = 200_000  # characters; ast.literal_eval on huge inputs is slow and can exhaust the stack
+
+
+class PlanParseError(ValueError):
+    """The planner text does not follow the grammar (strict mode) or cannot be read at all."""
+
+    def __init__(self, message: str, position: int | None = None):
+        self.position = position
+        super().__init__(message if position is None else f"{message} (at character {position})")
+
+
+def parse_plan(
+    text: str | bytes,
+    image_size: Size | None = None,
+    *,
+    strict: bool = False,
+    planner_size: Size | None = None,
+) -> RegionPlan:
+    """Parse planner text.
+
+    Args:
+        text: the planner's reply.
+        image_size: (W, H) of the original image; enables clipping (lenient) or bounds checks (strict).
+        strict: raise on any deviation from the grammar instead of repairing.
+        planner_size: (W, H) of the frame the planner saw; boxes are mapped from it to ``image_size``.
+    """
+    try:
+        return _Parser(strict, image_size, planner_size).run(text)
+    except PlanParseError:
+        raise
+    except (RecursionError, MemoryError) as e:  # pathological inputs
+        raise PlanParseError(f"planner text could not be parsed: {type(e).__name__}") from None
+
+
+class _Parser:
+    def __init__(self, strict: bool, image_size: Size | None, planner_size: Size | None):
+        self.strict = strict
+        self.image_size = tuple(image_size) if image_size else None
+        self.planner_size = tuple(planner_size) if planner_size else None
+        if self.planner_size and not self.image_size:
+            raise PlanParseError("planner_size needs image_size: boxes are mapped from the planner frame to the image")
+        self.repairs: list[str] = []
+
+    def fail_or_repair(self, problem: str, repair: str, position: int | None = None) -> None:
+        if self.strict:
+            raise PlanParseError(problem, position)
+        self.repairs.append(f"{problem}; {repair}")
+
+    # ------------------------------------------------------------------------------------------------ top level
+    def run(self, text) -> RegionPlan:
+        text = self._as_text(text)
+        raw = text
+        if not self.strict:
+            fenced = _FENCE.fullmatch(text.strip())
+            if fenced and "<" in fenced.group(1):
+                text = fenced.group(1)
+                self.repairs.append("reply wrapped in a code fence; fence removed")
+        reasoning, think_span = self._block(text, "think", required_before=("gen_image", "region"))
+        global_prompt, gen_span = self._block(text, "gen_image", required_before=("region",))
+        region_text, region_span = self._region_block(text)
+        self._check_outside_text(text, [s for s in (think_span, gen_span, region_span) if s])
+        regions = self._regions(region_text) if region_text is not None else []
+        return RegionPlan(
+            global_prompt=(global_prompt or "").strip(),
+            regions=tuple(regions),
+            reasoning=(reasoning or "").strip(),
+            image_size=self.image_size,
+            raw_text=raw,
+            repairs=tuple(self.repairs),
+        )
+
+    def _as_text(self, text) -> str:
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                return bytes(text).decode("utf-8")
+            except UnicodeDecodeError as e:
+                if self.strict:
+                    raise PlanParseError(f"planner text is not valid UTF-8 ({e.reason})", e.start) from None
+                self.repairs.append("planner text is not valid UTF-8; undecodable bytes replaced")
+                return bytes(text).decode("utf-8", errors="replace")
+        if not isinstance(text, str):
+            raise PlanParseError(f"planner text must be a string, got {type(text).__name__}")
+        return text
+
+    def _block(self, text: str, tag: str, required_before: tuple[str, ...]) -> tuple[str | None, tuple | None]:
+        m = re.search(rf"<{tag}>(.*?)</{tag}>", text, re.S)
+        if m:
+            return m.group(1), m.span()
+        start = text.find(f"<{tag}>")
+        if start >= 0:  # opened, never closed: read up to the next block
+            body_start = start + len(tag) + 2
+            ends = [i for i in (text.find(f"<{t}>", body_start) for t in required_before) if i >= 0]
+            end = min(ends) if ends else len(text)
+            self.fail_or_repair(f"<{tag}> is never closed", f"read up to character {end}", start)
+            return text[body_start:end], (start, end)
+        self.fail_or_repair(f"missing <{tag}>…</{tag}> block", "treated as empty")
+        return None, None
+
+    def _region_block(self, text: str) -> tuple[str | None, tuple | None]:
+        m = re.search(r"<region>(.*?)</region>", text, re.S)
+        if m:
+            return m.group(1), m.span()
+        start = text.find("<region>")
+        if start >= 0:
+            self.fail_or_repair("<region> is never closed (truncated reply?)", "read to the end", start)
+            return text[start + len("<region>") :], (start, len(text))
+        self.fail_or_repair("missing <region>…</region> block", "plan has no regions (global edit only)")
+        return None, None
+
+    def _check_outside_text(self, text: str, spans: list[tuple[int, int]]) -> None:
+        pos = 0
+        for start, end in sorted(spans):
+            if text[pos:start].strip():
+                self.fail_or_repair("text outside the tags", "ignored", pos)
+                return
+            pos = max(pos, end)
+        if text[pos:].strip():
+            self.fail_or_repair("text outside the tags", "ignored", pos)
+
+    # ------------------------------------------------------------------------------------------------ regions
+    def _regions(self, body: str) -> list[Region]:
+        items = self._json_list(body.strip())
+        regions: list[Region] = []
+        for i, item in enumerate(items, 1):
+            region = self._region(i, item)
+            if region is not None:
+                regions.append(region)
+        return regions
+
+    def _json_list(self, body: str) -> list:
+        if not self.strict:
+            fenced = _FENCE.search(body)
+            if fenced:
+                body = fenced.group(1).strip()
+                self.repairs.append("region list wrapped in a code fence; fence removed")
+        if body == "":
+            self.fail_or_repair("<region> block is empty", "plan has no regions")
+            return []
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as e:
+            if self.strict:
+                raise PlanParseError(f"region list is not valid JSON: {e.msg}", e.pos) from None
+            data = self._repair_json(body)
+            if data is None:
+                self.repairs.append(f"region list is not valid JSON ({e.msg}); plan has no regions")
+                return []
+        if isinstance(data, dict):
+            self.fail_or_repair("region list is a single object, not a list", "wrapped in a list")
+            data = [data]
+        if not isinstance(data, list):
+            self.fail_or_repair(f"region block holds a {type(data).__name__}, not a list", "plan has no regions")
+            return []
+        return data
+
+    def _repair_json(self, body: str):
+        no_commas = _TRAILING_COMMA.sub(r"\1", body)
+        try:
+            data = json.loads(no_commas)
+            self.repairs.append("trailing commas in the region list removed")
+            return data
+        except json.JSONDecodeError:
+            pass
+        if len(body) <= _MAX_LITERAL_EVAL:
+            try:
+                data = ast.literal_eval(no_commas)
+                self.repairs.append("region list written as a Python literal (single quotes); read as such")
+                return data
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                pass
+        objects = _complete_objects(no_commas)
+        if objects:
+            self.repairs.append(f"region list is truncated or malformed; kept {len(objects)} complete object(s)")
+            return objects
+        return None
+
+    def _region(self, i: int, item) -> Region | None:
+        if not isinstance(item, dict):
+            self.fail_or_repair(f"region {i} is a {type(item).__name__}, not an object", "skipped")
+            return None
+        bbox = item.get("bbox_2d")
+        if bbox is None and "bbox" in item:
+            self.fail_or_repair(f"region {i} uses the key 'bbox' instead of 'bbox_2d'", "accepted")
+            bbox = item["bbox"]
+        if bbox is None:
+            self.fail_or_repair(f"region {i} has no bbox_2d", "skipped")
+            return None
+        box = self._numbers(bbox, 4, f"region {i} bbox_2d")
+        hint = item.get("hint")
+        if not isinstance(hint, str) or not hint.strip():
+            self.fail_or_repair(f"region {i} has no hint (or an empty one)", "skipped")
+            return None
+        if box is None:
+            return None
+        point = None
+        if item.get("point_2d") is not None:
+            point = self._numbers(item["point_2d"], 2, f"region {i} point_2d")
+        if self.planner_size:
+            box = list(planner_to_original(box, self.planner_size, self.image_size))
+            if point is not None:
+                point = planner_to_original([*point, *point], self.planner_size, self.image_size)[:2]
+        x1, y1, x2, y2 = box
+        if x1 > x2 or y1 > y2:
+            self.fail_or_repair(f"region {i} box {_fmt_box(box)} has swapped corners", "corners swapped back")
+            box = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+        if self.image_size:
+            clipped = list(clip_box(box, self.image_size))
+            if clipped != box:
+                w, h = self.image_size
+                if box_area(clipped) <= 0:
+                    self.fail_or_repair(f"region {i} box {_fmt_box(box)} lies outside the {w}x{h} image", "dropped")
+                    return None
+                self.fail_or_repair(
+                    f"region {i} box {_fmt_box(box)} lies partly outside the {w}x{h} image", f"clipped to {_fmt_box(clipped)}"
+                )
+                box = clipped
+        if box_area(box) <= 0:
+            self.fail_or_repair(f"region {i} box {_fmt_box(box)} has zero area", "dropped")
+            return None
+        return Region(bbox=tuple(box), hint=hint.strip(), point=tuple(point) if point is not None else None)
+
+    def _numbers(self, values, n: int, what: str) -> list[float] | None:
+        if isinstance(values, list) and len(values) == 2 and n == 4 and all(isinstance(v, list) for v in values):
+            self.fail_or_repair(f"{what} is a pair of points", "flattened")
+            values = values[0] + values[1]
+        if not isinstance(values, list) or len(values) != n:
+            self.fail_or_repair(f"{what} must be a list of {n} numbers, got {values!r:.80}", "skipped")
+            return None
+        out = []
+        for v in values:
+            if isinstance(v, str) and not self.strict:
+                try:
+                    v = float(v)
+                    self.repairs.append(f"{what}: number written as a string; converted")
+                except ValueError:
+                    pass
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                self.fail_or_repair(f"{what} must hold finite numbers, got {values!r:.80}", "skipped")
+                return None
+            out.append(float(v))
+        return out
+
+
+def _complete_objects(text: str) -> list:
+    """Collect every complete top-level ``{…}`` JSON object in ``text`` (salvages a truncated list)."""
+    objects, depth, start, in_str, escape = [], 0, None, False, False
+    for i, ch in enumerate(text):
+        if in_str:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth > 0:
+            depth -= 1
+            if depth == 0 and start is not None:
+                try:
+                    objects.append(json.loads(text[start : i + 1]))
+                except json.JSONDecodeError:
+                    pass
+    return objects

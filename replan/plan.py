@@ -1,0 +1,280 @@
+"""Plans: a global prompt plus regions (box + local hint), as a first-class, JSON-serialisable artifact.
+
+A ``RegionPlan`` is what the planner writes and what an editor executes. Boxes are ``[x1, y1, x2, y2]`` in
+**original-image pixels** (see ``replan.coords``). Parse planner text with ``replan.parse.parse_plan``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from replan.coords import Box, Size, as_box, box_area, clip_box, expand_box, scale_box
+
+SCHEMA_VERSION = 1
+NO_GLOBAL_EDIT = "keep remaining part of image unchanged."  # the planner's placeholder for "no global edit"
+
+
+@dataclass(frozen=True)
+class Region:
+    """One region of a plan: a box in original-image pixels, a local hint, and the planner's optional point."""
+
+    bbox: Box
+    hint: str
+    point: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "bbox", as_box(self.bbox))
+        x1, y1, x2, y2 = self.bbox
+        if x2 <= x1 or y2 <= y1:
+            raise ValueError(f"region box {_fmt_box(self.bbox)} has zero area: need x2 > x1 and y2 > y1")
+        if not isinstance(self.hint, str) or not self.hint.strip():
+            raise ValueError(f"region {_fmt_box(self.bbox)} needs a non-empty hint string, got {self.hint!r}")
+        if self.point is not None:
+            p = tuple(float(v) for v in self.point)
+            if len(p) != 2 or not all(math.isfinite(v) for v in p):
+                raise ValueError(f"region point must be two finite numbers [x, y], got {self.point!r}")
+            object.__setattr__(self, "point", p)
+
+    def to_dict(self) -> dict:
+        d = {"bbox": [_num(v) for v in self.bbox], "hint": self.hint}
+        if self.point is not None:
+            d["point"] = [_num(v) for v in self.point]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Region:
+        if not isinstance(d, dict):
+            raise ValueError(f"a region must be an object with 'bbox' and 'hint', got {d!r}")
+        bbox = d.get("bbox", d.get("bbox_2d"))
+        point = d.get("point", d.get("point_2d"))
+        if bbox is None:
+            raise ValueError(f"region {d!r} has no 'bbox'")
+        return cls(bbox=bbox, hint=d.get("hint"), point=point)
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    """A global prompt and regions; plus what produced it (reasoning, raw planner text) and any repairs made."""
+
+    global_prompt: str
+    regions: tuple[Region, ...] = ()
+    reasoning: str = ""
+    image_size: Size | None = None  # (W, H) of the original image the boxes refer to
+    raw_text: str = ""
+    repairs: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        object.__setattr__(self, "regions", tuple(self.regions))
+        object.__setattr__(self, "repairs", tuple(self.repairs))
+        if self.image_size is not None:
+            w, h = (int(v) for v in self.image_size)
+            if w <= 0 or h <= 0:
+                raise ValueError(f"plan image_size must be positive (W, H), got {self.image_size!r}")
+            object.__setattr__(self, "image_size", (w, h))
+        if not isinstance(self.global_prompt, str):
+            raise ValueError(f"global_prompt must be a string, got {type(self.global_prompt).__name__}")
+
+    # ----------------------------------------------------------------------------------------------- accessors
+    @property
+    def prompt_text(self) -> str:
+        """The global prompt as the editor receives it: an empty prompt becomes a single space, as official."""
+        return self.global_prompt.strip() or " "
+
+    @property
+    def boxes(self) -> list[Box]:
+        return [r.bbox for r in self.regions]
+
+    @property
+    def hints(self) -> list[str]:
+        return [r.hint for r in self.regions]
+
+    # ----------------------------------------------------------------------------------------------- checks
+    def check_image(self, image_size: Size) -> None:
+        """Raise ``ValueError`` if this plan was made for an image of another size."""
+        if self.image_size is not None and tuple(self.image_size) != tuple(image_size):
+            raise ValueError(
+                f"the plan was made for a {self.image_size[0]}x{self.image_size[1]} image but the image is "
+                f"{image_size[0]}x{image_size[1]}; use plan.rescaled(({image_size[0]}, {image_size[1]})) to map "
+                "its boxes onto this image, or plan again"
+            )
+
+    def validate(self, image_size: Size | None = None) -> None:
+        """Strict validation: every box lies inside the image (and has area, checked by ``Region``)."""
+        size = image_size or self.image_size
+        if size is None:
+            return
+        w, h = size
+        for i, r in enumerate(self.regions, 1):
+            x1, y1, x2, y2 = r.bbox
+            if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+                raise ValueError(
+                    f"region {i} box {_fmt_box(r.bbox)} lies (partly) outside the {w}x{h} image; "
+                    "clip it with plan.clipped() or fix the box"
+                )
+
+    # ----------------------------------------------------------------------------------------------- transforms
+    def rescaled(self, image_size: Size) -> RegionPlan:
+        """Map boxes and points onto an image of another size (needs ``image_size`` on this plan)."""
+        if self.image_size is None:
+            raise ValueError("cannot rescale a plan without image_size: set plan.image_size to the planned image's size")
+        regions = []
+        for r in self.regions:
+            point = None
+            if r.point is not None:
+                point = tuple(scale_box((*r.point, *r.point), self.image_size, image_size)[:2])
+            regions.append(Region(scale_box(r.bbox, self.image_size, image_size), r.hint, point))
+        return replace(self, regions=tuple(regions), image_size=tuple(image_size))
+
+    def clipped(self, image_size: Size | None = None) -> RegionPlan:
+        """Clip boxes to the image; drop boxes left with no area. Every change is recorded in ``repairs``."""
+        size = image_size or self.image_size
+        if size is None:
+            raise ValueError("clipping needs the image size: pass image_size=(W, H)")
+        regions, repairs = [], list(self.repairs)
+        for i, r in enumerate(self.regions, 1):
+            box = clip_box(r.bbox, size)
+            if box_area(box) <= 0:
+                repairs.append(f"region {i}: box {_fmt_box(r.bbox)} lies outside the {size[0]}x{size[1]} image; dropped")
+                continue
+            if box != r.bbox:
+                repairs.append(f"region {i}: box {_fmt_box(r.bbox)} clipped to {_fmt_box(box)}")
+            regions.append(replace(r, bbox=box))
+        return replace(self, regions=tuple(regions), repairs=tuple(repairs), image_size=tuple(size))
+
+    def expanded_boxes(self, value: float, mode: str = "ratio", image_size: Size | None = None) -> list[Box]:
+        """Boxes grown as the editor will use them (official ``expand_bbox``; int-truncated, clamped)."""
+        size = image_size or self.image_size
+        if size is None:
+            raise ValueError("expanding boxes needs the image size: pass image_size=(W, H)")
+        return [expand_box(r.bbox, size, value, mode) for r in self.regions]
+
+    # ----------------------------------------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "global_prompt": self.global_prompt,
+            "regions": [r.to_dict() for r in self.regions],
+            "reasoning": self.reasoning,
+            "image_size": list(self.image_size) if self.image_size else None,
+            "raw_text": self.raw_text,
+            "repairs": list(self.repairs),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RegionPlan:
+        if not isinstance(d, dict):
+            raise ValueError(f"a plan must be a JSON object, got {type(d).__name__}")
+        version = d.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"plan schema_version {version} is not supported (this replan reads {SCHEMA_VERSION})")
+        if "global_prompt" not in d:
+            raise ValueError("plan has no 'global_prompt'")
+        regions = d.get("regions") or []
+        if not isinstance(regions, list):
+            raise ValueError("plan 'regions' must be a list")
+        out = []
+        for i, r in enumerate(regions, 1):
+            try:
+                out.append(Region.from_dict(r))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"plan region {i}: {e}") from None
+        size = d.get("image_size")
+        return cls(
+            global_prompt=d["global_prompt"],
+            regions=tuple(out),
+            reasoning=d.get("reasoning", "") or "",
+            image_size=tuple(size) if size else None,
+            raw_text=d.get("raw_text", "") or "",
+            repairs=tuple(d.get("repairs", []) or []),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> RegionPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"plan file {path} does not exist")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"plan file {path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"plan file {path}: {e}") from None
+
+    def to_response(self) -> str:
+        """Render in the planner grammar (``<think>…<gen_image>…<region>[…]``), e.g. to replay a hand-edited plan."""
+        items = []
+        for r in self.regions:
+            item = {"bbox_2d": [_num(v) for v in r.bbox]}
+            if r.point is not None:
+                item["point_2d"] = [_num(v) for v in r.point]
+            item["hint"] = r.hint
+            items.append(item)
+        return (
+            f"<think>{self.reasoning}</think><gen_image>{self.global_prompt}</gen_image>"
+            f"<region>{json.dumps(items, ensure_ascii=False)}</region>"
+        )
+
+
+# --------------------------------------------------------------------------------------------------- drawing
+_COLORS = ["#00d26a", "#ff3b30", "#0a84ff", "#ffcc00", "#bf5af2", "#ff9f0a", "#64d2ff", "#ff375f"]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def draw_overlay(
+    image: Image.Image, plan: RegionPlan, boxes: Sequence[Sequence[float]] | None = None, width: int | None = None
+) -> Image.Image:
+    """Draw numbered boxes and their hints on a copy of ``image`` (RGB).
+
+    ``boxes`` overrides the plan's boxes (e.g. the expanded boxes the editor used); they are in ``image``'s pixels.
+    """
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    w, h = canvas.size
+    line = width or max(2, round(min(w, h) / 300))
+    font = _font(max(12, round(min(w, h) / 40)))
+    boxes = boxes if boxes is not None else plan.boxes
+    for i, (box, region) in enumerate(zip(boxes, plan.regions), 1):
+        color = _COLORS[(i - 1) % len(_COLORS)]
+        x1, y1, x2, y2 = box
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=line)
+        label = f"{i}: {region.hint}"
+        if len(label) > 60:
+            label = label[:57] + "..."
+        tx, ty = x1 + line, max(0, y1 - font.size - 2 * line) if y1 > font.size + 2 * line else y1 + line
+        left, top, right, bottom = draw.textbbox((tx, ty), label, font=font)
+        draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=color)
+        draw.text((tx, ty), label, fill="black", font=font)
+    return canvas
+
+
+def _num(v: float):
+    return int(v) if float(v).is_integer() else round(float(v), 3)
+
+
+def _fmt_box(box) -> str:
+    return "[" + ", ".join(str(_num(v)) for v in box) + "]"
