@@ -5,7 +5,8 @@ Every image entering replan becomes 8-bit RGB (``PIL.Image`` mode ``"RGB"``):
 * RGBA / LA / palette images with transparency are composited over **white** (transparent pixels would otherwise
   keep arbitrary colour values);
 * greyscale (``L``, ``1``) is replicated to three channels;
-* 16-bit and 32-bit integer images (``I;16``, ``I``) are scaled to 8 bits by their full range (``/257`` for 16-bit);
+* 16-bit images (``I;16``, or ``I`` with values above 255) are scaled by 255/65535; 32-bit ``I`` images above
+  65535 by their maximum; ``I`` images within 0–255 are kept;
   float images (``F``) are assumed to be in [0, 1] when their maximum is ≤ 1, else in [0, 255];
 * CMYK / YCbCr / LAB are converted with PIL.
 """
@@ -37,8 +38,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I"):
         arr = np.asarray(image).astype(np.float64)
-        peak = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) <= 65535) else float(arr.max())
-        arr = np.clip(arr / peak * 255.0 if peak > 255 else arr, 0, 255)
+        top = arr.max(initial=0)
+        peak = 65535.0 if mode.startswith("I;16") or 255 < top <= 65535 else max(float(top), 255.0)
+        arr = np.clip(arr / peak * 255.0, 0, 255)
         return Image.fromarray(arr.round().astype(np.uint8), "L").convert("RGB")
     if mode == "F":
         arr = np.asarray(image).astype(np.float64)

@@ -35,9 +35,12 @@ class RegionAttention:
         backend: ``"dense"`` (boolean mask through SDPA; CPU and GPU) or ``"flex"`` (a ``BlockMask`` through
             diffusers' FlexAttention backend; use on GPU, ideally with the transformer compiled).
         block_size: FlexAttention block size.
+        allow_unmasked: passes of another length may occur (a true-CFG negative pass) and run unmasked; otherwise
+            such a pass means the layout does not match the pipeline, and raises.
     """
 
-    def __init__(self, layout: TokenLayout, schedule: RuleSchedule, backend: str = "dense", block_size: int = 128):
+    def __init__(self, layout: TokenLayout, schedule: RuleSchedule, backend: str = "dense", block_size: int = 128,
+                 allow_unmasked: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         self.layout = layout
@@ -45,6 +48,7 @@ class RegionAttention:
         self.schedule = schedule
         self.backend = backend
         self.block_size = block_size
+        self.allow_unmasked = allow_unmasked
         self.step = 0
         self._cache: dict[tuple[RuleSet, str], object] = {}
         self.builds: Counter = Counter()  # rule-set label → number of mask builds
@@ -81,6 +85,12 @@ class RegionAttention:
     def mask_for(self, seq_len: int, device):
         """The mask for an attention call over ``seq_len`` tokens, or None for a pass without our hints."""
         if seq_len != self.layout.total_len:
+            if not self.allow_unmasked:
+                raise RuntimeError(
+                    f"region attention expected {self.layout.total_len} tokens (text {self.layout.text_len} + image "
+                    f"{self.layout.total_len - self.layout.text_len}) but the transformer attends over {seq_len}: "
+                    "the layout does not match this pipeline"
+                )
             self.unmasked_calls += 1
             return None
         self.steps.setdefault(self.step, self.rules.label)

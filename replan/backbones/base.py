@@ -1,0 +1,221 @@
+"""The editor interface shared by every backbone: execute a ``RegionPlan`` on a stock diffusers pipeline.
+
+A family adapter (``flux_kontext.py``, …) supplies three things: the generation size for an input size, the
+prompt encoding (main prompt followed by one span per hint) and the pipeline call. Everything else — expanding
+boxes, the token layout, the rule schedule, installing region attention, resizing the output back — lives here,
+once, for all backbones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from replan.attention import RegionAttention, RuleSchedule, RuleSet, TokenLayout, custom_schedule, default_schedule
+from replan.backbones.registry import BackboneSpec
+from replan.coords import Size
+from replan.images import check_image_size, to_rgb
+from replan.plan import RegionPlan
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype, device, default: str = "bfloat16") -> torch.dtype:
+    """``None`` → the spec's dtype on an accelerator, float32 on CPU; strings like "bf16" are accepted."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        return torch.float32 if on_cpu else _DTYPES[default]
+    if str(dtype).lower() not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+    return _DTYPES[str(dtype).lower()]
+
+
+@dataclass
+class EncodedPrompt:
+    """The text side of one edit: pipeline keyword arguments plus the token spans the layout needs."""
+
+    pipeline_kwargs: dict
+    main_len: int | None  # None when the main prompt was deleted
+    hint_lens: list[int]
+    image_prompt: tuple[int, int] | None = None
+
+
+@dataclass
+class EditResult:
+    image: Image.Image  # the edited image at the input's size
+    plan: RegionPlan
+    generation_size: Size
+    boxes: list  # the expanded boxes the editor used, original pixels
+    layout: TokenLayout | None = None
+    schedule: RuleSchedule | None = None
+    attention: RegionAttention | None = None  # trace: steps → rules, mask builds, unmasked passes
+    extras: dict = field(default_factory=dict)
+
+
+class RegionEditor:
+    """Base class. Subclasses implement ``generation_size``, ``encode`` and ``run_pipeline``."""
+
+    patch = 16
+
+    def __init__(self, pipe, spec: BackboneSpec):
+        self.pipe = pipe
+        self.spec = spec
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, *, spec: BackboneSpec, device=None, torch_dtype=None,
+                        offload: str = "none", editor_kwargs: dict | None = None, **load_kwargs):
+        """Load ``spec.pipeline_class`` from a hub id or local directory (``model``; default ``spec.model_id``).
+
+        ``offload``: ``"none"`` (move to ``device``), ``"model"`` (diffusers model CPU offload onto ``device``) or
+        ``"sequential"`` (sequential CPU offload). ``editor_kwargs`` go to the editor's constructor.
+        """
+        import diffusers
+
+        dtype = resolve_dtype(torch_dtype, device, spec.dtype)
+        pipeline_cls = getattr(diffusers, spec.pipeline_class)
+        source = model or spec.model_id
+        try:
+            pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **load_kwargs)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load {spec.pipeline_class} from {source!r}: {e}") from e
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=device)
+        elif offload != "none":
+            raise ValueError(f"offload must be 'none', 'model' or 'sequential', got {offload!r}")
+        elif device is not None:
+            pipe.to(device)
+        return cls(pipe, spec, **(editor_kwargs or {}))
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    # ------------------------------------------------------------------------------------------------ family hooks
+    def generation_size(self, image_size: Size) -> Size:
+        raise NotImplementedError
+
+    def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> EncodedPrompt:
+        raise NotImplementedError
+
+    def run_pipeline(self, image: Image.Image, gen_size: Size, encoded: EncodedPrompt, options: dict,
+                     callback: Callable | None) -> Image.Image:
+        raise NotImplementedError
+
+    def reference_grids(self, gen_size: Size) -> list[tuple[int, int]]:
+        """Patch grids (h, w) of the reference copies in the joint sequence; default: one, same as the output."""
+        return [(gen_size[1] // self.patch, gen_size[0] // self.patch)]
+
+    def allows_unmasked_passes(self, options: dict) -> bool:
+        """Whether some transformer passes legitimately lack the hint tokens (a true-CFG negative pass)."""
+        return False
+
+    # ------------------------------------------------------------------------------------------------ editing
+    def edit(
+        self,
+        image: Image.Image,
+        plan: RegionPlan,
+        *,
+        steps: int | None = None,
+        expand: float | None = None,
+        expand_mode: str | None = None,
+        switch: float | None = None,
+        rules: RuleSet | RuleSchedule | Mapping | None = None,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        attention: str = "dense",
+        entry: str = "cli",
+        delete_main_prompt: bool = False,
+        symmetric_masking: bool = False,
+        bboxes_attend_to_each_other: bool = True,
+        callback: Callable | None = None,
+        **options,
+    ) -> EditResult:
+        """Execute ``plan`` on ``image`` in one denoising pass.
+
+        ``steps``/``expand``/``switch`` default to the spec's values for ``entry``. ``rules``: a ``RuleSet`` or
+        ``{"Query, Key": bool}`` dict (used for every step, or before the switch step when ``switch`` is given), or a
+        full ``RuleSchedule``; ``None`` gives the official default schedule. ``options`` are family options
+        (e.g. ``guidance``). ``callback`` is a diffusers ``callback_on_step_end`` run after ours.
+        """
+        image = to_rgb(image)
+        check_image_size(image.size)
+        if plan.image_size is None:
+            plan = RegionPlan(plan.global_prompt, plan.regions, plan.reasoning, image.size, plan.raw_text, plan.repairs)
+        plan.check_image(image.size)
+        plan.validate(image.size)
+        defaults = self.spec.defaults(entry)
+        steps = int(steps or self.spec.steps)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        expand = defaults.expand if expand is None else float(expand)
+        expand_mode = expand_mode or self.spec.expand_mode
+        options = {"steps": steps, "delete_main_prompt": delete_main_prompt, **options}
+        options["generator"] = generator or torch.Generator("cpu").manual_seed(int(seed))
+        if delete_main_prompt and not plan.regions:
+            raise ValueError("delete_main_prompt needs at least one region: the prompt would be empty")
+
+        gen_size = self.generation_size(image.size)
+        encoded = self.encode(plan, image, gen_size, options)
+        boxes = plan.expanded_boxes(expand, expand_mode, image.size)
+        result = EditResult(image=image, plan=plan, generation_size=gen_size, boxes=boxes)
+        if not plan.regions:  # plain global edit: the stock pipeline, nothing installed
+            out = self.run_pipeline(image, gen_size, encoded, options, callback)
+            result.image = self._resize_back(out, image.size)
+            return result
+
+        grid = (gen_size[1] // self.patch, gen_size[0] // self.patch)
+        layout = TokenLayout.build(
+            encoded.main_len, encoded.hint_lens, grid, self.reference_grids(gen_size), encoded.image_prompt, self.patch
+        ).with_box_regions(boxes, image.size)
+        rule_options = dict(
+            delete_main_prompt=delete_main_prompt,
+            bboxes_attend_to_each_other=bboxes_attend_to_each_other,
+            has_image_prompt=self.spec.has_image_prompt,
+            symmetric_masking=symmetric_masking,
+        )
+        schedule = self._schedule(rules, len(plan.regions), steps, switch, defaults.switch, rule_options)
+        region = RegionAttention(layout, schedule, backend=attention,
+                                 allow_unmasked=self.allows_unmasked_passes(options))
+        with region.installed(self.pipe.transformer):
+            out = self.run_pipeline(image, gen_size, encoded, options, _chain(region.callback, callback))
+        result.image = self._resize_back(out, image.size)
+        result.layout, result.schedule, result.attention = layout, schedule, region
+        return result
+
+    @staticmethod
+    def _schedule(rules, n, steps, switch, default_switch, rule_options) -> RuleSchedule:
+        if isinstance(rules, RuleSchedule):
+            return rules
+        if isinstance(rules, Mapping):
+            rules = RuleSet.from_dict(rules)
+        if isinstance(rules, RuleSet):
+            return custom_schedule(rules, n, steps, switch, **rule_options)
+        if rules is not None:
+            raise ValueError(f"rules must be a RuleSet, a RuleSchedule or a dict, got {type(rules).__name__}")
+        return default_schedule(n, steps, default_switch if switch is None else switch, **rule_options)
+
+    @staticmethod
+    def _resize_back(out: Image.Image, size: Size) -> Image.Image:
+        return out if out.size == tuple(size) else out.resize(tuple(size), Image.LANCZOS)
+
+
+def _chain(first: Callable, second: Callable | None) -> Callable:
+    def callback(pipe, step, timestep, callback_kwargs):
+        callback_kwargs = first(pipe, step, timestep, callback_kwargs)
+        if second is not None:
+            callback_kwargs = second(pipe, step, timestep, callback_kwargs) or callback_kwargs
+        return callback_kwargs
+
+    return callback
