@@ -1,0 +1,30 @@
+import logging
+
+import pytest
+import torch
+
+from replan.testing import save_tiny_kontext
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_kontext_dir(tmp_path_factory):
+    """A saved tiny FLUX.1 Kontext pipeline (1 double + 1 single block), loaded through from_pretrained by tests."""
+    return save_tiny_kontext(tmp_path_factory.mktemp("tiny_kontext"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kontext_one_block_dir(tmp_path_factory):
+    """One double-stream block and no single-stream block: hint information cannot travel a second hop."""
+    return save_tiny_kontext(tmp_path_factory.mktemp("tiny_kontext_1"), num_layers=1, num_single_layers=0)
