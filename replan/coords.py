@@ -28,17 +28,25 @@ def as_box(values: Sequence[float]) -> Box:
         raise ValueError(f"a box needs exactly 4 numbers [x1, y1, x2, y2], got {values!r}")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"box coordinates must be finite numbers, got {values!r}")
+        try:
+            finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise ValueError(f"box coordinates must be finite numbers, got {values!r:.200}")
         out.append(float(v))
     return tuple(out)  # type: ignore[return-value]
 
 
 def scale_box(box: Sequence[float], src: Size, dst: Size) -> Box:
-    """Map a box from a ``src`` frame of size (W, H) to a ``dst`` frame by independent x/y scaling."""
-    sx, sy = dst[0] / src[0], dst[1] / src[1]
+    """Map a box from a ``src`` frame of size (W, H) to a ``dst`` frame by independent x/y scaling.
+
+    Computed as ``x * W_dst / W_src`` (one rounding), not ``x * (W_dst / W_src)``: a box edge on the frame's border
+    then lands exactly on the other frame's border instead of an ulp outside it (which strict parsing rejects).
+    """
+    (sw, sh), (dw, dh) = src, dst
     x1, y1, x2, y2 = box
-    return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+    return (x1 * dw / sw, y1 * dh / sh, x2 * dw / sw, y2 * dh / sh)
 
 
 def planner_to_original(box: Sequence[float], planner_size: Size, original_size: Size) -> Box:

@@ -29,6 +29,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
+    if mode == "La":  # premultiplied alpha: PIL converts it to LA only
+        image = image.convert("LA")
+        mode = image.mode
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
@@ -60,7 +63,7 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 

@@ -9,13 +9,14 @@ repaired (code fences, trailing commas, single quotes, a missing think block, a 
 corners, boxes partly outside the image), drops what cannot be used (zero-area boxes, items without a box or hint)
 and records every repair in ``plan.repairs``. A reply without ``<region>`` is a plain global edit, as official.
 Whatever the input, the result is a plan or a ``PlanParseError``; never another exception.
-"""
+"""  # noqa: E501 (the grammar line is quoted verbatim)
 
 from __future__ import annotations
 
 import ast
 import json
 import math
+import numbers
 import re
 
 from replan.coords import Size, box_area, clip_box, planner_to_original
@@ -60,8 +61,8 @@ def parse_plan(
 class _Parser:
     def __init__(self, strict: bool, image_size: Size | None, planner_size: Size | None):
         self.strict = strict
-        self.image_size = tuple(image_size) if image_size else None
-        self.planner_size = tuple(planner_size) if planner_size else None
+        self.image_size = _size(image_size, "image_size")
+        self.planner_size = _size(planner_size, "planner_size")
         if self.planner_size and not self.image_size:
             raise PlanParseError("planner_size needs image_size: boxes are mapped from the planner frame to the image")
         self.repairs: list[str] = []
@@ -84,7 +85,10 @@ class _Parser:
         global_prompt, gen_span = self._block(text, "gen_image", required_before=("region",))
         region_text, region_span = self._region_block(text)
         self._check_outside_text(text, [s for s in (think_span, gen_span, region_span) if s])
-        regions = self._regions(region_text) if region_text is not None else []
+        regions = []
+        if region_text is not None:  # JSON error positions are reported in the whole text, not in the block
+            body_start = region_span[0] + len("<region>") + len(region_text) - len(region_text.lstrip())
+            regions = self._regions(region_text, body_start)
         return RegionPlan(
             global_prompt=(global_prompt or "").strip(),
             regions=tuple(regions),
@@ -108,9 +112,9 @@ class _Parser:
         return text
 
     def _block(self, text: str, tag: str, required_before: tuple[str, ...]) -> tuple[str | None, tuple | None]:
-        m = re.search(rf"<{tag}>(.*?)</{tag}>", text, re.S)
+        m = _find_block(text, tag)
         if m:
-            return m.group(1), m.span()
+            return m
         start = text.find(f"<{tag}>")
         if start >= 0:  # opened, never closed: read up to the next block
             body_start = start + len(tag) + 2
@@ -122,9 +126,9 @@ class _Parser:
         return None, None
 
     def _region_block(self, text: str) -> tuple[str | None, tuple | None]:
-        m = re.search(r"<region>(.*?)</region>", text, re.S)
+        m = _find_block(text, "region")
         if m:
-            return m.group(1), m.span()
+            return m
         start = text.find("<region>")
         if start >= 0:
             self.fail_or_repair("<region> is never closed (truncated reply?)", "read to the end", start)
@@ -143,8 +147,8 @@ class _Parser:
             self.fail_or_repair("text outside the tags", "ignored", pos)
 
     # ------------------------------------------------------------------------------------------------ regions
-    def _regions(self, body: str) -> list[Region]:
-        items = self._json_list(body.strip())
+    def _regions(self, body: str, offset: int = 0) -> list[Region]:
+        items = self._json_list(body.strip(), offset)
         regions: list[Region] = []
         for i, item in enumerate(items, 1):
             region = self._region(i, item)
@@ -152,7 +156,7 @@ class _Parser:
                 regions.append(region)
         return regions
 
-    def _json_list(self, body: str) -> list:
+    def _json_list(self, body: str, offset: int = 0) -> list:
         if not self.strict:
             fenced = _FENCE.search(body)
             if fenced:
@@ -163,12 +167,14 @@ class _Parser:
             return []
         try:
             data = json.loads(body)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, too many digits, nesting too deep
+            msg, pos = _json_error(e)
             if self.strict:
-                raise PlanParseError(f"region list is not valid JSON: {e.msg}", e.pos) from None
+                at = None if pos is None else offset + pos
+                raise PlanParseError(f"region list is not valid JSON: {msg}", at) from None
             data = self._repair_json(body)
             if data is None:
-                self.repairs.append(f"region list is not valid JSON ({e.msg}); plan has no regions")
+                self.repairs.append(f"region list is not valid JSON ({msg}); plan has no regions")
                 return []
         if isinstance(data, dict):
             self.fail_or_repair("region list is a single object, not a list", "wrapped in a list")
@@ -184,7 +190,7 @@ class _Parser:
             data = json.loads(no_commas)
             self.repairs.append("trailing commas in the region list removed")
             return data
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             pass
         if len(body) <= _MAX_LITERAL_EVAL:
             try:
@@ -236,7 +242,8 @@ class _Parser:
                     self.fail_or_repair(f"region {i} box {_fmt_box(box)} lies outside the {w}x{h} image", "dropped")
                     return None
                 self.fail_or_repair(
-                    f"region {i} box {_fmt_box(box)} lies partly outside the {w}x{h} image", f"clipped to {_fmt_box(clipped)}"
+                    f"region {i} box {_fmt_box(box)} lies partly outside the {w}x{h} image",
+                    f"clipped to {_fmt_box(clipped)}",
                 )
                 box = clipped
         if box_area(box) <= 0:
@@ -259,7 +266,7 @@ class _Parser:
                     self.repairs.append(f"{what}: number written as a string; converted")
                 except ValueError:
                     pass
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
                 self.fail_or_repair(f"{what} must hold finite numbers, got {values!r:.80}", "skipped")
                 return None
             out.append(float(v))
@@ -289,6 +296,51 @@ def _complete_objects(text: str) -> list:
             if depth == 0 and start is not None:
                 try:
                     objects.append(json.loads(text[start : i + 1]))
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     pass
     return objects
+
+
+def _find_block(text: str, tag: str) -> tuple[str, tuple[int, int]] | None:
+    """``<tag>body</tag>`` with the first opening tag and the first closing tag after it, or ``None``.
+
+    Same result as ``re.search(r"<tag>(.*?)</tag>", text, re.S)`` but linear: that regex rescans to the end of the
+    text from every unclosed opening tag, which takes minutes on a long degenerate reply (``"<think>" * 50_000``).
+    """
+    open_tag, close_tag = f"<{tag}>", f"</{tag}>"
+    start = text.find(open_tag)
+    if start < 0:
+        return None
+    end = text.find(close_tag, start + len(open_tag))
+    if end < 0:
+        return None
+    return text[start + len(open_tag) : end], (start, end + len(close_tag))
+
+
+def _json_error(e: Exception) -> tuple[str, int | None]:
+    if isinstance(e, json.JSONDecodeError):
+        return e.msg, e.pos
+    if isinstance(e, RecursionError):
+        return "nested too deeply", None
+    return f"{e}"[:120], None  # e.g. an integer with more digits than Python converts
+
+
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _size(value, name: str) -> tuple | None:
+    """Validate an optional (W, H) argument; a bad one is a ``PlanParseError`` like every other failure."""
+    if value is None:
+        return None
+    try:
+        w, h = value
+        ok = all(not isinstance(v, bool) and isinstance(v, numbers.Real) and _finite(v) and v > 0 for v in (w, h))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise PlanParseError(f"{name} must be (W, H) with two positive numbers, got {value!r:.80}")
+    return (w, h)

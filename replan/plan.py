@@ -36,15 +36,18 @@ class Region:
         if not isinstance(self.hint, str) or not self.hint.strip():
             raise ValueError(f"region {_fmt_box(self.bbox)} needs a non-empty hint string, got {self.hint!r}")
         if self.point is not None:
-            p = tuple(float(v) for v in self.point)
+            try:
+                p = tuple(float(v) for v in self.point)
+            except (TypeError, ValueError, OverflowError):
+                p = ()
             if len(p) != 2 or not all(math.isfinite(v) for v in p):
                 raise ValueError(f"region point must be two finite numbers [x, y], got {self.point!r}")
             object.__setattr__(self, "point", p)
 
     def to_dict(self) -> dict:
-        d = {"bbox": [_num(v) for v in self.bbox], "hint": self.hint}
+        d = {"bbox": [_exact(v) for v in self.bbox], "hint": self.hint}
         if self.point is not None:
-            d["point"] = [_num(v) for v in self.point]
+            d["point"] = [_exact(v) for v in self.point]
         return d
 
     @classmethod
@@ -122,7 +125,9 @@ class RegionPlan:
     def rescaled(self, image_size: Size) -> RegionPlan:
         """Map boxes and points onto an image of another size (needs ``image_size`` on this plan)."""
         if self.image_size is None:
-            raise ValueError("cannot rescale a plan without image_size: set plan.image_size to the planned image's size")
+            raise ValueError(
+                "cannot rescale a plan without image_size: set plan.image_size to the planned image's size"
+            )
         regions = []
         for r in self.regions:
             point = None
@@ -140,7 +145,9 @@ class RegionPlan:
         for i, r in enumerate(self.regions, 1):
             box = clip_box(r.bbox, size)
             if box_area(box) <= 0:
-                repairs.append(f"region {i}: box {_fmt_box(r.bbox)} lies outside the {size[0]}x{size[1]} image; dropped")
+                repairs.append(
+                    f"region {i}: box {_fmt_box(r.bbox)} lies outside the {size[0]}x{size[1]} image; dropped"
+                )
                 continue
             if box != r.bbox:
                 repairs.append(f"region {i}: box {_fmt_box(r.bbox)} clipped to {_fmt_box(box)}")
@@ -212,7 +219,7 @@ class RegionPlan:
             raise ValueError(f"plan file {path} does not exist")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits, too deep
             raise ValueError(f"plan file {path} is not valid JSON: {e}") from None
         try:
             return cls.from_dict(data)
@@ -223,9 +230,9 @@ class RegionPlan:
         """Render in the planner grammar (``<think>…<gen_image>…<region>[…]``), e.g. to replay a hand-edited plan."""
         items = []
         for r in self.regions:
-            item = {"bbox_2d": [_num(v) for v in r.bbox]}
+            item = {"bbox_2d": [_exact(v) for v in r.bbox]}
             if r.point is not None:
-                item["point_2d"] = [_num(v) for v in r.point]
+                item["point_2d"] = [_exact(v) for v in r.point]
             item["hint"] = r.hint
             items.append(item)
         return (
@@ -274,6 +281,11 @@ def draw_overlay(
 
 def _num(v: float):
     return int(v) if float(v).is_integer() else round(float(v), 3)
+
+
+def _exact(v: float):
+    """A coordinate for JSON without loss (``_num`` rounds, for messages): ints stay ints, floats keep every digit."""
+    return int(v) if float(v).is_integer() else float(v)
 
 
 def _fmt_box(box) -> str:

@@ -96,12 +96,17 @@ class RuleSet:
     def matrix(self, groups: Sequence[str]) -> torch.Tensor:
         """Boolean ``(G, G)`` matrix over split group names; pairs naming absent groups are ignored."""
         index = {g: i for i, g in enumerate(groups)}
-        m = torch.zeros(len(groups), len(groups), dtype=torch.bool)
+        split: dict[str, list[int]] = {}
+        for name in {n for pair in self.allowed for n in pair}:
+            split[name] = [index[s] for s in expand_to_split(name) if s in index]
+        rows, cols = [], []
         for q, k in self.allowed:
-            for qs in expand_to_split(q):
-                for ks in expand_to_split(k):
-                    if qs in index and ks in index:
-                        m[index[qs], index[ks]] = True
+            ks = split[k]
+            for a in split[q]:
+                rows += [a] * len(ks)
+                cols += ks
+        m = torch.zeros(len(groups), len(groups), dtype=torch.bool)
+        m[rows, cols] = True
         return m
 
     def allows(self, query: str, key: str) -> bool:
