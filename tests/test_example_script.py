@@ -30,5 +30,6 @@ def test_example_runs_offline(tmp_path):
 
 def test_example_reports_bad_input(tmp_path, capsys):
     script = load_script()
-    rc = script.main(["--tiny", "--image", str(tmp_path / "nope.png"), "--plan", str(ROOT / "assets/examples/desk.plan.json")])
+    plan = str(ROOT / "assets/examples/desk.plan.json")
+    rc = script.main(["--tiny", "--image", str(tmp_path / "nope.png"), "--plan", plan])
     assert rc == 2 and "does not exist" in capsys.readouterr().err

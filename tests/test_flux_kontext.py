@@ -34,7 +34,9 @@ def one_block_editor(tiny_kontext_one_block_dir):
     return ed
 
 
-TWO_REGIONS = RegionPlan("make it warmer", (Region((10, 10, 70, 60), "a red cat"), Region((110, 70, 190, 140), "a dog")))
+TWO_REGIONS = RegionPlan(
+    "make it warmer", (Region((10, 10, 70, 60), "a red cat"), Region((110, 70, 190, 140), "a dog"))
+)
 
 
 def test_registry_names_and_defaults():

@@ -62,7 +62,8 @@ def test_layout_positions_and_membership():
 
 
 def test_box_on_selected_grids_only():
-    layout = TokenLayout.build(4, [2], (2, 2), [(2, 2), (3, 3)]).with_box_regions([(0, 0, 32, 32)], (32, 32), grids=[0, 1])
+    layout = TokenLayout.build(4, [2], (2, 2), [(2, 2), (3, 3)])
+    layout = layout.with_box_regions([(0, 0, 32, 32)], (32, 32), grids=[0, 1])
     names, member = layout.membership()
     second_ref = slice(4 + 2 + 4 + 4, layout.total_len)
     assert member[second_ref, names.index("Image Background")].all()

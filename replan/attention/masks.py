@@ -117,7 +117,9 @@ def materialize_block_mask(bm) -> torch.Tensor:
         return table
 
     partial = block_table(bm.kv_num_blocks, bm.kv_indices)
-    full = block_table(bm.full_kv_num_blocks, bm.full_kv_indices) if bm.full_kv_num_blocks is not None else partial & False
+    full = partial & False
+    if bm.full_kv_num_blocks is not None:
+        full = block_table(bm.full_kv_num_blocks, bm.full_kv_indices)
     mods = create_mask(bm.mask_mod, 1, 1, nq * bq, nk * bk, device=bm.kv_num_blocks.device)[0, 0]
     expand = lambda t: t.repeat_interleave(bq, 0).repeat_interleave(bk, 1)  # noqa: E731
     dense = expand(full) | (expand(partial) & mods)
