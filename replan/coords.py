@@ -134,3 +134,26 @@ def resolution_for_area(aspect_candidates: Sequence[Size], image_size: Size, mul
     aspect = image_size[0] / image_size[1]
     _, w, h = min((abs(aspect - w / h), w, h) for w, h in aspect_candidates)
     return (w // multiple * multiple, h // multiple * multiple)
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28, max_pixels: int = 16384 * 28 * 28
+) -> tuple[int, int]:
+    """The (height, width) Qwen2.5-VL's processor resizes an image to: sides rounded to multiples of ``factor``,
+    scaled into ``[min_pixels, max_pixels]`` (defaults: the ``qwen_vl_utils`` values, 3136 and 12,845,056).
+
+    Qwen2.5-VL grounds boxes in pixels of this frame; ``planner_to_original`` maps them back.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image sides must be positive, got {width}x{height}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
