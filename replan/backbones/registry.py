@@ -8,7 +8,10 @@ editor of its family. Importing this module imports neither torch-heavy code nor
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class BackboneSpec:
     expand_mode: str = "ratio"
     entries: dict[str, EntryDefaults] = field(default_factory=dict)
     description: str = ""
+    builder: str | None = None  # "module:function" that saves offline components (the ``tiny`` entry)
+    editor_kwargs: dict = field(default_factory=dict)
 
     def defaults(self, entry: str = "cli") -> EntryDefaults:
         """Official defaults for an entry point: ``cli``, ``app``, ``eval`` or ``server``."""
@@ -63,6 +68,20 @@ BACKBONES: dict[str, BackboneSpec] = {
         entries=_entries(cli=(0.05, 0.15), app=(0.0, 0.15), eval=(0.0, 0.15), server=(0.0, 0.15)),
         description="FLUX.1 Kontext [dev], 12B guidance-distilled MMDiT (19 double + 38 single blocks)",
     ),
+    "tiny": BackboneSpec(
+        name="tiny",
+        family="flux_kontext",
+        editor_class="FluxKontextEditor",
+        pipeline_class="FluxKontextPipeline",
+        model_id="(built offline by replan.testing)",
+        steps=28,
+        guidance=2.5,
+        entries=_entries(cli=(0.05, 0.15), app=(0.0, 0.15), eval=(0.0, 0.15), server=(0.0, 0.15)),
+        description="TINY RANDOM FLUX.1 Kontext for offline smoke runs: the output is noise, every code path is real",
+        builder="replan.testing:save_tiny_kontext",
+        editor_kwargs={"max_area": 256 * 256},
+        dtype="float32",
+    ),
 }
 
 ALIASES: dict[str, str] = {"flux": "flux_kontext"}
@@ -88,10 +107,33 @@ def editor_class(spec: BackboneSpec):
     return getattr(module, spec.editor_class)
 
 
+def cache_dir() -> Path:
+    """Where offline-built components are kept: ``$REPLAN_CACHE`` or ``~/.cache/replan``."""
+    return Path(os.environ.get("REPLAN_CACHE") or Path.home() / ".cache" / "replan")
+
+
+def build_offline(builder: str, name: str) -> Path:
+    """Run a ``module:function`` builder once into the cache and return the directory."""
+    path = cache_dir() / name
+    if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+        module, func = builder.split(":")
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        getattr(importlib.import_module(module), func)(tmp)
+        if path.exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.replace(path)
+    return path
+
+
 def load_editor(name: str, model: str | None = None, **kwargs):
     """Load a backbone's stock pipeline (hub id or local dir; default: the spec's model id) as a region editor.
 
     ``kwargs`` go to the editor's ``from_pretrained`` (``device``, ``torch_dtype``, ``offload``, …).
     """
     spec = resolve(name)
+    if model is None and spec.builder:
+        model = str(build_offline(spec.builder, f"{spec.name}-{spec.family}"))
+    if spec.editor_kwargs:
+        kwargs["editor_kwargs"] = {**spec.editor_kwargs, **(kwargs.get("editor_kwargs") or {})}
     return editor_class(spec).from_pretrained(model, spec=spec, **kwargs)

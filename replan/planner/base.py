@@ -74,5 +74,5 @@ class Planner:
         strict = self.strict if strict is None else strict
         plan = parse_plan(reply.text, image_size=image.size, strict=strict, planner_size=reply.frame)
         for repair in plan.repairs:
-            logger.warning("planner reply repaired: %s", repair)
+            logger.info("planner reply repaired: %s", repair)
         return plan

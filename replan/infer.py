@@ -1,0 +1,212 @@
+"""Plan and edit from the command line.
+
+    python -m replan.infer --image photo.jpg --instruction "replace the cup that was used with a cactus"
+    python -m replan.infer --image photo.jpg --plan outputs/infer/plan.json          # replay / hand-edited plan
+    python -m replan.infer --image photo.jpg --instruction "make it snowy" --no_plan  # the stock backbone alone
+    python -m replan.infer --backbone tiny --vlm_ckpt_path tiny --image assets/examples/desk.png \\
+        --instruction "replace the used cup with a cactus"                           # offline smoke run
+    python -m replan.infer --backbone flux                                           # interactive: read from stdin
+
+The output directory gets ``result.png``, ``plan.json``, ``planner_response.txt``, ``overlay.png`` and
+``config.json`` (everything needed to replay). Files appear only when the edit succeeded. Without ``--image`` the
+models are loaded once and pairs of lines (image path, instruction) are read from stdin until EOF; each edit goes to
+its own numbered sub-directory. Exit codes: 0 done, 2 bad input, 3 planner or endpoint failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from replan import __version__
+from replan.backbones import names
+from replan.images import load_image
+from replan.parse import PlanParseError
+from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline
+from replan.plan import RegionPlan
+from replan.planner import KINDS, PlannerError, load_template
+
+logger = logging.getLogger("replan.infer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m replan.infer", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image", help="input image; omit for the interactive loop")
+    ap.add_argument("--instruction", help="the editing instruction")
+    ap.add_argument("--output_dir", default="outputs/infer", help="where result.png, plan.json, … are written")
+    ap.add_argument("--backbone", default="flux_kontext", help=f"editor: {', '.join(names())}")
+    ap.add_argument("--model", "--diffusion_model_name", dest="model", help="editor weights: hub id or local dir")
+    ap.add_argument("--planner", choices=KINDS, default="local", help="local Qwen2.5-VL or an OpenAI-compatible API")
+    ap.add_argument("--vlm_ckpt_path", help="planner checkpoint (hub id or local dir; 'tiny' = offline random)")
+    ap.add_argument("--lora_path", help="LoRA adapter for the local planner (needs peft)")
+    ap.add_argument("--base_url", help="OpenAI-compatible endpoint (or REPLAN_PLANNER_BASE_URL)")
+    ap.add_argument("--api_key", help="endpoint key (or REPLAN_PLANNER_API_KEY)")
+    ap.add_argument("--vlm_prompt_template_path", help="planner prompt template file (default: replan's)")
+    ap.add_argument("--plan", help="a plan JSON to execute instead of planning")
+    ap.add_argument("--no_plan", action="store_true", help="baseline: the instruction as the global prompt, no regions")
+    ap.add_argument("--strict_plan", action="store_true", help="fail on a malformed planner reply instead of "
+                    "falling back to a global edit")
+    ap.add_argument("--stage_offload", choices=STAGE_OFFLOAD, default="none",
+                    help="cpu: keep only the active stage (planner or editor) on the GPU")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the backbone's)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the backbone's)")
+    ap.add_argument("--expand", "--expand_value", dest="expand", type=float, default=None,
+                    help="box expansion (default: the backbone's CLI value)")
+    ap.add_argument("--expand_mode", choices=["ratio", "pixels"], default=None)
+    ap.add_argument("--switch_ratio", "--attention_switch_step", dest="switch_ratio", type=float, default=None,
+                    help="rule switch: ratio <= 1 of the steps or an absolute step (default: the backbone's)")
+    ap.add_argument("--attention", choices=["dense", "flex"], default="dense", help="mask implementation")
+    ap.add_argument("--only_save_image", action="store_true", help="write result.png only")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def edit_options(args) -> dict:
+    options = {"steps": args.steps, "seed": args.seed, "expand": args.expand, "expand_mode": args.expand_mode,
+               "switch": args.switch_ratio, "attention": args.attention}
+    if args.guidance is not None:
+        options["guidance"] = args.guidance
+    return options
+
+
+def load_pipeline(args, device: str) -> RePlanPipeline:
+    needs_planner = not (args.plan or args.no_plan)
+    planner_kwargs = {}
+    if args.planner == "openai":
+        planner_kwargs = {k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v}
+    if args.vlm_prompt_template_path:
+        planner_kwargs["template"] = load_template(args.vlm_prompt_template_path)
+    return RePlanPipeline.from_pretrained(
+        backbone=args.backbone, planner=args.planner if needs_planner else None, model=args.model,
+        vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, device=device, torch_dtype=args.dtype,
+        stage_offload=args.stage_offload, planner_kwargs=planner_kwargs,
+    )
+
+
+def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None, out_dir: Path) -> Path:
+    image = load_image(image_path)
+    plan = None
+    if args.plan:
+        plan = RegionPlan.load(args.plan)
+        if plan.image_size is None:
+            plan = RegionPlan(plan.global_prompt, plan.regions, plan.reasoning, image.size, plan.raw_text, plan.repairs)
+    elif args.no_plan:
+        if not instruction or not instruction.strip():
+            raise ValueError("--no_plan needs --instruction: it becomes the global prompt")
+        plan = RegionPlan(instruction.strip(), image_size=image.size)
+    elif not instruction or not instruction.strip():
+        raise ValueError("the instruction is empty: pass --instruction (or --plan to execute a saved plan)")
+    out = pipe(image, instruction, plan=plan, strict_plan=args.strict_plan, **edit_options(args))
+    if out.planner_text and not out.plan.regions and out.plan.repairs:
+        why = next((r for r in out.plan.repairs if "region" in r), out.plan.repairs[0])
+        print(f"warning: the planner reply gave no usable regions ({why}); ran a global edit", file=sys.stderr)
+    config = {
+        "replan_version": __version__, "image": str(image_path), "instruction": instruction,
+        "backbone": pipe.editor.spec.name, "model": args.model or pipe.editor.spec.model_id,
+        "planner": None if plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
+        "lora_path": args.lora_path, "plan_file": args.plan, "no_plan": args.no_plan,
+        "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
+        "resolved": {"steps": args.steps or pipe.editor.spec.steps, "generation_size": out.edit.generation_size,
+                     "boxes": [list(b) for b in out.edit.boxes]},
+        "timings_s": {k: round(v, 3) for k, v in out.timings.items()},
+        "replay": (f"python -m replan.infer --image {image_path} --plan <this dir>/plan.json --backbone "
+                   f"{pipe.editor.spec.name} --seed {args.seed}" + (f" --steps {args.steps}" if args.steps else "")),
+    }
+    files = {"result.png": lambda p: out.image.save(p)}
+    if not args.only_save_image:
+        files.update({
+            "plan.json": lambda p: out.plan.save(p),
+            "planner_response.txt": lambda p: p.write_text(out.planner_text, encoding="utf-8"),
+            "overlay.png": lambda p: out.overlay.save(p),
+            "config.json": lambda p: p.write_text(json.dumps(config, indent=2, default=str) + "\n"),
+        })
+    write_atomically(out_dir, files)
+    return out_dir
+
+
+def write_atomically(out_dir: Path, files: dict) -> None:
+    """Write every file into a temporary sibling directory first, then move them into ``out_dir``."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def interactive(pipe: RePlanPipeline, args, out_root: Path) -> int:
+    count, failures = 0, 0
+    while True:
+        print("image path (EOF to quit): ", end="", file=sys.stderr, flush=True)
+        image_path = sys.stdin.readline()
+        if not image_path:
+            break
+        image_path = image_path.strip()
+        if not image_path:
+            continue
+        instruction = None
+        if not args.plan:
+            print("instruction: ", end="", file=sys.stderr, flush=True)
+            instruction = sys.stdin.readline().strip()
+        count += 1
+        out_dir = out_root / f"{count:03d}_{Path(image_path).stem}"
+        try:
+            run_one(pipe, args, image_path, instruction, out_dir)
+            print(f"wrote {out_dir}", file=sys.stderr)
+        except (ValueError, PlannerError) as e:
+            failures += 1
+            print(f"error: {e}", file=sys.stderr)
+    print("", file=sys.stderr)
+    return 0 if failures == 0 else 2
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.plan and args.no_plan:
+        print("error: --plan and --no_plan exclude each other", file=sys.stderr)
+        return 2
+    if args.image is None and args.instruction:
+        print("error: --instruction needs --image (omit both for the interactive mode)", file=sys.stderr)
+        return 2
+    device = args.device or _default_device()
+    try:
+        pipe = load_pipeline(args, device)
+        if args.image is None:
+            return interactive(pipe, args, Path(args.output_dir))
+        out_dir = run_one(pipe, args, args.image, args.instruction, Path(args.output_dir))
+    except PlanParseError as e:
+        print(f"error: the planner reply does not follow the plan grammar: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PlannerError as e:
+        print(f"error: planner failed: {e}", file=sys.stderr)
+        return 3
+    print(f"wrote {out_dir}", file=sys.stderr)
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""``RePlanPipeline``: plan with a VLM, then execute the plan with region attention on an MMDiT editor.
+
+    pipe = RePlanPipeline.from_pretrained(backbone="flux", planner="local", device="cuda", stage_offload="cpu")
+    out = pipe(image, "replace the cup that was used with a small cactus")
+    out.image, out.plan, out.planner_text, out.overlay, out.timings
+
+A ready plan skips the planner (``pipe(image, plan=plan)``); a pipeline built with ``planner=None`` never loads one.
+``stage_offload="cpu"`` keeps only the active stage on the accelerator: the editor waits on the CPU while the
+planner runs, and the planner while the editor runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from replan.backbones import load_editor
+from replan.backbones.base import EditResult, RegionEditor
+from replan.images import to_rgb
+from replan.plan import RegionPlan, draw_overlay
+from replan.planner import Planner, load_planner
+
+logger = logging.getLogger(__name__)
+
+STAGE_OFFLOAD = ("none", "cpu")
+
+
+@dataclass
+class RePlanOutput:
+    image: Image.Image  # the edited image, input size
+    plan: RegionPlan
+    planner_text: str  # raw planner reply ("" when a ready plan was given)
+    overlay: Image.Image  # the input with the expanded boxes the editor used
+    timings: dict = field(default_factory=dict)  # seconds: plan, edit, total
+    edit: EditResult | None = None
+
+
+class RePlanPipeline:
+    def __init__(self, editor: RegionEditor, planner: Planner | None = None, stage_offload: str = "none",
+                 device=None):
+        if stage_offload not in STAGE_OFFLOAD:
+            raise ValueError(f"stage_offload must be one of {STAGE_OFFLOAD}, got {stage_offload!r}")
+        self.editor = editor
+        self.planner = planner
+        self.stage_offload = stage_offload
+        self.device = device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        backbone: str = "flux_kontext",
+        planner: str | Planner | None = "local",
+        *,
+        model: str | None = None,
+        vlm_ckpt_path: str | None = None,
+        lora_path: str | None = None,
+        device=None,
+        torch_dtype=None,
+        stage_offload: str = "none",
+        planner_kwargs: dict | None = None,
+        editor_kwargs: dict | None = None,
+    ) -> RePlanPipeline:
+        """Load an editor (``backbone`` name or alias; ``model`` overrides its weights) and a planner (``"local"``,
+        ``"openai"``, a ``Planner`` instance, or ``None`` for plan-only-from-file use)."""
+        if stage_offload not in STAGE_OFFLOAD:
+            raise ValueError(f"stage_offload must be one of {STAGE_OFFLOAD}, got {stage_offload!r}")
+        first_device = "cpu" if stage_offload == "cpu" else device
+        editor = load_editor(backbone, model, device=first_device, torch_dtype=torch_dtype,
+                             editor_kwargs=editor_kwargs)
+        if isinstance(planner, str):
+            planner = load_planner(planner, vlm_ckpt_path, lora_path=lora_path, device=first_device,
+                                   torch_dtype=torch_dtype, **(planner_kwargs or {}))
+        return cls(editor, planner, stage_offload, device)
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def _activate(self, stage: str) -> None:
+        """Move the active stage to the device and the other to the CPU (``stage_offload="cpu"`` only)."""
+        if self.stage_offload != "cpu" or self.device is None:
+            return
+        planner_to = getattr(self.planner, "to", None)
+        if stage == "plan":
+            self.editor.pipe.to("cpu")
+            if planner_to:
+                planner_to(self.device)
+        else:
+            if planner_to:
+                planner_to("cpu")
+            self.editor.pipe.to(self.device)
+        _empty_cache(self.device)
+
+    def plan(self, image: Image.Image, instruction: str, strict: bool = False) -> tuple[RegionPlan, str]:
+        if self.planner is None:
+            raise ValueError("this pipeline has no planner: pass a plan, or load one with planner='local'/'openai'")
+        self._activate("plan")
+        plan = self.planner.plan(image, instruction, strict=strict)
+        return plan, plan.raw_text
+
+    def __call__(self, image: Image.Image, instruction: str | None = None, *, plan: RegionPlan | None = None,
+                 strict_plan: bool = False, **edit_options) -> RePlanOutput:
+        """Plan (unless ``plan`` is given) and edit. ``edit_options`` go to the editor's ``edit`` (steps, seed,
+        guidance, expand, switch, rules, …)."""
+        image = to_rgb(image)
+        timings = {}
+        start = time.perf_counter()
+        planner_text = ""
+        if plan is None:
+            if instruction is None:
+                raise ValueError("give an instruction to plan from, or a ready plan")
+            plan, planner_text = self.plan(image, instruction, strict=strict_plan)
+            timings["plan"] = time.perf_counter() - start
+        self._activate("edit")
+        t = time.perf_counter()
+        result = self.editor.edit(image, plan, **edit_options)
+        timings["edit"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - start
+        overlay = draw_overlay(image, result.plan, boxes=result.boxes)
+        return RePlanOutput(result.image, result.plan, planner_text, overlay, timings, result)
+
+
+def _empty_cache(device) -> None:
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()

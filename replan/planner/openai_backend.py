@@ -1,0 +1,368 @@
+"""A planner behind any OpenAI-compatible chat-completions endpoint that takes images.
+
+Typical use: a vLLM server serving the RePlan checkpoint (``vllm serve TainU/RePlan-Qwen2.5-VL-7B``), or a hosted
+API. Only the standard library talks HTTP (no ``openai`` package needed).
+
+Frames. Qwen2.5-VL grounds boxes in pixels of the image its processor produced (``smart_resize``). By default
+(``frame="resize"``) the image is resized here with ``smart_resize`` before it is sent, so the frame the model saw is
+exactly the size of the image sent: the server's processor leaves an image whose sides are multiples of 28 and whose
+area is within its pixel bounds unchanged. Keep ``min_pixels``/``max_pixels`` equal to (or within) the server's
+processor bounds, e.g. vLLM's ``--mm-processor-kwargs``. ``frame="server"`` sends the original image and assumes the
+server applies ``smart_resize`` with the same bounds; ``frame="original"`` sends the original image and reads boxes
+as original-image pixels (for models that ground in the pixels they were given without resizing).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from PIL import Image
+
+from replan.coords import Size, smart_resize
+from replan.images import to_rgb
+from replan.planner.base import Planner, PlannerError, PlannerReply
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "TainU/RePlan-Qwen2.5-VL-7B"
+DEFAULT_MIN_PIXELS = 4 * 28 * 28  # qwen_vl_utils defaults
+DEFAULT_MAX_PIXELS = 16384 * 28 * 28
+FRAMES = ("resize", "server", "original")
+RETRYABLE_4XX = (408, 429)  # request timeout, rate limited
+_MAX_MESSAGE = 300  # characters of a server message kept in an error
+
+
+class _Transient(Exception):
+    """A failure worth retrying: 5xx, 408/429, timeout, connection error, unreadable reply."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _Refused(Exception):
+    """A failure not worth retrying: the server refused the request (4xx other than 408/429)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class OpenAIPlanner(Planner):
+    """``plan(image, instruction)`` through ``POST {base_url}/chat/completions``.
+
+    Args:
+        base_url: e.g. ``http://localhost:8000/v1``; else ``$REPLAN_PLANNER_BASE_URL``, else ``$OPENAI_BASE_URL``.
+        api_key: else ``$REPLAN_PLANNER_API_KEY``, else ``$OPENAI_API_KEY``, else ``"EMPTY"`` (vLLM's default).
+        model: else ``$REPLAN_PLANNER_MODEL``, else ``TainU/RePlan-Qwen2.5-VL-7B``.
+        timeout: seconds allowed for one request.
+        max_retries: retries after the first attempt (on 5xx, 408, 429, timeouts, connection errors, bad replies).
+        backoff: seconds before the first retry, doubling each time up to ``max_backoff`` (a server's
+            ``Retry-After`` is honoured up to ``max_backoff``).
+        temperature, max_tokens: sampling; temperature 0 is greedy.
+        template, strict: as ``Planner``.
+        min_pixels, max_pixels: the ``smart_resize`` bounds (defaults: the ``qwen_vl_utils`` values).
+        frame: ``"resize"`` (default), ``"server"`` or ``"original"``; see the module docstring.
+        extra_body: more fields merged into the request JSON (e.g. ``{"seed": 0, "top_p": 1.0}``).
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        *,
+        timeout: float = 300.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        temperature: float = 0.0,
+        max_tokens: int = 2048,
+        template: str | None = None,
+        strict: bool = False,
+        min_pixels: int = DEFAULT_MIN_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        frame: str = "resize",
+        extra_body: dict | None = None,
+    ):
+        super().__init__(template=template, strict=strict)
+        base_url = base_url or os.environ.get("REPLAN_PLANNER_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        if not base_url or not base_url.strip():
+            raise ValueError(
+                "no planner endpoint: pass base_url (--planner-url) or set REPLAN_PLANNER_BASE_URL "
+                "(or OPENAI_BASE_URL), e.g. http://localhost:8000/v1 for a local vLLM server"
+            )
+        base_url = base_url.strip().rstrip("/")
+        parsed = urllib.parse.urlparse(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"planner base_url must be an http(s) URL like http://localhost:8000/v1, got {base_url!r}")
+        self.base_url = base_url
+        self.api_key = api_key or os.environ.get("REPLAN_PLANNER_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.model = model or os.environ.get("REPLAN_PLANNER_MODEL") or DEFAULT_MODEL
+        if not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        if not backoff >= 0 or not max_backoff >= 0:
+            raise ValueError(f"backoff and max_backoff must be >= 0, got {backoff!r} and {max_backoff!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not 0 < min_pixels <= max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+        if frame not in FRAMES:
+            raise ValueError(f"frame must be one of {', '.join(FRAMES)}, got {frame!r}")
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.temperature = float(temperature)
+        self.max_tokens = max_tokens
+        self.min_pixels = int(min_pixels)
+        self.max_pixels = int(max_pixels)
+        self.frame = frame
+        self.extra_body = dict(extra_body or {})
+        self.last_reply: PlannerReply | None = None  # the latest reply, with its extras (plan() returns only the plan)
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"OpenAIPlanner(base_url={self.base_url!r}, model={self.model!r}, frame={self.frame!r})"
+
+    # ------------------------------------------------------------------------------------------------ images
+    def frame_size(self, image_size: Size) -> Size:
+        """(W, H) of the frame the model sees for an original image of ``image_size`` under this frame policy."""
+        w, h = image_size
+        if self.frame == "original":
+            return (w, h)
+        rh, rw = smart_resize(h, w, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return (rw, rh)
+
+    def encode_image(self, image: Image.Image) -> tuple[str, Size]:
+        """The image as sent (resized when ``frame="resize"``): a PNG base64 data URL and its (W, H)."""
+        image = to_rgb(image)
+        if self.frame == "resize":
+            size = self.frame_size(image.size)
+            if size != image.size:
+                image = image.resize(size, Image.Resampling.BICUBIC)  # what the Qwen2.5-VL processor uses
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), image.size
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def generate(self, image: Image.Image, prompt: str) -> PlannerReply:
+        image = to_rgb(image)
+        frame = self.frame_size(image.size)
+        url, sent_size = self.encode_image(image)
+        payload = {
+            **self.extra_body,
+            "model": self.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [  # image first, then text, as official
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": prompt},
+                    ],
+                }
+            ],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+        start = time.perf_counter()
+        data, text, attempts = self._call_with_retries(payload)
+        seconds = time.perf_counter() - start
+        choice = data["choices"][0]
+        finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if finish == "length":
+            logger.warning("planner reply stopped at max_tokens=%d; it may be truncated", self.max_tokens)
+        extras = {
+            "seconds": seconds,
+            "attempts": attempts,
+            "model": data.get("model") or self.model,
+            "finish_reason": finish,
+            "sent_size": sent_size,
+            "frame_policy": self.frame,
+        }
+        if isinstance(data.get("usage"), dict):
+            extras["usage"] = data["usage"]
+        reply = PlannerReply(text=text, frame=frame, seconds=seconds, extras=extras)
+        self.last_reply = reply
+        return reply
+
+    def _call_with_retries(self, payload: dict) -> tuple[dict, str, int]:
+        url = self.base_url + "/chat/completions"
+        body = json.dumps(payload).encode("utf-8")
+        last = "no attempt made"
+        attempts = self.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                status, _, raw = self._open("POST", url, body, self.timeout)
+                data = _json_reply(raw)
+                return data, _content(data), attempt
+            except _Refused as e:
+                raise PlannerError(f"planner request to {url} was refused: {e}{_hint(e.status, self.model)}") from None
+            except _Transient as e:
+                last = str(e)
+                if attempt == attempts:
+                    break
+                delay = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
+                if e.retry_after is not None:
+                    delay = min(max(delay, e.retry_after), self.max_backoff)
+                logger.warning(
+                    "planner request to %s failed (%s); retry %d/%d in %.2g s", url, last, attempt, self.max_retries, delay
+                )
+                time.sleep(delay)
+        raise PlannerError(f"planner request to {url} failed after {attempts} attempt(s); last error: {last}")
+
+    def _open(self, method: str, url: str, body: bytes | None, timeout: float) -> tuple[int, dict, bytes]:
+        """One HTTP exchange: ``(status, headers, body)`` for a 2xx reply; ``_Transient`` or ``_Refused`` else."""
+        headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=body, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as e:
+            status = e.code
+            try:
+                raw = e.read()
+            except (OSError, http.client.HTTPException):
+                raw = b""
+            message = _error_message(raw) or (e.reason if isinstance(e.reason, str) else "") or "(no message)"
+            if status >= 500 or status in RETRYABLE_4XX:
+                raise _Transient(f"HTTP {status}: {message}", _retry_after(e.headers)) from None
+            raise _Refused(status, message) from None
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise _Transient(f"no reply within {timeout:g} s") from None
+            raise _Transient(f"cannot connect ({_one_line(str(reason))})") from None
+        except (socket.timeout, TimeoutError):
+            raise _Transient(f"no reply within {timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as e:  # connection reset, remote disconnected, incomplete read
+            raise _Transient(f"connection error ({type(e).__name__}: {_one_line(str(e))})") from None
+
+    # ------------------------------------------------------------------------------------------------ readiness
+    def wait_until_ready(self, timeout: float = 600.0, interval: float = 2.0) -> list[str]:
+        """Poll ``GET {base_url}/models`` until it answers 200 (e.g. while vLLM loads); return the served model ids.
+
+        Raises ``PlannerError`` after ``timeout`` seconds, or at once if the server refuses the key (401/403) or has
+        no such route (404: base_url probably lacks ``/v1``).
+        """
+        url = self.base_url + "/models"
+        deadline = time.monotonic() + timeout
+        last = "no attempt made"
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                _, _, raw = self._open("GET", url, None, max(0.05, min(10.0, remaining)))
+                ids = _model_ids(raw)
+                if ids and self.model not in ids:
+                    logger.warning("the server at %s serves %s, not %s", self.base_url, ", ".join(ids), self.model)
+                return ids
+            except _Refused as e:
+                if e.status in (401, 403, 404):
+                    raise PlannerError(f"planner server at {url} answered {e}{_hint(e.status, None)}") from None
+                last = str(e)
+            except _Transient as e:
+                last = str(e)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PlannerError(f"planner server at {url} not ready after {timeout:g} s; last error: {last}")
+            time.sleep(min(interval, remaining))
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _error_message(raw: bytes) -> str:
+    """The server's error message from an OpenAI-style (``{"error": {"message"}}``), vLLM-style (``{"message"}``)
+    or FastAPI-style (``{"detail"}``) body, else the body itself; one line."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return _one_line(text)
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return _one_line(err["message"])
+        if isinstance(err, str) and err:
+            return _one_line(err)
+        for key in ("message", "detail"):
+            if data.get(key):
+                return _one_line(data[key] if isinstance(data[key], str) else json.dumps(data[key]))
+    return _one_line(text)
+
+
+def _retry_after(headers) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):  # absent, or an HTTP date
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _json_reply(raw: bytes) -> dict:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
+        raise _Transient(f"reply is not valid JSON: {_one_line(raw.decode('utf-8', 'replace'), 120)!r}") from None
+    if not isinstance(data, dict):
+        raise _Transient(f"reply is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _content(data: dict) -> str:
+    """``choices[0].message.content`` as text (a list of text parts is joined)."""
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        if data.get("error"):
+            raise _Transient(f"reply is an error: {_error_message(json.dumps(data).encode())}")
+        raise _Transient("reply has no choices")
+    message = choices[0].get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if parts:
+            return "".join(parts)
+    raise _Transient("reply has no choices[0].message.content")
+
+
+def _model_ids(raw: bytes) -> list[str]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return []
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [m["id"] for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _hint(status: int, model: str | None) -> str:
+    if status in (401, 403):
+        return " (check the API key: REPLAN_PLANNER_API_KEY or OPENAI_API_KEY)"
+    if status == 404:
+        served = f"; is model {model!r} served there" if model else ""
+        return f" (does base_url end with /v1{served}?)"
+    return ""
