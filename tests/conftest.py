@@ -28,3 +28,18 @@ def tiny_kontext_dir(tmp_path_factory):
 def tiny_kontext_one_block_dir(tmp_path_factory):
     """One double-stream block and no single-stream block: hint information cannot travel a second hop."""
     return save_tiny_kontext(tmp_path_factory.mktemp("tiny_kontext_1"), num_layers=1, num_single_layers=0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def replan_cache(tmp_path_factory):
+    """Offline-built components (the ``tiny`` backbone and planner) go to a per-run cache, never ~/.cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("replan_cache")
+    old = os.environ.get("REPLAN_CACHE")
+    os.environ["REPLAN_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("REPLAN_CACHE", None)
+    else:
+        os.environ["REPLAN_CACHE"] = old

@@ -1,0 +1,131 @@
+"""python -m replan.infer end to end on the tiny backbone and tiny planner, the local planner's frame, the pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from replan.coords import smart_resize
+from replan.infer import main
+from replan.pipeline import RePlanPipeline
+from replan.plan import RegionPlan
+from replan.planner import load_planner
+
+ROOT = Path(__file__).resolve().parents[1]
+DESK = str(ROOT / "assets/examples/desk.png")
+DESK_PLAN = str(ROOT / "assets/examples/desk.plan.json")
+TINY = ["--backbone", "tiny", "--vlm_ckpt_path", "tiny", "--steps", "3", "--device", "cpu"]
+OUTPUTS = {"result.png", "plan.json", "planner_response.txt", "overlay.png", "config.json"}
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_one_shot_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--image", DESK, "--instruction", "replace the used cup with a cactus", "--output_dir", str(out)]
+                + TINY) == 0
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    assert Image.open(out / "result.png").size == (640, 480)
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"] == "tiny" and config["edit_options"]["steps"] == 3 and config["planner"] == "local"
+    plan = RegionPlan.load(out / "plan.json")
+    assert plan.raw_text == (out / "planner_response.txt").read_text()
+    # a random tiny planner cannot write the grammar: the edit falls back to a global edit and says so
+    assert plan.regions == () and "global edit" in capsys.readouterr().err
+
+
+def test_plan_replay_reproduces_the_image(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["--image", DESK, "--plan", DESK_PLAN, "--output_dir", str(first), "--seed", "7"] + TINY) == 0
+    assert main(["--image", DESK, "--plan", str(first / "plan.json"), "--output_dir", str(second), "--seed", "7"]
+                + TINY) == 0
+    assert np.array_equal(pixels(first / "result.png"), pixels(second / "result.png"))
+    config = json.loads((first / "config.json").read_text())
+    assert len(config["resolved"]["boxes"]) == 2 and config["planner"] is None
+    other = tmp_path / "c"
+    assert main(["--image", DESK, "--plan", DESK_PLAN, "--output_dir", str(other), "--seed", "8"] + TINY) == 0
+    assert not np.array_equal(pixels(first / "result.png"), pixels(other / "result.png"))
+
+
+def test_no_plan_is_the_stock_backbone(tmp_path):
+    out = tmp_path / "out"
+    assert main(["--image", DESK, "--instruction", "make it snowy", "--no_plan", "--output_dir", str(out)] + TINY) == 0
+    pipe = RePlanPipeline.from_pretrained("tiny", planner=None, device="cpu")
+    editor = pipe.editor
+    image = Image.open(DESK).convert("RGB")
+    w, h = editor.generation_size(image.size)
+    stock = editor.pipe(image=editor.pipe.image_processor.resize(image, h, w), prompt="make it snowy", height=h,
+                        width=w, max_area=w * h, _auto_resize=False, num_inference_steps=3, guidance_scale=2.5,
+                        generator=__import__("torch").Generator().manual_seed(0)).images[0]
+    stock = stock.resize(image.size, Image.LANCZOS)
+    assert np.array_equal(pixels(out / "result.png"), np.asarray(stock))
+
+
+def test_only_save_image(tmp_path):
+    out = tmp_path / "out"
+    assert main(["--image", DESK, "--plan", DESK_PLAN, "--only_save_image", "--output_dir", str(out)] + TINY) == 0
+    assert [p.name for p in out.iterdir()] == ["result.png"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "missing.png", "--instruction", "x"], "does not exist"),
+        (["--image", DESK, "--instruction", "   "], "instruction is empty"),
+        (["--image", DESK, "--plan", "nope.json"], "plan file nope.json does not exist"),
+        (["--image", DESK, "--plan", DESK, "--no_plan"], "exclude each other"),
+        (["--instruction", "x"], "needs --image"),
+        (["--image", DESK, "--instruction", "x", "--backbone", "sdxl"], "unknown backbone"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    rc = main(args + ["--output_dir", str(out), "--vlm_ckpt_path", "tiny", "--device", "cpu", "--steps", "1"]
+              + (["--backbone", "tiny"] if "--backbone" not in args else []))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert message in err[-1] and err[-1].startswith("error:")
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+
+
+def test_invalid_plan_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"global_prompt": "x", "regions": [{"bbox": [5, 5, 5, 9], "hint": "h"}]}))
+    assert main(["--image", DESK, "--plan", str(bad), "--output_dir", str(tmp_path / "o")] + TINY) == 2
+    assert "region 1" in capsys.readouterr().err
+
+
+def test_interactive_mode_reads_stdin_until_eof(tmp_path):
+    out = tmp_path / "session"
+    stdin = f"{DESK}\nreplace the used cup with a cactus\nmissing.png\nx\n{DESK}\nmake it blue\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "replan.infer", "--output_dir", str(out)] + TINY, input=stdin,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr  # one of the three rounds failed
+    assert "does not exist" in proc.stderr
+    done = sorted(p.name for p in out.iterdir())
+    assert done == ["001_desk", "003_desk"]
+    assert all({p.name for p in (out / d).iterdir()} == OUTPUTS for d in done)
+
+
+@pytest.mark.parametrize("size", [(300, 200), (1000, 750), (4100, 3100)])
+def test_local_planner_reports_the_frame_it_saw(size):
+    planner = load_planner("local", "tiny", device="cpu", max_new_tokens=4)
+    ip = planner.processor.image_processor
+    reply = planner.generate(Image.new("RGB", size), "describe")
+    h, w = smart_resize(size[1], size[0], 28, ip.size["shortest_edge"], ip.size["longest_edge"])
+    assert reply.frame == (w, h)
+
+
+def test_planner_needs_an_instruction():
+    planner = load_planner("local", "tiny", device="cpu", max_new_tokens=4)
+    with pytest.raises(ValueError, match="instruction is empty"):
+        planner.plan(Image.new("RGB", (100, 100)), " ")
