@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -101,7 +100,7 @@ class OpenAIPlanner(Planner):
         base_url = base_url or os.environ.get("REPLAN_PLANNER_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
         if not base_url or not base_url.strip():
             raise ValueError(
-                "no planner endpoint: pass base_url (--planner-url) or set REPLAN_PLANNER_BASE_URL "
+                "no planner endpoint: pass base_url (--base_url) or set REPLAN_PLANNER_BASE_URL "
                 "(or OPENAI_BASE_URL), e.g. http://localhost:8000/v1 for a local vLLM server"
             )
         base_url = base_url.strip().rstrip("/")
@@ -109,7 +108,9 @@ class OpenAIPlanner(Planner):
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"planner base_url must be an http(s) URL like http://localhost:8000/v1, got {base_url!r}")
         self.base_url = base_url
-        self.api_key = api_key or os.environ.get("REPLAN_PLANNER_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.api_key = (
+            api_key or os.environ.get("REPLAN_PLANNER_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        )
         self.model = model or os.environ.get("REPLAN_PLANNER_MODEL") or DEFAULT_MODEL
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
@@ -221,7 +222,12 @@ class OpenAIPlanner(Planner):
                 if e.retry_after is not None:
                     delay = min(max(delay, e.retry_after), self.max_backoff)
                 logger.warning(
-                    "planner request to %s failed (%s); retry %d/%d in %.2g s", url, last, attempt, self.max_retries, delay
+                    "planner request to %s failed (%s); retry %d/%d in %.2g s",
+                    url,
+                    last,
+                    attempt,
+                    self.max_retries,
+                    delay,
                 )
                 time.sleep(delay)
         raise PlannerError(f"planner request to {url} failed after {attempts} attempt(s); last error: {last}")
@@ -247,10 +253,10 @@ class OpenAIPlanner(Planner):
             raise _Refused(status, message) from None
         except urllib.error.URLError as e:
             reason = e.reason
-            if isinstance(reason, (socket.timeout, TimeoutError)):
+            if isinstance(reason, TimeoutError):
                 raise _Transient(f"no reply within {timeout:g} s") from None
             raise _Transient(f"cannot connect ({_one_line(str(reason))})") from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise _Transient(f"no reply within {timeout:g} s") from None
         except (OSError, http.client.HTTPException) as e:  # connection reset, remote disconnected, incomplete read
             raise _Transient(f"connection error ({type(e).__name__}: {_one_line(str(e))})") from None
