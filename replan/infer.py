@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora_path", help="LoRA adapter for the local planner (needs peft)")
     ap.add_argument("--base_url", help="OpenAI-compatible endpoint (or REPLAN_PLANNER_BASE_URL)")
     ap.add_argument("--api_key", help="endpoint key (or REPLAN_PLANNER_API_KEY)")
+    ap.add_argument("--planner_retries", type=int, default=4, help="endpoint retries on 5xx/timeouts (backoff 1, 2, 4 s)")
     ap.add_argument("--vlm_prompt_template_path", help="planner prompt template file (default: replan's)")
     ap.add_argument("--plan", help="a plan JSON to execute instead of planning")
     ap.add_argument("--no_plan", action="store_true", help="baseline: the instruction as the global prompt, no regions")
@@ -84,6 +85,7 @@ def load_pipeline(args, device: str) -> RePlanPipeline:
     planner_kwargs = {}
     if args.planner == "openai":
         planner_kwargs = {k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v}
+        planner_kwargs["max_retries"] = args.planner_retries
     if args.vlm_prompt_template_path:
         planner_kwargs["template"] = load_template(args.vlm_prompt_template_path)
     return RePlanPipeline.from_pretrained(

@@ -129,3 +129,69 @@ def test_planner_needs_an_instruction():
     planner = load_planner("local", "tiny", device="cpu", max_new_tokens=4)
     with pytest.raises(ValueError, match="instruction is empty"):
         planner.plan(Image.new("RGB", (100, 100)), " ")
+
+
+class _PlannerServer:
+    """A local OpenAI-compatible endpoint that answers every chat request with one scripted RePlan reply."""
+
+    def __init__(self, reply: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.dumps({"choices": [{"message": {"content": reply}, "finish_reason": "stop"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cli_with_an_openai_compatible_planner(tmp_path, monkeypatch):
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    # desk.png is 640x480; smart_resize keeps 644x476: the reply's boxes are in that frame
+    reply = ('<think>the cup with coffee is the used one</think><gen_image>keep remaining part of image unchanged.'
+             '</gen_image><region>[{"bbox_2d": [87, 197, 208, 311], "hint": "a small cactus in a pot"}]</region>')
+    server = _PlannerServer(reply)
+    try:
+        out = tmp_path / "out"
+        rc = main(["--image", DESK, "--instruction", "replace the used cup", "--planner", "openai",
+                   "--base_url", server.url, "--output_dir", str(out), "--backbone", "tiny", "--steps", "2",
+                   "--device", "cpu"])
+    finally:
+        server.close()
+    assert rc == 0
+    plan = RegionPlan.load(out / "plan.json")
+    assert (out / "planner_response.txt").read_text() == reply
+    (region,) = plan.regions
+    assert region.bbox == pytest.approx((87 * 640 / 644, 197 * 480 / 476, 208 * 640 / 644, 311 * 480 / 476))
+
+
+def test_cli_unreachable_endpoint_exits_3(tmp_path, capsys, monkeypatch):
+    import socket
+
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    out = tmp_path / "out"
+    rc = main(["--image", DESK, "--instruction", "x", "--planner", "openai", "--base_url", f"http://127.0.0.1:{port}/v1",
+               "--output_dir", str(out), "--backbone", "tiny", "--device", "cpu", "--planner_retries", "1"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "planner failed" in err and not out.exists()

@@ -59,6 +59,7 @@ class Planner:
     def __init__(self, template: str | None = None, strict: bool = False):
         self.template = template if template is not None else load_template()
         self.strict = strict
+        self.last_reply: PlannerReply | None = None  # the latest reply with its timing and backend details
 
     def generate(self, image: Image.Image, prompt: str) -> PlannerReply:
         raise NotImplementedError
@@ -71,6 +72,7 @@ class Planner:
         start = time.perf_counter()
         reply = self.generate(image, prompt)
         reply.seconds = reply.seconds or time.perf_counter() - start
+        self.last_reply = reply
         strict = self.strict if strict is None else strict
         plan = parse_plan(reply.text, image_size=image.size, strict=strict, planner_size=reply.frame)
         for repair in plan.repairs:

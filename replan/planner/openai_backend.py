@@ -136,7 +136,6 @@ class OpenAIPlanner(Planner):
         self.max_pixels = int(max_pixels)
         self.frame = frame
         self.extra_body = dict(extra_body or {})
-        self.last_reply: PlannerReply | None = None  # the latest reply, with its extras (plan() returns only the plan)
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIPlanner(base_url={self.base_url!r}, model={self.model!r}, frame={self.frame!r})"
@@ -199,7 +198,6 @@ class OpenAIPlanner(Planner):
         if isinstance(data.get("usage"), dict):
             extras["usage"] = data["usage"]
         reply = PlannerReply(text=text, frame=frame, seconds=seconds, extras=extras)
-        self.last_reply = reply
         return reply
 
     def _call_with_retries(self, payload: dict) -> tuple[dict, str, int]:
