@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora_path", help="LoRA adapter for the local planner (needs peft)")
     ap.add_argument("--base_url", help="OpenAI-compatible endpoint (or REPLAN_PLANNER_BASE_URL)")
     ap.add_argument("--api_key", help="endpoint key (or REPLAN_PLANNER_API_KEY)")
-    ap.add_argument("--planner_retries", type=int, default=4, help="endpoint retries on 5xx/timeouts (backoff 1, 2, 4 s)")
+    ap.add_argument("--planner_retries", type=int, default=4, help="endpoint retries on 5xx/timeouts")
     ap.add_argument("--vlm_prompt_template_path", help="planner prompt template file (default: replan's)")
     ap.add_argument("--plan", help="a plan JSON to execute instead of planning")
     ap.add_argument("--no_plan", action="store_true", help="baseline: the instruction as the global prompt, no regions")
