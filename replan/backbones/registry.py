@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -68,21 +68,18 @@ BACKBONES: dict[str, BackboneSpec] = {
         entries=_entries(cli=(0.05, 0.15), app=(0.0, 0.15), eval=(0.0, 0.15), server=(0.0, 0.15)),
         description="FLUX.1 Kontext [dev], 12B guidance-distilled MMDiT (19 double + 38 single blocks)",
     ),
-    "tiny": BackboneSpec(
-        name="tiny",
-        family="flux_kontext",
-        editor_class="FluxKontextEditor",
-        pipeline_class="FluxKontextPipeline",
-        model_id="(built offline by replan.testing)",
-        steps=28,
-        guidance=2.5,
-        entries=_entries(cli=(0.05, 0.15), app=(0.0, 0.15), eval=(0.0, 0.15), server=(0.0, 0.15)),
-        description="TINY RANDOM FLUX.1 Kontext for offline smoke runs: the output is noise, every code path is real",
-        builder="replan.testing:save_tiny_kontext",
-        editor_kwargs={"max_area": 256 * 256},
-        dtype="float32",
-    ),
 }
+
+# The offline smoke backbone: FLUX.1 Kontext's code path on tiny random components built by replan.testing.
+BACKBONES["tiny"] = replace(
+    BACKBONES["flux_kontext"],
+    name="tiny",
+    model_id="(built offline by replan.testing)",
+    description="TINY RANDOM FLUX.1 Kontext for offline smoke runs: the output is noise, every code path is real",
+    builder="replan.testing:save_tiny_kontext",
+    editor_kwargs={"max_area": 256 * 256},
+    dtype="float32",
+)
 
 ALIASES: dict[str, str] = {"flux": "flux_kontext"}
 
