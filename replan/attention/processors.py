@@ -14,6 +14,7 @@ editor does not install anything and is the stock pipeline.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import Counter
 from contextlib import contextmanager
 
@@ -101,17 +102,24 @@ class RegionAttention:
     def installed(self, transformer):
         """Wrap every attention processor of ``transformer`` for the duration of the block; restore afterwards."""
         original = dict(transformer.attn_processors)
-        transformer.set_attn_processor({name: RegionAttnProcessor(proc, self) for name, proc in original.items()})
+        transformer.set_attn_processor({name: wrap_processor(proc, self) for name, proc in original.items()})
         try:
             yield self
         finally:
             transformer.set_attn_processor(original)
 
 
-class RegionAttnProcessor:
-    """Wraps a stock FLUX-family processor (double-stream ``FluxAttnProcessor``/``Flux2AttnProcessor``, and the
-    single-stream blocks that use the same class) and hands it the region mask of the current step."""
+def wrap_processor(base, region: RegionAttention):
+    """The region wrapper matching a stock processor's call signature."""
+    if getattr(base, "region_attention_processor", False):  # a family processor that takes the region itself
+        return base.with_region(region)
+    params = inspect.signature(base.__call__).parameters
+    if "encoder_hidden_states" in params:
+        return RegionAttnProcessor(base, region)
+    return RegionSelfAttnProcessor(base, region)
 
+
+class _RegionWrapper:
     def __init__(self, base, region: RegionAttention):
         self.base = base
         self.region = region
@@ -120,9 +128,24 @@ class RegionAttnProcessor:
             self.masked = copy.copy(base)
             self.masked._attention_backend = "flex"
 
+
+class RegionAttnProcessor(_RegionWrapper):
+    """Wraps a stock joint-attention processor (FLUX.1 ``FluxAttnProcessor`` in double- and single-stream blocks,
+    FLUX.2 ``Flux2AttnProcessor``) and hands it the region mask of the current step."""
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         seq_len = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
         mask = self.region.mask_for(seq_len, hidden_states.device)
         if mask is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         return self.masked(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+
+
+class RegionSelfAttnProcessor(_RegionWrapper):
+    """Wraps a stock processor of an already-joined sequence (FLUX.2 ``Flux2ParallelSelfAttnProcessor``)."""
+
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
+        mask = self.region.mask_for(hidden_states.shape[1], hidden_states.device)
+        if mask is None:
+            return self.base(attn, hidden_states, attention_mask, image_rotary_emb)
+        return self.masked(attn, hidden_states, mask, image_rotary_emb)
