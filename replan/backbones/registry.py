@@ -70,6 +70,59 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
 }
 
+def _qwen(name, model_id, pipeline_class, steps, description):
+    return BackboneSpec(
+        name=name,
+        family="qwen_image_edit",
+        editor_class="QwenImageEditor",
+        pipeline_class=pipeline_class,
+        model_id=model_id,
+        steps=steps,
+        true_cfg=4.0,
+        negative_prompt=" ",
+        has_image_prompt=True,
+        # (switch, expand): CLI 0.5/0.0, Gradio 0.5/0.05, IV-Edit eval 0.0/0.15 (replan-spec §2.6.2). The official
+        # code documents these for Qwen-Image-Edit; the EditPlus checkpoints reuse them.
+        entries=_entries(cli=(0.5, 0.0), app=(0.5, 0.05), eval=(0.0, 0.15)),
+        description=description,
+    )
+
+
+def _klein(name, model_id, steps, guidance, distilled, description):
+    return BackboneSpec(
+        name=name,
+        family="flux2_klein",
+        editor_class="Flux2KleinEditor",
+        pipeline_class="Flux2KleinPipeline",
+        model_id=model_id,
+        steps=steps,
+        true_cfg=None if distilled else guidance,
+        negative_prompt=None if distilled else "",
+        # The official code gives no per-entry values for klein: the FLUX.1 Kontext ones are used.
+        entries=_entries(cli=(0.05, 0.15), app=(0.0, 0.15), eval=(0.0, 0.15)),
+        description=description,
+    )
+
+
+BACKBONES.update({
+    "qwenimageedit": _qwen("qwenimageedit", "Qwen/Qwen-Image-Edit", "QwenImageEditPipeline", 50,
+                           "Qwen-Image-Edit, 20B MMDiT (60 double-stream blocks), Qwen2.5-VL-7B text encoder"),
+    "qwenimageedit2509": _qwen("qwenimageedit2509", "Qwen/Qwen-Image-Edit-2509", "QwenImageEditPlusPipeline", 40,
+                               "Qwen-Image-Edit-2509 (EditPlus pipeline)"),
+    "qwenimageedit2511": _qwen("qwenimageedit2511", "Qwen/Qwen-Image-Edit-2511", "QwenImageEditPlusPipeline", 50,
+                               "Qwen-Image-Edit-2511 (EditPlus pipeline; zero_cond_t transformer)"),
+    "firerededit": _qwen("firerededit", "FireRedTeam/FireRed-Image-Edit-1.1", "QwenImageEditPlusPipeline", 50,
+                         "FireRed-Image-Edit-1.1, retrained from Qwen-Image-Edit-2509 (EditPlus pipeline)"),
+    "flux_klein": _klein("flux_klein", "black-forest-labs/FLUX.2-klein-9B", 4, 1.0, True,
+                         "FLUX.2 [klein] 9B, step-distilled (8 double + 24 single blocks), Qwen3-8B text encoder"),
+    "flux_klein_4b": _klein("flux_klein_4b", "black-forest-labs/FLUX.2-klein-4B", 4, 1.0, True,
+                            "FLUX.2 [klein] 4B, step-distilled (5 double + 20 single blocks), Qwen3-4B text encoder"),
+    "flux_klein_base": _klein("flux_klein_base", "black-forest-labs/FLUX.2-klein-base-9B", 50, 4.0, False,
+                              "FLUX.2 [klein] base 9B (true CFG with an empty negative prompt)"),
+    "flux_klein_base_4b": _klein("flux_klein_base_4b", "black-forest-labs/FLUX.2-klein-base-4B", 50, 4.0, False,
+                                 "FLUX.2 [klein] base 4B (true CFG with an empty negative prompt)"),
+})
+
 # The offline smoke backbone: FLUX.1 Kontext's code path on tiny random components built by replan.testing.
 BACKBONES["tiny"] = replace(
     BACKBONES["flux_kontext"],
@@ -81,7 +134,13 @@ BACKBONES["tiny"] = replace(
     dtype="float32",
 )
 
-ALIASES: dict[str, str] = {"flux": "flux_kontext"}
+ALIASES: dict[str, str] = {
+    "flux": "flux_kontext",
+    "qwen": "qwenimageedit",
+    "qwen_plus": "qwenimageedit2509",
+    "qwen2511": "qwenimageedit2511",
+    "klein": "flux_klein",
+}
 
 
 def names() -> list[str]:
