@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -99,10 +100,13 @@ class RegionAttention:
 
     # ------------------------------------------------------------------------------------------------ install
     @contextmanager
-    def installed(self, transformer):
-        """Wrap every attention processor of ``transformer`` for the duration of the block; restore afterwards."""
+    def installed(self, transformer, wrap: Callable | None = None):
+        """Wrap every attention processor of ``transformer`` for the duration of the block; restore afterwards.
+
+        ``wrap(processor, region)`` makes the wrapper; default ``wrap_processor`` (the FLUX families)."""
+        wrap = wrap or wrap_processor
         original = dict(transformer.attn_processors)
-        transformer.set_attn_processor({name: wrap_processor(proc, self) for name, proc in original.items()})
+        transformer.set_attn_processor({name: wrap(proc, self) for name, proc in original.items()})
         try:
             yield self
         finally:
@@ -110,9 +114,7 @@ class RegionAttention:
 
 
 def wrap_processor(base, region: RegionAttention):
-    """The region wrapper matching a stock processor's call signature."""
-    if getattr(base, "region_attention_processor", False):  # a family processor that takes the region itself
-        return base.with_region(region)
+    """The region wrapper matching a stock FLUX-family processor's call signature."""
     params = inspect.signature(base.__call__).parameters
     if "encoder_hidden_states" in params:
         return RegionAttnProcessor(base, region)

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from replan.attention import RegionAttention, RuleSchedule, RuleSet, TokenLayout, custom_schedule, default_schedule
+from replan.attention import (
+    RegionAttention,
+    RuleSchedule,
+    RuleSet,
+    TokenLayout,
+    custom_schedule,
+    default_schedule,
+    wrap_processor,
+)
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size
 from replan.images import check_image_size, to_rgb
@@ -117,6 +125,10 @@ class RegionEditor:
         """Patch grids (h, w) of the reference copies in the joint sequence; default: one, same as the output."""
         return [(gen_size[1] // self.patch, gen_size[0] // self.patch)]
 
+    def wrap_processor(self, base, region: RegionAttention):
+        """The region wrapper for one of this family's stock attention processors."""
+        return wrap_processor(base, region)
+
     def allows_unmasked_passes(self, options: dict) -> bool:
         """Whether some transformer passes legitimately lack the hint tokens (a true-CFG negative pass)."""
         return False
@@ -188,7 +200,7 @@ class RegionEditor:
         schedule = self._schedule(rules, len(plan.regions), steps, switch, defaults.switch, rule_options)
         region = RegionAttention(layout, schedule, backend=attention,
                                  allow_unmasked=self.allows_unmasked_passes(options))
-        with region.installed(self.pipe.transformer):
+        with region.installed(self.pipe.transformer, self.wrap_processor):
             out = self.run_pipeline(image, gen_size, encoded, options, _chain(region.callback, callback))
         result.image = self._resize_back(out, image.size)
         result.layout, result.schedule, result.attention = layout, schedule, region

@@ -31,7 +31,7 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None, subfolder: str = ""):
     """``AutoProcessor`` when it works; otherwise image processor + tokenizer assembled without a video processor.
 
     ``min_pixels``/``max_pixels`` override the checkpoint's resize bounds (None keeps them).
@@ -39,13 +39,15 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    if subfolder:
+        bounds["subfolder"] = subfolder
     try:
         processor = AutoProcessor.from_pretrained(path, **bounds)
         if hasattr(processor, "image_processor"):
             return processor
     except (ImportError, AttributeError, ValueError, OSError, TypeError) as e:
         logger.info("AutoProcessor failed for %s (%s); assembling an image-only processor", path, e)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder)
     image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
     return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                         chat_template=getattr(tokenizer, "chat_template", None))

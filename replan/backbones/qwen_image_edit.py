@@ -1,0 +1,234 @@
+"""Qwen-Image-Edit (``QwenImageEditPipeline``) and its EditPlus successors — Qwen-Image-Edit-2509, -2511 and
+FireRed-Image-Edit (``QwenImageEditPlusPipeline``) — as region editors (replan-spec §2.9).
+
+* Resolution: the pipeline's own ~1 MP size for the input's aspect ratio (``calculate_dimensions``; for EditPlus the
+  VAE-image size), for both the generated image and the reference; the output is resized back by the base class.
+* Text: Qwen2.5-VL encodes the main prompt with the image; its vision-token span is the ``Image Prompt`` group,
+  visible to and from every group. Each hint is encoded with the same template and the same image, then its
+  vision span (and for EditPlus the "Picture 1: " label before it) is removed: a hint span is its text plus the
+  chat suffix, unpadded. The system prefix that is dropped is measured with the tokenizer actually loaded.
+* True CFG 4.0 with negative prompt " ": the negative pass has no hints and runs unmasked, as official; masks
+  follow the text length of each pass. 2511's ``zero_cond_t`` comes with its transformer config.
+
+The stock ``QwenDoubleStreamAttnProcessor2_0`` rejects attention masks, so masked passes go through
+``RegionQwenAttnProcessor``, which repeats its math with the region mask; unmasked passes call the stock processor.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+from PIL import Image
+
+from replan.backbones.base import EncodedPrompt, RegionEditor
+from replan.coords import Size
+from replan.plan import RegionPlan
+
+logger = logging.getLogger(__name__)
+
+EDIT_PLUS_IMAGE_LABEL = "Picture 1: "  # what QwenImageEditPlusPipeline writes before the image's vision tokens
+ROPE_POSITIONS = 4096  # QwenEmbedRope precomputes this many positions
+
+
+class RegionQwenAttnProcessor:
+    """Joint attention of a Qwen-Image double-stream block with a region mask.
+
+    Same computation as diffusers' ``QwenDoubleStreamAttnProcessor2_0`` (projections, QK-norm, complex RoPE applied
+    separately to image and text, ``[text, image]`` joint attention, output projections), plus the mask.
+    """
+
+    def __init__(self, base, region):
+        self.base = base
+        self.region = region
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        mask = None
+        if encoder_hidden_states is not None:
+            seq_len = hidden_states.shape[1] + encoder_hidden_states.shape[1]
+            mask = self.region.mask_for(seq_len, hidden_states.device)
+        if mask is None:
+            return self.base(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
+                             image_rotary_emb)
+        if encoder_hidden_states_mask is not None:  # text padding (batches): combine with the region mask
+            keep = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            mask = mask & torch.cat([encoder_hidden_states_mask.bool(), keep], dim=1)[:, None, None, :]
+        head_dim = attn.inner_dim // attn.heads
+
+        def heads(x):
+            return x.unflatten(-1, (-1, head_dim))
+
+        img_q, img_k, img_v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(
+            attn.to_v(hidden_states))
+        txt_q, txt_k, txt_v = (heads(attn.add_q_proj(encoder_hidden_states)),
+                               heads(attn.add_k_proj(encoder_hidden_states)),
+                               heads(attn.add_v_proj(encoder_hidden_states)))
+        if attn.norm_q is not None:
+            img_q = attn.norm_q(img_q)
+        if attn.norm_k is not None:
+            img_k = attn.norm_k(img_k)
+        if attn.norm_added_q is not None:
+            txt_q = attn.norm_added_q(txt_q)
+        if attn.norm_added_k is not None:
+            txt_k = attn.norm_added_k(txt_k)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_q = apply_rotary_emb_qwen(img_q, img_freqs, use_real=False)
+            img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
+            txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
+            txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
+        backend = "flex" if self.region.backend == "flex" else self.base._attention_backend
+        joint = dispatch_attention_fn(
+            torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1), torch.cat([txt_v, img_v], dim=1),
+            attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend,
+            parallel_config=self.base._parallel_config,
+        )
+        joint = joint.flatten(2, 3).to(txt_q.dtype)
+        seq_txt = encoder_hidden_states.shape[1]
+        img_out = attn.to_out[0](joint[:, seq_txt:].contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        return img_out, attn.to_add_out(joint[:, :seq_txt].contiguous())
+
+
+class QwenImageEditor(RegionEditor):
+    """Region editing on Qwen-Image-Edit / EditPlus. Options per call: ``true_cfg``, ``negative_prompt``."""
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, *, spec, **kwargs):
+        """As ``RegionEditor.from_pretrained``; the processor is loaded by replan so that it also works without
+        torchvision (whose absence breaks the Qwen2-VL video processor on CPU-only installs)."""
+        from replan.planner.qwen_vl import load_processor
+
+        if "processor" not in kwargs:
+            try:
+                kwargs["processor"] = load_processor(model or spec.model_id, subfolder="processor")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot load the Qwen processor from {model or spec.model_id!r}: {e}") from e
+        return super().from_pretrained(model, spec=spec, **kwargs)
+
+    def __init__(self, pipe, spec):
+        super().__init__(pipe, spec)
+        self.patch = pipe.vae_scale_factor * 2
+        self.module = inspect.getmodule(type(pipe))  # read sizes through it, so patched module constants apply
+        self.plus = hasattr(self.module, "VAE_IMAGE_SIZE")
+        tok = pipe.tokenizer
+        self.vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
+        self.vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
+        self.prefix_ids = system_prefix_ids(pipe.prompt_template_encode, tok)
+        if pipe.prompt_template_encode_start_idx != len(self.prefix_ids):
+            logger.info("system prefix is %d tokens with this tokenizer (pipeline default %d); using %d",
+                        len(self.prefix_ids), pipe.prompt_template_encode_start_idx, len(self.prefix_ids))
+        pipe.prompt_template_encode_start_idx = len(self.prefix_ids)
+
+    def wrap_processor(self, base, region):
+        return RegionQwenAttnProcessor(base, region)
+
+    # ------------------------------------------------------------------------------------------------ sizes
+    def generation_size(self, image_size: Size) -> Size:
+        area = self.module.VAE_IMAGE_SIZE if self.plus else 1024 * 1024
+        w, h = self.module.calculate_dimensions(area, image_size[0] / image_size[1])[:2]
+        return (int(w) // self.patch * self.patch, int(h) // self.patch * self.patch)
+
+    def prompt_image(self, image: Image.Image):
+        """The image the text encoder sees, exactly as the pipeline prepares it."""
+        if self.plus:
+            w, h = self.module.calculate_dimensions(self.module.CONDITION_IMAGE_SIZE, image.size[0] / image.size[1])
+            return [self.pipe.image_processor.resize(image, h, w)]
+        w, h = self.module.calculate_dimensions(1024 * 1024, image.size[0] / image.size[1])[:2]
+        return self.pipe.image_processor.resize(image, h, w)
+
+    # ------------------------------------------------------------------------------------------------ text
+    def _encode(self, text: str, prompt_image) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states after the system prefix, and the token ids they belong to."""
+        embeds, _ = self.pipe._get_qwen_prompt_embeds(prompt=text, image=prompt_image, device=self.device)
+        user = (EDIT_PLUS_IMAGE_LABEL + "<|vision_start|><|image_pad|><|vision_end|>" if self.plus else "") + text
+        ids = self.pipe.processor(text=[self.pipe.prompt_template_encode.format(user)], images=prompt_image,
+                                  padding=True, return_tensors="pt")["input_ids"][0].tolist()
+        prefix = len(self.prefix_ids)
+        if ids[:prefix] != self.prefix_ids or len(ids) - prefix != embeds.shape[1]:
+            raise RuntimeError("the pipeline's prompt template no longer matches replan's token accounting; "
+                               "please report the diffusers version")
+        return embeds, ids[prefix:]
+
+    def _vision_span(self, ids: list[int]) -> tuple[int, int]:
+        if self.vision_start not in ids or self.vision_end not in ids:
+            raise RuntimeError("no vision tokens in the encoded prompt: the text encoder did not see the image")
+        return ids.index(self.vision_start), len(ids) - ids[::-1].index(self.vision_end)
+
+    def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> EncodedPrompt:
+        if options["delete_main_prompt"]:
+            raise ValueError("delete_main_prompt is not supported on Qwen-Image-Edit: the main prompt carries the "
+                             "image prompt tokens that every group attends to")
+        prompt_image = self.prompt_image(image)
+        with torch.no_grad():
+            main, main_ids = self._encode(plan.prompt_text, prompt_image)
+            image_prompt = self._vision_span(main_ids)
+            spans, hint_lens = [main], []
+            for hint in plan.hints:
+                emb, ids = self._encode(hint, prompt_image)
+                _, cut = self._vision_span(ids)  # drop everything up to the image's last vision token
+                spans.append(emb[:, cut:])
+                hint_lens.append(emb.shape[1] - cut)
+            negative = options.get("negative_prompt", self.spec.negative_prompt)
+            neg_embeds = None
+            if self._cfg(options):
+                neg_embeds, _ = self.pipe._get_qwen_prompt_embeds(prompt=negative, image=prompt_image,
+                                                                  device=self.device)
+        prompt_embeds = torch.cat(spans, dim=1)
+        text_len = prompt_embeds.shape[1]
+        grid = max(gen_size[0], gen_size[1]) // self.patch
+        offset = grid // 2 if getattr(self.pipe.transformer.pos_embed, "scale_rope", True) else grid
+        if text_len + offset > ROPE_POSITIONS:
+            raise ValueError(f"the plan is {text_len} text tokens, more than Qwen-Image's rotary table allows "
+                             f"({ROPE_POSITIONS - offset} at this size): shorten the hints or use fewer regions")
+        if neg_embeds is not None and neg_embeds.shape[1] == text_len:
+            raise ValueError("the negative prompt encodes to exactly as many tokens as the plan, so the two passes "
+                             "cannot be told apart; change the negative prompt by a word")
+        kwargs = {"prompt_embeds": prompt_embeds,
+                  "prompt_embeds_mask": torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=self.device)}
+        if neg_embeds is not None:
+            kwargs["negative_prompt_embeds"] = neg_embeds
+            kwargs["negative_prompt_embeds_mask"] = torch.ones(neg_embeds.shape[:2], dtype=torch.long,
+                                                               device=self.device)
+        return EncodedPrompt(kwargs, main.shape[1], hint_lens, image_prompt=image_prompt)
+
+    # ------------------------------------------------------------------------------------------------ call
+    def _cfg(self, options: dict) -> bool:
+        scale = options.get("true_cfg", self.spec.true_cfg)
+        negative = options.get("negative_prompt", self.spec.negative_prompt)
+        return scale is not None and float(scale) > 1 and negative is not None
+
+    def allows_unmasked_passes(self, options: dict) -> bool:
+        return self._cfg(options)
+
+    def run_pipeline(self, image: Image.Image, gen_size: Size, encoded: EncodedPrompt, options: dict,
+                     callback: Callable | None) -> Image.Image:
+        if options.get("guidance") is not None:
+            raise ValueError("Qwen-Image-Edit has no embedded guidance: use true_cfg (default 4.0) instead")
+        w, h = gen_size
+        out = self.pipe(
+            image=image,
+            height=h,
+            width=w,
+            num_inference_steps=options["steps"],
+            true_cfg_scale=float(options.get("true_cfg", self.spec.true_cfg) or 1.0),
+            generator=options["generator"],
+            callback_on_step_end=callback,
+            output_type="pil",
+            **encoded.pipeline_kwargs,
+        )
+        return out.images[0]
+
+
+def system_prefix_ids(template: str, tokenizer) -> list[int]:
+    """Token ids of the template's system turn up to the user turn's content (what the pipeline drops)."""
+    marker = "<|im_start|>user\n"
+    if marker not in template:
+        raise RuntimeError("unexpected Qwen prompt template: no user turn")
+    return tokenizer(template[: template.index(marker) + len(marker)])["input_ids"]
