@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "falling back to a global edit")
     ap.add_argument("--stage_offload", choices=STAGE_OFFLOAD, default="none",
                     help="cpu: keep only the active stage (planner or editor) on the GPU")
+    ap.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
+                    help="diffusers CPU offload inside the editor (excludes --stage_offload)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--seed", type=int, default=0)
@@ -91,7 +93,7 @@ def load_pipeline(args, device: str) -> RePlanPipeline:
     return RePlanPipeline.from_pretrained(
         backbone=args.backbone, planner=args.planner if needs_planner else None, model=args.model,
         vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, device=device, torch_dtype=args.dtype,
-        stage_offload=args.stage_offload, planner_kwargs=planner_kwargs,
+        stage_offload=args.stage_offload, offload=args.offload, planner_kwargs=planner_kwargs,
     )
 
 

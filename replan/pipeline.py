@@ -60,16 +60,24 @@ class RePlanPipeline:
         device=None,
         torch_dtype=None,
         stage_offload: str = "none",
+        offload: str = "none",
         planner_kwargs: dict | None = None,
         editor_kwargs: dict | None = None,
     ) -> RePlanPipeline:
         """Load an editor (``backbone`` name or alias; ``model`` overrides its weights) and a planner (``"local"``,
-        ``"openai"``, a ``Planner`` instance, or ``None`` for plan-only-from-file use)."""
+        ``"openai"``, a ``Planner`` instance, or ``None`` for plan-only-from-file use).
+
+        ``stage_offload="cpu"``: the inactive stage waits on the CPU. ``offload="model" | "sequential"``: diffusers'
+        model / sequential CPU offload inside the editor (lower peak memory, slower); it manages the editor's
+        devices itself, so it excludes ``stage_offload``.
+        """
+        if offload != "none" and stage_offload != "none":
+            raise ValueError("use either stage_offload or diffusers' offload for the editor, not both")
         if stage_offload not in STAGE_OFFLOAD:
             raise ValueError(f"stage_offload must be one of {STAGE_OFFLOAD}, got {stage_offload!r}")
         first_device = "cpu" if stage_offload == "cpu" else device
-        editor = load_editor(backbone, model, device=first_device, torch_dtype=torch_dtype,
-                             editor_kwargs=editor_kwargs)
+        editor = load_editor(backbone, model, device=device if offload != "none" else first_device,
+                             torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs)
         if isinstance(planner, str):
             planner = load_planner(planner, vlm_ckpt_path, lora_path=lora_path, device=first_device,
                                    torch_dtype=torch_dtype, **(planner_kwargs or {}))
