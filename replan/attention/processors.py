@@ -4,8 +4,9 @@
 region.installed(transformer): ...``) it wraps every attention processor so that each double- and single-stream
 block attends with the mask of the current step. The mask for a rule set is built once, on first use, and cached;
 ``region.callback`` (a diffusers ``callback_on_step_end``) advances the step, so a rule switch changes the mask
-exactly once. A pass whose sequence length is not the layout's (the true-CFG negative pass, which has no hint
-tokens) runs unmasked, as official.
+exactly once. With true CFG, the first transformer call of each step (the conditional pass, which every supported
+pipeline makes first) is masked and later calls of the step (the negative pass, which has no hint tokens) run
+unmasked, as official; a masked pass whose length is not the layout's raises instead of running unmasked.
 
 The wrapped processor is the stock diffusers one, so the attention math is diffusers' own; with no regions the
 editor does not install anything and is the stock pipeline.
@@ -37,8 +38,8 @@ class RegionAttention:
         backend: ``"dense"`` (boolean mask through SDPA; CPU and GPU) or ``"flex"`` (a ``BlockMask`` through
             diffusers' FlexAttention backend; use on GPU, ideally with the transformer compiled).
         block_size: FlexAttention block size.
-        allow_unmasked: passes of another length may occur (a true-CFG negative pass) and run unmasked; otherwise
-            such a pass means the layout does not match the pipeline, and raises.
+        allow_unmasked: each step makes further transformer calls after the conditional one (a true-CFG negative
+            pass); they run unmasked. Without it every call is masked.
     """
 
     def __init__(self, layout: TokenLayout, schedule: RuleSchedule, backend: str = "dense", block_size: int = 128,
@@ -52,6 +53,7 @@ class RegionAttention:
         self.block_size = block_size
         self.allow_unmasked = allow_unmasked
         self.step = 0
+        self.pass_in_step = 0  # transformer calls started in the current step (counted by a forward pre-hook)
         self._cache: dict[tuple[RuleSet, str], object] = {}
         self.builds: Counter = Counter()  # rule-set label → number of mask builds
         self.steps: dict[int, str] = {}  # step → label of the rules its masked passes used
@@ -66,6 +68,7 @@ class RegionAttention:
 
     def set_step(self, step: int) -> None:
         self.step = step
+        self.pass_in_step = 0
 
     def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """``callback_on_step_end``: step ``step`` is done, the next one uses the rules of ``step + 1``."""
@@ -85,16 +88,16 @@ class RegionAttention:
         return self._cache[key]
 
     def mask_for(self, seq_len: int, device):
-        """The mask for an attention call over ``seq_len`` tokens, or None for a pass without our hints."""
-        if seq_len != self.layout.total_len:
-            if not self.allow_unmasked:
-                raise RuntimeError(
-                    f"region attention expected {self.layout.total_len} tokens (text {self.layout.text_len} + image "
-                    f"{self.layout.total_len - self.layout.text_len}) but the transformer attends over {seq_len}: "
-                    "the layout does not match this pipeline"
-                )
+        """The mask for an attention call over ``seq_len`` tokens, or None in a negative (unmasked) pass."""
+        if self.allow_unmasked and self.pass_in_step > 1:
             self.unmasked_calls += 1
             return None
+        if seq_len != self.layout.total_len:
+            raise RuntimeError(
+                f"region attention expected {self.layout.total_len} tokens (text {self.layout.text_len} + image "
+                f"{self.layout.total_len - self.layout.text_len}) but the transformer attends over {seq_len}: "
+                "the layout does not match this pipeline"
+            )
         self.steps.setdefault(self.step, self.rules.label)
         return self.mask(device)
 
@@ -107,10 +110,15 @@ class RegionAttention:
         wrap = wrap or wrap_processor
         original = dict(transformer.attn_processors)
         transformer.set_attn_processor({name: wrap(proc, self) for name, proc in original.items()})
+        hook = transformer.register_forward_pre_hook(self._count_pass)
         try:
             yield self
         finally:
+            hook.remove()
             transformer.set_attn_processor(original)
+
+    def _count_pass(self, module, args) -> None:
+        self.pass_in_step += 1
 
 
 def wrap_processor(base, region: RegionAttention):

@@ -187,9 +187,6 @@ class QwenImageEditor(RegionEditor):
         if text_len + offset > ROPE_POSITIONS:
             raise ValueError(f"the plan is {text_len} text tokens, more than Qwen-Image's rotary table allows "
                              f"({ROPE_POSITIONS - offset} at this size): shorten the hints or use fewer regions")
-        if neg_embeds is not None and neg_embeds.shape[1] == text_len:
-            raise ValueError("the negative prompt encodes to exactly as many tokens as the plan, so the two passes "
-                             "cannot be told apart; change the negative prompt by a word")
         kwargs = {"prompt_embeds": prompt_embeds,
                   "prompt_embeds_mask": torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=self.device)}
         if neg_embeds is not None:
