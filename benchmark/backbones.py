@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ PLAN = RegionPlan("make it warm", (Region((10, 10, 90, 80), "a red cat"), Region
 # --------------------------------------------------------------------------------------------------- CPU: pipelines
 def tiny_editors(root: Path):
     from replan.testing import save_tiny_kontext
-    from replan.testing.klein import save_tiny_klein
+    from replan.testing.klein import TINY_KLEIN_EDITOR_KWARGS, save_tiny_klein
     from replan.testing.qwen_image import save_tiny_qwen_edit
 
     yield "flux_kontext", load_editor("flux", str(save_tiny_kontext(root / "k")), device="cpu",
@@ -46,8 +45,11 @@ def tiny_editors(root: Path):
     yield "qwenimageedit", load_editor("qwen", str(save_tiny_qwen_edit(root / "q")), device="cpu"), {}
     yield "qwenimageedit2511", load_editor("qwen2511", str(save_tiny_qwen_edit(root / "q2", plus=True,
                                                                                 zero_cond_t=True)), device="cpu"), {}
+    klein_kwargs = {**TINY_KLEIN_EDITOR_KWARGS, "max_area": 256 * 256}
     yield "flux_klein", load_editor("klein", str(save_tiny_klein(root / "kl", distilled=True)), device="cpu",
-                                    editor_kwargs={"max_area": 256 * 256}), {}
+                                    editor_kwargs=klein_kwargs), {}
+    yield "flux_klein_base", load_editor("flux_klein_base", str(save_tiny_klein(root / "kb")), device="cpu",
+                                         editor_kwargs=klein_kwargs), {}
 
 
 def bench_cpu(repeats: int) -> list[dict]:
@@ -158,7 +160,7 @@ def bench_gpu(device, repeats: int, grid: int, n_regions: int, backends: list[st
         row["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         rows.append(row)
         print(row, flush=True)
-        del model
+        model = None  # free the GPU memory before the next backbone
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     return rows

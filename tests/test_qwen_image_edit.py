@@ -171,3 +171,10 @@ def test_bad_options(tiny_dirs):
     long_plan = RegionPlan("x", tuple(Region((10, 10, 60, 60), "a very long hint " * 60) for _ in range(5)))
     with pytest.raises(ValueError, match="text tokens"):
         ed.edit(make_image(), long_plan, steps=1)
+
+
+def test_flex_backend_matches_dense(tiny_dirs):
+    ed = editor_for(tiny_dirs, "edit")
+    dense = ed.edit(make_image(), PLAN, steps=2, attention="dense").image
+    flex = ed.edit(make_image(), PLAN, steps=2, attention="flex").image
+    assert np.abs(np.asarray(dense, dtype=int) - np.asarray(flex, dtype=int)).max() <= 1
