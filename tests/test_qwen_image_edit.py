@@ -79,7 +79,7 @@ def test_no_regions_equals_stock_pipeline(tiny_dirs, kind):
 def test_image_prompt_span_and_hint_spans(tiny_dirs, kind):
     ed = editor_for(tiny_dirs, kind)
     image = make_image()
-    result = ed.edit(image, PLAN, steps=1)
+    result = ed.edit(image, PLAN, steps=2)
     _, ids = ed._encode(PLAN.prompt_text, ed.prompt_image(image))
     start, end = result.layout.image_prompt
     assert ids[start] == ed.vision_start and ids[end - 1] == ed.vision_end
@@ -166,6 +166,8 @@ def test_bad_options(tiny_dirs):
     ed = editor_for(tiny_dirs, "edit")
     with pytest.raises(ValueError, match="true_cfg"):
         ed.edit(make_image(), PLAN, steps=1, guidance=3.0)
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        ed.edit(make_image(), PLAN, steps=1)
     with pytest.raises(ValueError, match="delete_main_prompt"):
         ed.edit(make_image(), PLAN, steps=1, delete_main_prompt=True)
     long_plan = RegionPlan("x", tuple(Region((10, 10, 60, 60), "a very long hint " * 60) for _ in range(5)))

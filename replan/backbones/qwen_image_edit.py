@@ -208,6 +208,9 @@ class QwenImageEditor(RegionEditor):
                      callback: Callable | None) -> Image.Image:
         if options.get("guidance") is not None:
             raise ValueError("Qwen-Image-Edit has no embedded guidance: use true_cfg (default 4.0) instead")
+        if options["steps"] < 2 and self.pipe.scheduler.config.get("shift_terminal"):
+            raise ValueError("this scheduler stretches sigmas to shift_terminal, which needs at least 2 steps "
+                             "(1 step gives NaN images)")
         w, h = gen_size
         out = self.pipe(
             image=image,
