@@ -45,3 +45,14 @@ def test_stage_offload_keeps_only_the_active_stage_on_the_gpu():
     pipe(image(), plan=PLAN, steps=2)
     assert pipe.planner.device.type == "cpu" and pipe.editor.pipe.transformer.device.type == "cuda"
     assert torch.cuda.memory_allocated() > 0
+
+
+def test_dtypes_per_device():
+    from replan.backbones.base import resolve_dtype
+
+    assert resolve_dtype(None, "cpu") == torch.float32 and resolve_dtype(None, "cuda") == torch.bfloat16
+    assert resolve_dtype("fp16", "cuda") == torch.float16 and resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="float16 is not supported on the CPU"):
+        resolve_dtype("fp16", "cpu")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8", "cuda")

@@ -36,15 +36,20 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 
 
 def resolve_dtype(dtype, device, default: str = "bfloat16") -> torch.dtype:
-    """``None`` → the spec's dtype on an accelerator, float32 on CPU; strings like "bf16" are accepted."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    """``None`` → the spec's dtype on an accelerator, float32 on CPU; strings like "bf16" are accepted.
+
+    float16 on the CPU is refused (many CPU kernels lack it or overflow); bfloat16 on the CPU works, slowly.
+    """
+    on_cpu = device is None or torch.device(device).type == "cpu"
     if dtype is None:
-        on_cpu = device is None or torch.device(device).type == "cpu"
         return torch.float32 if on_cpu else _DTYPES[default]
-    if str(dtype).lower() not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
-    return _DTYPES[str(dtype).lower()]
+    if not isinstance(dtype, torch.dtype):
+        if str(dtype).lower() not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+        dtype = _DTYPES[str(dtype).lower()]
+    if dtype == torch.float16 and on_cpu:
+        raise ValueError("float16 is not supported on the CPU: use fp32 (or bf16) there, fp16 on a GPU")
+    return dtype
 
 
 @dataclass
@@ -194,7 +199,7 @@ class RegionEditor:
         rule_options = dict(
             delete_main_prompt=delete_main_prompt,
             bboxes_attend_to_each_other=bboxes_attend_to_each_other,
-            has_image_prompt=self.spec.has_image_prompt,
+            has_image_prompt=encoded.image_prompt is not None,
             symmetric_masking=symmetric_masking,
         )
         schedule = self._schedule(rules, len(plan.regions), steps, switch, defaults.switch, rule_options)
