@@ -7,8 +7,9 @@
 CPU numbers compare the full edit path (encoding, layout, masks, every transformer call) on tiny random components;
 they show the overhead replan adds, not real speed. On a GPU the real block counts and widths are built with random
 weights (no checkpoint needed). Results go to ``benchmark/results/backbones-<device>.{json,md}`` with machine,
-versions and date. Goal to report (never asserted): masked/unmasked ≤ 1.10×. (The klein-4B + 7B planner peak-memory
-measurement under ``--stage_offload cpu`` is not written yet.)
+versions and date. Goals to report (never asserted): masked/unmasked ≤ 1.10×; klein-4B editing next to a 7B-shaped
+planner with stage offload peaks at ≤ 16 GB (``--stage-offload-peak``: Qwen2.5-VL-7B-shaped planner forward on the GPU,
+planner moved to the CPU, then klein-4B-shaped text encoder + transformer run a 2-region edit step at 1024²).
 """
 
 from __future__ import annotations
@@ -166,6 +167,52 @@ def bench_gpu(device, repeats: int, grid: int, n_regions: int, backends: list[st
     return rows
 
 
+def bench_stage_offload_peak(device, grid: int = 64) -> dict:
+    """Peak GPU memory of plan-then-edit with stage offload: a 7B-shaped planner, then klein-4B-shaped editing."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+
+    dtype = torch.bfloat16
+
+    def materialise(build):
+        with torch.device("meta"):
+            model = build()
+        model = model.to_empty(device="cpu").to(dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        return model.eval()
+
+    planner = materialise(lambda: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(  # Qwen2.5-VL-7B shapes
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584))))
+    encoder = materialise(lambda: Qwen3ForCausalLM(Qwen3Config(  # Qwen3-4B shapes (klein-4B's text encoder)
+        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, vocab_size=151936)))
+    spec = REAL["flux_klein_4b"]
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        planner.to(device)
+        ids = torch.randint(0, 150000, (1, 2048), device=device)  # ~1.3k vision + prompt tokens as text
+        planner.model.language_model(input_ids=ids)
+        plan_peak = torch.cuda.max_memory_allocated(device)
+        planner.to("cpu")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        encoder.to(device)
+        for _ in range(3):  # main prompt + 2 hints, 512 tokens each
+            encoder(input_ids=torch.randint(0, 150000, (1, 512), device=device), output_hidden_states=True)
+        transformer = random_transformer(spec, device, dtype)
+        inputs, _ = transformer_inputs("flux_klein_4b", spec, grid, 2, device, dtype)
+        transformer(**inputs)
+        edit_peak = torch.cuda.max_memory_allocated(device)
+    row = {"planner_7b_peak_gb": round(plan_peak / 2**30, 2), "klein_4b_edit_peak_gb": round(edit_peak / 2**30, 2),
+           "stage_offload_peak_gb": round(max(plan_peak, edit_peak) / 2**30, 2)}
+    print(row, flush=True)
+    return row
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"# Backbone benchmark ({report['env']['device']})", ""]
     lines += [f"- {k}: {v}" for k, v in report["env"].items()] + [""]
@@ -183,6 +230,7 @@ def main():
     ap.add_argument("--grid", type=int, default=64, help="GPU: latent patch grid per side (64 = 1024 px)")
     ap.add_argument("--regions", type=int, default=2)
     ap.add_argument("--backends", nargs="+", default=["dense", "flex"])
+    ap.add_argument("--stage-offload-peak", action="store_true", help="GPU: also measure the stage-offload peak")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -190,6 +238,8 @@ def main():
     else:
         rows = bench_cpu(args.repeats)
     report = {"env": environment(device), "rows": rows}
+    if device.type == "cuda" and args.stage_offload_peak:
+        report["stage_offload"] = bench_stage_offload_peak(device, args.grid)
     stem = RESULTS / f"backbones-{device.type}"
     RESULTS.mkdir(exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
