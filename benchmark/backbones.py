@@ -95,16 +95,26 @@ REAL = {
 }
 
 
+def random_weights(build, device, dtype):
+    """Build a model with its parameters on the meta device, then give each real random storage on ``device``.
+
+    Buffers and plain tensor attributes (e.g. Qwen's RoPE tables) are created normally, so they keep their values.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = build()
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            data = torch.empty(param.shape, device=device, dtype=dtype).normal_(0, 0.02)
+            module._parameters[name] = torch.nn.Parameter(data, requires_grad=False)
+    return model.to(device).eval()
+
+
 def random_transformer(spec: dict, device, dtype):
     import diffusers
 
-    with torch.device("meta"):
-        model = getattr(diffusers, spec["cls"])(**spec["config"])
-    model = model.to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model.eval()
+    return random_weights(lambda: getattr(diffusers, spec["cls"])(**spec["config"]), device, dtype)
 
 
 def transformer_inputs(name: str, spec: dict, grid: int, n_regions: int, device, dtype):
@@ -174,13 +184,7 @@ def bench_stage_offload_peak(device, grid: int = 64) -> dict:
     dtype = torch.bfloat16
 
     def materialise(build):
-        with torch.device("meta"):
-            model = build()
-        model = model.to_empty(device="cpu").to(dtype)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02)
-        return model.eval()
+        return random_weights(build, "cpu", dtype)
 
     planner = materialise(lambda: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(  # Qwen2.5-VL-7B shapes
         text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
