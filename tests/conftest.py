@@ -1,4 +1,9 @@
 import logging
+import os
+
+# Tests never touch the network: the hub clients fail fast instead of trying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch

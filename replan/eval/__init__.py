@@ -1,0 +1,1 @@
+"""IV-Edit evaluation: dataset, generation (RePlan and baselines), VLM judges, scoring, fidelity metrics, reports."""
