@@ -1,0 +1,73 @@
+"""Run the demo.
+
+    python -m replan.app --backbone flux                       # FLUX.1 Kontext + the RePlan planner, on a GPU
+    python -m replan.app --backbone klein --stage_offload cpu  # FLUX.2 klein 9B; only the active stage on the GPU
+    python -m replan.app --backbone tiny --vlm_ckpt_path tiny  # offline, tiny random weights (output is noise)
+
+Binds 127.0.0.1 unless ``--server_name`` says otherwise; ``--share`` makes a public Gradio link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from replan.backbones import names
+from replan.planner import KINDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m replan.app", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="flux_kontext", help=f"editor: {', '.join(names())}")
+    ap.add_argument("--model", help="editor weights: hub id or local dir")
+    ap.add_argument("--planner", choices=KINDS, default="local")
+    ap.add_argument("--vlm_ckpt_path", help="planner checkpoint ('tiny' = offline random); for openai: the model name")
+    ap.add_argument("--lora_path")
+    ap.add_argument("--base_url", help="OpenAI-compatible planner endpoint")
+    ap.add_argument("--api_key")
+    ap.add_argument("--no_planner", action="store_true", help="start without a planner (draw plans by hand)")
+    ap.add_argument("--stage_offload", choices=["none", "cpu"], default="none")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--server_name", default="127.0.0.1")
+    ap.add_argument("--server_port", type=int, default=7860)
+    ap.add_argument("--share", action="store_true")
+    return ap
+
+
+def load(args):
+    import torch
+
+    from replan.pipeline import RePlanPipeline
+
+    planner_kwargs = {}
+    if args.planner == "openai":
+        planner_kwargs = {k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v}
+    return RePlanPipeline.from_pretrained(
+        backbone=args.backbone, planner=None if args.no_planner else args.planner, model=args.model,
+        vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), torch_dtype=args.dtype,
+        stage_offload=args.stage_offload, planner_kwargs=planner_kwargs,
+    )
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from replan.app.ui import build_app
+    except ImportError as e:
+        print(f"error: the app needs gradio and gradio_image_annotation: pip install 'replan[app]' ({e})",
+              file=sys.stderr)
+        return 2
+    try:
+        pipe = load(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    build_app(pipe).launch(server_name=args.server_name, server_port=args.server_port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

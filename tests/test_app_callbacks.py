@@ -1,0 +1,136 @@
+"""The app's callbacks without a browser: plan ↔ boxes, the attention matrix, the mask preview, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from replan.app.callbacks import (
+    AppError,
+    annotator_to_plan,
+    as_image,
+    default_matrix,
+    mask_preview,
+    matrix_groups,
+    matrix_headers,
+    matrix_to_rules,
+    plan_to_annotator,
+    resize_matrix,
+)
+from replan.attention import default_rules
+from replan.plan import Region, RegionPlan
+
+IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+PLAN = RegionPlan("warm", (Region((10, 10, 60, 50), "a cat"), Region((80, 40, 150, 110), "a dog")), image_size=(160, 120))
+
+
+def test_plan_round_trips_through_the_annotator():
+    value = plan_to_annotator(IMAGE, PLAN)
+    assert [b["label"] for b in value["boxes"]] == ["a cat", "a dog"]
+    plan, notes = annotator_to_plan(value, "warm")
+    assert plan.boxes == PLAN.boxes and plan.hints == PLAN.hints and notes == []
+
+
+def test_boxes_outside_the_image_are_clipped_and_bad_boxes_left_out():
+    value = {"image": np.asarray(IMAGE), "boxes": [
+        {"xmin": -20, "ymin": 100, "xmax": 40, "ymax": 140, "label": "a cat"},  # dragged past the corner
+        {"xmin": 50, "ymin": 50, "xmax": 90, "ymax": 90, "label": "  "},  # no hint
+        {"xmin": 70, "ymin": 20, "xmax": 70, "ymax": 60, "label": "flat"},  # no area
+        {"xmin": 90, "ymin": 80, "xmax": 30, "ymax": 10, "label": "swapped"},  # corners swapped by a resize
+    ]}
+    plan, notes = annotator_to_plan(value, "")
+    assert plan.boxes == [(0, 100, 40, 120), (30, 10, 90, 80)]
+    assert any("no hint" in n for n in notes) and any("no area" in n for n in notes)
+    assert any("clipped" in n for n in notes)
+
+
+@pytest.mark.parametrize("value, message", [
+    (None, "Upload an image"),
+    ({"image": None, "boxes": []}, "Upload an image"),
+    ({"image": np.zeros((40, 40, 3), np.uint8), "boxes": []}, "at least 64"),
+    ({"image": np.asarray(IMAGE), "boxes": [{"xmin": 1, "ymin": 1, "label": "x"}]}, "incomplete"),
+])
+def test_bad_annotator_values(value, message):
+    with pytest.raises(AppError, match=message):
+        annotator_to_plan(value, "")
+
+
+def test_too_large_image_is_refused():
+    with pytest.raises(AppError, match="MP"):
+        as_image(Image.new("RGB", (5000, 4000)))
+
+
+@pytest.mark.parametrize("has_imgp", [False, True])
+def test_default_matrix_is_the_official_locality_rules(has_imgp):
+    rows = default_matrix(2, has_imgp)
+    groups = matrix_groups(2, has_imgp)
+    assert [r[0] for r in rows] == matrix_headers(2, has_imgp)[1:]
+    expected = default_rules(2, split=True, noise_bg_attend_noise_bbox=False, has_image_prompt=has_imgp)
+    assert matrix_to_rules(rows, 2, has_imgp).matrix(groups).equal(expected.matrix(groups))
+    nbg = [r for r in rows if r[0] == "N.BG"][0]
+    assert nbg[1 + groups.index("Noise BBox 1")] is False
+
+
+def test_resize_matrix_keeps_cells_by_name():
+    rows = default_matrix(1, False)
+    rows[0][1 + matrix_groups(1, False).index("Hint 1")] = True  # Main → H1, off by default
+    grown = resize_matrix(rows, 2, False)
+    groups = matrix_groups(2, False)
+    assert grown[0][1 + groups.index("Hint 1")] is True
+    assert grown[0][1 + groups.index("Hint 2")] is False  # new group: default
+    assert resize_matrix(None, 1, False) == default_matrix(1, False)
+
+
+def test_matrix_that_does_not_fit_is_an_error():
+    with pytest.raises(AppError, match="Reset matrix"):
+        matrix_to_rules(default_matrix(1, False), 2, False)
+
+
+def test_mask_preview_colours_box_patches_only():
+    rules = default_rules(2)
+    preview = np.asarray(mask_preview(IMAGE, PLAN, rules, (7, 10), False)).astype(int)
+    plain = np.asarray(IMAGE).astype(int)
+    grey = np.asarray(Image.blend(IMAGE, Image.new("RGB", IMAGE.size, (128, 128, 128)), 0.55)).astype(int)
+    assert np.abs(preview[115, 2] - grey[115, 2]).max() <= 1  # background patch: sees no hint
+    assert np.abs(preview[30, 30] - plain[30, 30]).max() > 20  # inside box 1: tinted with its colour
+
+
+def _fn(demo, name):
+    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    pytest.importorskip("gradio")
+    from replan.app.ui import build_app
+    from replan.pipeline import RePlanPipeline
+
+    return build_app(RePlanPipeline.from_pretrained("tiny", planner=None, device="cpu"))
+
+
+def test_app_callbacks_report_bad_input_instead_of_raising(demo, tmp_path):
+    value = plan_to_annotator(IMAGE, PLAN)
+    *_, status = _fn(demo, "ai_plan")(None, "x")
+    assert "Upload an image" in status
+    *_, status = _fn(demo, "ai_plan")(value, "  ")
+    assert "Type an instruction" in status
+    *_, status = _fn(demo, "ai_plan")(value, "make it warm")
+    assert "No planner is loaded" in status
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"global_prompt": "x", "regions": [{"bbox": [5, 5, 5, 9], "hint": "h"}]}))
+    *_, status = _fn(demo, "upload_plan")(value, str(bad))
+    assert "cannot be used" in status and "region 1" in status
+
+
+def test_app_run_with_and_without_regions(demo):
+    value = plan_to_annotator(IMAGE.resize((160, 128)), RegionPlan("warm", PLAN.regions, image_size=(160, 128)))
+    run = _fn(demo, "run")
+    matrix = default_matrix(2, False)
+    image, overlay, submitted, status = run(value, "warm", matrix, 0.5, 0.15, 2, 2.5, 0, progress=lambda *a, **k: None)
+    assert image.size == (160, 128) and "2 region(s)" in status
+    assert submitted["plan"]["regions"][0]["hint"] == "a cat" and submitted["switch"] == 0.5
+    value["boxes"] = []
+    image, _, submitted, status = run(value, "warm", matrix, 0.5, 0.15, 2, 2.5, 0, progress=lambda *a, **k: None)
+    assert "stock backbone" in status and submitted["rules"] is None
+    assert demo.replan_runs[-1] is submitted
