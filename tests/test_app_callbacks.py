@@ -134,3 +134,10 @@ def test_app_run_with_and_without_regions(demo):
     image, _, submitted, status = run(value, "warm", matrix, 0.5, 0.15, 2, 2.5, 0, progress=lambda *a, **k: None)
     assert "stock backbone" in status and submitted["rules"] is None
     assert demo.replan_runs[-1] is submitted
+    editor = demo.replan_pipe.editor  # the baseline path is exactly the stock backbone (same prompt, steps, seed)
+    w, h = editor.generation_size((160, 128))
+    source = Image.fromarray(value["image"])
+    stock = editor.pipe(image=editor.pipe.image_processor.resize(source, h, w), prompt="warm", height=h, width=w,
+                        max_area=w * h, _auto_resize=False, num_inference_steps=2, guidance_scale=2.5,
+                        generator=__import__("torch").Generator().manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(stock.resize((160, 128), Image.LANCZOS)))

@@ -232,6 +232,7 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
                       [result, overlay, submitted, status])
     demo.queue(default_concurrency_limit=1, max_size=16)
     demo.replan_runs = runs
+    demo.replan_pipe = pipe
     return demo
 
 
