@@ -22,7 +22,8 @@ from replan.attention import default_rules
 from replan.plan import Region, RegionPlan
 
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
-PLAN = RegionPlan("warm", (Region((10, 10, 60, 50), "a cat"), Region((80, 40, 150, 110), "a dog")), image_size=(160, 120))
+PLAN = RegionPlan("warm", (Region((10, 10, 60, 50), "a cat"), Region((80, 40, 150, 110), "a dog")),
+                  image_size=(160, 120))
 
 
 def test_plan_round_trips_through_the_annotator():
