@@ -53,7 +53,7 @@ def open_dataset(source: str = DEFAULT_DATASET, split: str = DEFAULT_SPLIT):
                 raise ValueError(f"dataset file {path} must be .parquet, .json, .jsonl or .csv")
             return datasets.load_dataset(kind, data_files=str(path), split="train")
         return datasets.load_dataset(str(source), split=split)
-    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+    except (OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:  # incl. an unreachable hub
         raise ValueError(f"cannot open dataset {source!r} (split {split!r}): {e}") from None
 
 
