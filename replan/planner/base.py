@@ -64,6 +64,10 @@ class Planner:
     def generate(self, image: Image.Image, prompt: str) -> PlannerReply:
         raise NotImplementedError
 
+    def generate_text(self, prompt: str) -> str:
+        """A text-only reply (no image), e.g. for the rephrase baseline."""
+        raise NotImplementedError
+
     def plan(self, image: Image.Image, instruction: str, strict: bool | None = None) -> RegionPlan:
         """Plan an edit. Lenient parsing (default) falls back to a global edit when the reply has no usable regions
         and records why in ``plan.repairs``; ``strict=True`` raises ``PlanParseError`` instead."""

@@ -161,25 +161,19 @@ class OpenAIPlanner(Planner):
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), image.size
 
     # ------------------------------------------------------------------------------------------------ requests
+    def _payload(self, content: list[dict]) -> dict:
+        return {**self.extra_body, "model": self.model, "messages": [{"role": "user", "content": content}],
+                "temperature": self.temperature, "max_tokens": self.max_tokens}
+
+    def generate_text(self, prompt: str) -> str:
+        return self._call_with_retries(self._payload([{"type": "text", "text": prompt}]))[1]
+
     def generate(self, image: Image.Image, prompt: str) -> PlannerReply:
         image = to_rgb(image)
         frame = self.frame_size(image.size)
         url, sent_size = self.encode_image(image)
-        payload = {
-            **self.extra_body,
-            "model": self.model,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [  # image first, then text, as official
-                        {"type": "image_url", "image_url": {"url": url}},
-                        {"type": "text", "text": prompt},
-                    ],
-                }
-            ],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
+        # image first, then text, as official
+        payload = self._payload([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}])
         start = time.perf_counter()
         data, text, attempts = self._call_with_retries(payload)
         seconds = time.perf_counter() - start

@@ -112,6 +112,17 @@ class QwenVLPlanner(Planner):
         _, grid_h, grid_w = (int(v) for v in inputs["image_grid_thw"][0])
         patch = int(getattr(self.processor.image_processor, "patch_size", 14))
         frame = (grid_w * patch, grid_h * patch)
+        new_tokens, reply = self._decode(inputs)
+        return PlannerReply(reply, frame, extras={"new_tokens": new_tokens})
+
+    def generate_text(self, prompt: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = self.processor(text=[text], padding=True, return_tensors="pt").to(self.device)
+        return self._decode(inputs)[1]
+
+    def _decode(self, inputs) -> tuple[int, str]:
+        """Generate from processor outputs; return (number of new tokens, decoded reply)."""
         try:
             with torch.no_grad():
                 out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
@@ -119,4 +130,4 @@ class QwenVLPlanner(Planner):
             raise PlannerError(f"the planner model failed to generate: {e}") from e
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         reply = self.processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return PlannerReply(reply[0], frame, extras={"new_tokens": int(new_tokens.shape[1])})
+        return int(new_tokens.shape[1]), reply[0]

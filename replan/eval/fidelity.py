@@ -1,0 +1,366 @@
+"""Pixel fidelity of a generation run: PSNR / SSIM (/ LPIPS) against a reference run, and background preservation.
+
+    python -m replan.eval.fidelity --run outputs/eval/replan_flux_kontext \\
+        --reference outputs/eval/baseline_flux_kontext --output_json outputs/eval/fidelity_replan_flux.json
+    python -m replan.eval.fidelity --run outputs/eval/replan_flux_kontext --dataset TainU/IV-Edit \\
+        --output_json outputs/eval/background_replan_flux.json
+
+Two independent measurements, each on the samples of ``--run`` that have a ``result.png``:
+
+* ``reference`` (with ``--reference DIR``): the run's result against the reference run's result of the same image id
+  (e.g. an accelerated or modified pipeline against the stock one, as RegionE reports): PSNR, SSIM and, when
+  available, LPIPS.
+* ``original`` and ``background`` (with a dataset: ``--dataset``, else the one in the run's ``run_config.json``): the
+  result against the ORIGINAL input image — over the whole image, and over the pixels outside the plan's boxes only
+  (``plan.json`` boxes in original pixels; ``--boxes expanded`` uses the expanded boxes the editor used, from
+  ``config.json``). A pixel is inside a box when any part of it is (boxes are rounded outwards). Background PSNR is
+  computed from the mean squared error over the outside pixels; background SSIM is the mean of the SSIM map over
+  them (the 11-px Gaussian window near a box still sees some of the box). A sample whose boxes cover the whole
+  image has no background (``null``).
+
+PSNR is in dB with data range 255 (8-bit RGB); identical images give ``inf`` (written as ``Infinity`` in the JSON).
+Aggregates: ``psnr`` is the mean over samples (``inf`` if any sample is identical), ``psnr_finite`` the mean over
+the samples that differ, ``identical`` their count; ``ssim``/``lpips`` are plain means.
+
+LPIPS (torchmetrics, AlexNet) needs torchvision and pretrained weights. ``--lpips auto`` (default) computes it only
+when torchvision is installed and the weights are already in the torch hub cache, and otherwise records why it was
+skipped; ``--lpips on`` downloads the weights if needed (and fails clearly without torchvision); ``off`` skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from replan.infer import write_atomically
+
+logger = logging.getLogger("replan.eval.fidelity")
+
+RESULT = "result.png"
+LPIPS_MODES = ("auto", "on", "off")
+_LPIPS_WEIGHTS = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image → float tensor (1, 3, H, W) in [0, 255]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float | None:
+    """PSNR in dB (data range 255) over all pixels, or over ``mask`` (H, W bool) pixels; ``inf`` when equal."""
+    diff = (a.double() - b.double()) ** 2
+    if mask is not None:
+        if not bool(mask.any()):
+            return None
+        diff = diff[..., mask.to(diff.device)]
+    mse = float(diff.mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def ssim_full(a: torch.Tensor, b: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """torchmetrics SSIM (Gaussian window, sigma 1.5, 11 px; data range 255): the image's value and its (H, W) map
+    averaged over channels. Identical images give exactly 1 (float32 leaves ~1e-4 of rounding on flat areas;
+    float64 would be ~30x slower on the CPU)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    if torch.equal(a, b):
+        return 1.0, torch.ones(a.shape[-2:], dtype=a.dtype, device=a.device)
+    value, full = structural_similarity_index_measure(a, b, data_range=255.0, return_full_image=True,
+                                                      reduction="none")
+    return float(value[0]), full[0].mean(0)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float | None:
+    """Whole-image SSIM, or the mean of the SSIM map over ``mask`` (H, W bool) pixels (None when it is empty)."""
+    value, full = ssim_full(a, b)
+    if mask is None:
+        return value
+    return masked_mean(full, mask)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float | None:
+    mask = mask.to(values.device)
+    return float(values[mask].mean()) if bool(mask.any()) else None
+
+
+def box_mask(size: tuple[int, int], boxes) -> torch.Tensor:
+    """(H, W) bool: True inside any box (original pixels, rounded outwards)."""
+    w, h = size
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    for x1, y1, x2, y2 in boxes:
+        c1, r1 = max(0, math.floor(x1)), max(0, math.floor(y1))
+        c2, r2 = min(w, math.ceil(x2)), min(h, math.ceil(y2))
+        if c2 > c1 and r2 > r1:
+            mask[r1:r2, c1:c2] = True
+    return mask
+
+
+class LPIPS:
+    """torchmetrics LPIPS with a guard against silent downloads (see the module docstring)."""
+
+    def __init__(self, mode: str = "auto", net: str = "alex", device: str = "cpu"):
+        if mode not in LPIPS_MODES:
+            raise ValueError(f"lpips mode must be one of {', '.join(LPIPS_MODES)}, got {mode!r}")
+        self.mode, self.net, self.device = mode, net, device
+        self.metric, self.reason = None, None
+        if mode == "off":
+            self.reason = "disabled (--lpips off)"
+            return
+        self.reason = unavailable_reason(net, allow_download=mode == "on")
+        if self.reason is not None:
+            if mode == "on":
+                raise ValueError(f"LPIPS requested (--lpips on) but unavailable: {self.reason}")
+            return
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        self.metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).to(device).eval()
+
+    @property
+    def available(self) -> bool:
+        return self.metric is not None
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> float | None:
+        if self.metric is None:
+            return None
+        with torch.no_grad():
+            value = self.metric((a / 255.0).to(self.device), (b / 255.0).to(self.device))
+        self.metric.reset()
+        return float(value)
+
+    def status(self) -> dict:
+        out = {"status": "computed" if self.available else "skipped", "net": self.net}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+def unavailable_reason(net: str = "alex", allow_download: bool = False) -> str | None:
+    """Why LPIPS cannot run without a download (None when it can)."""
+    import importlib.util
+
+    if net not in _LPIPS_WEIGHTS:
+        return f"unknown LPIPS net {net!r}; choose one of {', '.join(_LPIPS_WEIGHTS)}"
+    if importlib.util.find_spec("torchvision") is None:
+        return "torchvision is not installed (pip install torchvision)"
+    if allow_download:
+        return None
+    try:
+        import torchvision
+
+        weights = getattr(torchvision.models, {"alexnet": "AlexNet_Weights", "vgg16": "VGG16_Weights",
+                                               "squeezenet1_1": "SqueezeNet1_1_Weights"}[_LPIPS_WEIGHTS[net]]).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    except Exception as e:  # a torchvision without these weight enums
+        return f"cannot locate the {_LPIPS_WEIGHTS[net]} weights: {e}"
+    if not cached.is_file():
+        return f"the pretrained {_LPIPS_WEIGHTS[net]} weights are not cached at {cached} (use --lpips on to download)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def result_ids(run: Path) -> list[str]:
+    """Image ids of a run's finished samples (folders with result.png), sorted numerically when possible."""
+    if not run.is_dir():
+        raise ValueError(f"run directory {run} does not exist")
+    ids = [p.name for p in run.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / RESULT).is_file()]
+    return sorted(ids, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s))
+
+
+def load_result(run: Path, image_id: str) -> Image.Image:
+    with Image.open(run / image_id / RESULT) as im:
+        return im.convert("RGB")
+
+
+def sample_boxes(run: Path, image_id: str, size: tuple[int, int], source: str = "plan") -> list:
+    """The sample's boxes in the original image's pixels: plan.json (``plan``) or config.json (``expanded``)."""
+    from replan.plan import RegionPlan
+
+    folder = run / image_id
+    if source == "expanded":
+        path = folder / "config.json"
+        if not path.is_file():
+            raise ValueError(f"{path} is missing (needed for --boxes expanded)")
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["edit"]["boxes"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} has no edit.boxes: {e}") from None
+    path = folder / "plan.json"
+    if not path.is_file():
+        return []  # no plan: nothing is protected, the whole image is background
+    plan = RegionPlan.load(path)
+    if plan.image_size is not None and tuple(plan.image_size) != tuple(size):
+        plan = plan.rescaled(size)
+    return [list(b) for b in plan.boxes]
+
+
+def _run_dataset(run: Path) -> tuple[str | None, str | None]:
+    path = run / "run_config.json"
+    if not path.is_file():
+        return None, None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+    except (ValueError, AttributeError):
+        return None, None
+    return settings.get("dataset"), settings.get("split")
+
+
+def measure(run: str | Path, reference: str | Path | None = None, dataset: str | None = None,
+            split: str | None = None, boxes: str = "plan", lpips: str = "auto", lpips_net: str = "alex",
+            device: str = "cpu", limit: int | None = None) -> dict:
+    """Compute every available measurement for ``run`` (see the module docstring); returns the report dict."""
+    from replan.eval.dataset import load_samples
+    from replan.eval.generate import resolve_dataset
+
+    run = Path(run)
+    if boxes not in ("plan", "expanded"):
+        raise ValueError(f"boxes must be plan or expanded, got {boxes!r}")
+    ids = result_ids(run)
+    if limit is not None:
+        ids = ids[:limit]
+    implicit = dataset is None
+    if implicit:
+        dataset, run_split = _run_dataset(run)
+        split = split or run_split
+    split = split or "test"
+    if reference is None and dataset is None:
+        raise ValueError("nothing to compare with: pass --reference DIR and/or --dataset (or keep the run's "
+                         "run_config.json, which names its dataset)")
+    report = {"metric": "fidelity", "run": str(run), "reference": str(reference) if reference else None,
+              "dataset": dataset, "split": split if dataset else None, "boxes": boxes}
+    missing: dict[str, list] = {}
+    originals = {}
+    if dataset is not None:
+        try:
+            samples = load_samples(resolve_dataset(dataset), split)
+        except (ValueError, OSError) as e:
+            if not (implicit and reference is not None):
+                raise ValueError(f"cannot load the inputs from dataset {dataset!r} (split {split!r}): {e}") from e
+            # the dataset only came from run_config.json: measure against the reference alone
+            logger.warning("dataset %s (from run_config.json) cannot be loaded (%s); no input/background metrics",
+                           dataset, e)
+            report["inputs_skipped"] = f"dataset {dataset!r} from run_config.json cannot be loaded: {e}"
+            samples = []
+        else:
+            known = {s.image_id for s in samples}
+            missing["not_in_dataset"] = [i for i in ids if i not in known]
+        originals = {s.image_id: s.image for s in samples}
+    ref_ids = set()
+    if reference is not None:
+        reference = Path(reference)
+        ref_ids = set(result_ids(reference))
+        missing["not_in_reference"] = [i for i in ids if i not in ref_ids]
+        missing["not_in_run"] = sorted(ref_ids - set(ids))
+    lp = LPIPS(lpips if reference is not None else "off", lpips_net, device)
+    if reference is not None:
+        report["lpips"] = lp.status()
+
+    rows = []
+    for image_id in ids:
+        row = {"image_id": image_id}
+        result = load_result(run, image_id)
+        a = to_tensor(result).to(device)
+        if reference is not None and image_id in ref_ids:
+            ref = load_result(reference, image_id)
+            if ref.size != result.size:
+                row["reference"] = {"error": f"size {result.size} differs from the reference's {ref.size}"}
+            else:
+                b = to_tensor(ref).to(device)
+                row["reference"] = {"psnr": psnr(a, b), "ssim": ssim(a, b), "lpips": lp(a, b)}
+        if image_id in originals:
+            original = originals[image_id]
+            if original.size != result.size:
+                row["original"] = {"error": f"size {result.size} differs from the input's {original.size}"}
+            else:
+                b = to_tensor(original).to(device)
+                value, full = ssim_full(a, b)
+                row["original"] = {"psnr": psnr(a, b), "ssim": value}
+                try:
+                    sample_box_list = sample_boxes(run, image_id, original.size, boxes)
+                except ValueError as e:
+                    row["background"] = {"error": str(e)}
+                else:
+                    outside = ~box_mask(original.size, sample_box_list)
+                    row["background"] = {"psnr": psnr(a, b, outside), "ssim": masked_mean(full, outside),
+                                         "fraction": float(outside.float().mean()), "boxes": len(sample_box_list)}
+        rows.append(row)
+    report["count"] = len(rows)
+    report["aggregate"] = {group: aggregate(rows, group) for group in ("reference", "original", "background")
+                           if any(group in r for r in rows)}
+    report["missing"] = {k: v for k, v in missing.items() if v}
+    report["samples"] = rows
+    return report
+
+
+def aggregate(rows: list[dict], group: str) -> dict:
+    entries = [r[group] for r in rows if group in r and "error" not in r[group]]
+    out = {"count": len(entries), "errors": sum(1 for r in rows if group in r and "error" in r[group])}
+    values = [e["psnr"] for e in entries if e.get("psnr") is not None]
+    finite = [v for v in values if math.isfinite(v)]
+    out["psnr"] = float(np.mean(values)) if values else None
+    out["psnr_finite"] = float(np.mean(finite)) if finite else None
+    out["identical"] = len(values) - len(finite)
+    for key in ("ssim", "lpips"):
+        vals = [e[key] for e in entries if e.get(key) is not None]
+        if vals or key == "ssim":
+            out[key] = float(np.mean(vals)) if vals else None
+    if group == "background":
+        out["no_background"] = sum(1 for e in entries if e.get("psnr") is None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m replan.eval.fidelity", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a generation output directory (<id>/result.png)")
+    ap.add_argument("--reference", help="a reference run to compare with, image id by image id")
+    ap.add_argument("--dataset", help="the dataset of the original inputs (default: the run's run_config.json)")
+    ap.add_argument("--split", help="dataset split (default: the run's, else test)")
+    ap.add_argument("--boxes", choices=["plan", "expanded"], default="plan",
+                    help="which boxes delimit the background: the plan's, or the expanded ones the editor used")
+    ap.add_argument("--lpips", choices=LPIPS_MODES, default="auto")
+    ap.add_argument("--lpips_net", choices=sorted(_LPIPS_WEIGHTS), default="alex")
+    ap.add_argument("--device", default="cpu", help="device for the metrics (cuda: much faster SSIM/LPIPS)")
+    ap.add_argument("--limit", type=int, help="first N samples of the run")
+    ap.add_argument("--output_json", required=True)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        report = measure(args.run, args.reference, args.dataset, args.split, args.boxes, args.lpips,
+                         args.lpips_net, args.device, args.limit)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.output_json)
+    write_atomically(out.parent, {out.name: lambda p: p.write_text(json.dumps(report, indent=2) + "\n")})
+    for group, agg in report["aggregate"].items():
+        parts = [f"{k} {_fmt(agg.get(k))}" for k in ("psnr", "psnr_finite", "ssim", "lpips") if k in agg]
+        print(f"{group}: n={agg['count']} " + ", ".join(parts), file=sys.stderr)
+    if report.get("lpips", {}).get("status") == "skipped":
+        print(f"lpips skipped: {report['lpips']['reason']}", file=sys.stderr)
+    for key, ids in report["missing"].items():
+        print(f"{key}: {len(ids)} sample(s)", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

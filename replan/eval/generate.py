@@ -1,0 +1,550 @@
+"""IV-Edit generation (evaluation step 1): RePlan or a baseline over a dataset split, one folder per sample.
+
+    python -m replan.eval.generate --config configs/eval/replan_flux_kontext.yaml
+    python -m replan.eval.generate --config configs/eval/baseline_qwenimageedit.yaml --rank 1 --world 4
+    python -m replan.eval.generate --config configs/eval/tiny.yaml --limit 3 steps=2 output_dir=outputs/eval/smoke
+    bash scripts/eval/generate.sh configs/eval/replan_flux_kontext.yaml 8          # one process per GPU
+
+Methods (``method:`` in the config):
+
+* ``replan``   — the planner plans, the backbone executes the plan with region attention (official eval settings:
+  the backbone's ``eval`` switch/expand unless the config sets them);
+* ``baseline`` — the stock backbone with the raw instruction (a plan without regions runs exactly the stock pipeline);
+* ``rephrase`` — the planner VLM rewrites the instruction **text-only** (no image, as the official baseline) with
+  ``REPHRASE_TEMPLATE`` (or ``rephrase_template:``), then the stock backbone edits with the rewrite; when the
+  rewrite fails or is empty the original instruction is used and the reason is recorded in ``config.json``.
+
+Layout: ``<output_dir>/run_config.json`` (written once; a later run whose generation settings differ refuses unless
+``--force``), and per sample ``<output_dir>/<image_id>/`` with ``result.png``, ``plan.json``, ``config.json`` and
+``planner_response.txt`` (``replan``/``rephrase``). Files are written to a temporary folder and moved in with
+``result.png`` last, so a sample counts as finished only when all of it is there; finished samples are skipped on a
+re-run. A failing sample (planner error, invalid plan, editor exception) gets ``error.txt`` instead of ``result.png``
+and the run goes on; a re-run retries it.
+
+Determinism: sample ``image_id`` uses seed ``seed + int(image_id)`` (numeric ids) or ``seed + crc32(image_id)``, so
+its image does not depend on sharding, order or resumption. (Official: one generator seeded ``seed + rank`` and
+reused across the shard, so results depend on the GPU count.)
+
+Sharding: ``--rank R --world W`` (default from ``RANK``/``WORLD_SIZE`` or ``LOCAL_RANK``/``LOCAL_WORLD_SIZE``, as set
+by ``torchrun``/``accelerate launch``) processes ``samples[R::W]`` after ``limit``.
+
+Overrides: trailing ``key=value`` pairs (YAML values; dotted keys for the planner, e.g. ``planner.ckpt=tiny``).
+Exit codes: 0 every sample finished, 1 some samples failed (see their ``error.txt``), 2 bad config or refused run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from replan import __version__
+from replan.infer import write_atomically
+
+logger = logging.getLogger("replan.eval.generate")
+
+METHODS = ("replan", "baseline", "rephrase")
+TINY_DATASET = "tiny"  # dataset: tiny → the offline IV-Edit fixture (replan.testing.ivedit), built into the cache
+RESULT, ERROR, RUN_CONFIG = "result.png", "error.txt", "run_config.json"
+
+# Our own wording for the text-only rephrase baseline (the official template file is not vendored).
+REPHRASE_TEMPLATE = (Path(__file__).parent / "prompts" / "rephrase.txt").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class PlannerConfig:
+    kind: str = "local"  # local (Qwen2.5-VL through transformers) | openai (an OpenAI-compatible endpoint)
+    ckpt: str | None = None  # local: hub id / dir / "tiny"; openai: the served model name; None: the RePlan planner
+    base_url: str | None = None  # openai: e.g. http://localhost:8000/v1 (else $REPLAN_PLANNER_BASE_URL); key from env
+    lora_path: str | None = None
+    template: str | None = None  # planner prompt template file (None: replan's wording of the official one)
+    max_new_tokens: int | None = None  # None: the planner's default (2048; 64 for the tiny planner)
+    max_retries: int = 4  # openai: retries on 5xx / timeouts
+
+
+@dataclass
+class GenerateConfig:
+    method: str = "replan"
+    backbone: str = "flux_kontext"
+    model: str | None = None  # editor weights (hub id or local dir); None: the backbone's default
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    dataset: str = "TainU/IV-Edit"  # hub id, local copy, data file, or "tiny" (offline fixture)
+    split: str = "test"
+    limit: int | None = None
+    output_dir: str = "outputs/eval/replan_flux_kontext"
+    seed: int = 42
+    steps: int | None = None  # None: the backbone's (28 Kontext, 50 Qwen, 40 Qwen-2509, 4 klein)
+    guidance: float | None = None  # None: the backbone's
+    expand: float | None = None  # None: the backbone's eval value (0.15)
+    expand_mode: str | None = None  # None: the backbone's (ratio)
+    switch: float | None = None  # None: the backbone's eval value (0.0)
+    attention: str = "dense"  # dense | flex
+    strict_plan: bool = False  # True: a reply that breaks the plan grammar fails the sample (official: global edit)
+    rephrase_template: str | None = None  # rephrase: template file; None: REPHRASE_TEMPLATE
+    device: str | None = None  # None: cuda (cuda:$LOCAL_RANK under torchrun) when available, else cpu
+    dtype: str | None = None  # None: the backbone's on GPU, fp32 on CPU
+    stage_offload: str = "none"  # none | cpu
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fields(cls) -> dict:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def config_from_dict(data: dict, source: str = "config") -> GenerateConfig:
+    """Build a config from a mapping with exactly the dataclass keys (unknown keys are an error)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} must be a mapping of config keys, got {type(data).__name__}")
+    known = _fields(GenerateConfig)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
+    data = dict(data)
+    planner = data.pop("planner", None) or {}
+    if isinstance(planner, str):  # shorthand: "planner: tiny"
+        planner = {"ckpt": planner}
+    if not isinstance(planner, dict):
+        raise ValueError(f"{source}: planner must be a mapping ({', '.join(_fields(PlannerConfig))})")
+    unknown = sorted(set(planner) - set(_fields(PlannerConfig)))
+    if unknown:
+        raise ValueError(f"{source}: unknown planner key(s) {', '.join(unknown)}; valid: "
+                         f"{', '.join(_fields(PlannerConfig))}")
+    cfg = GenerateConfig(**data, planner=PlannerConfig(**planner))
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """``["steps=4", "planner.ckpt=tiny"]`` → a new mapping; values are parsed as YAML."""
+    data = json.loads(json.dumps(data))
+    for item in overrides or ():
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. steps=4 or planner.ckpt=tiny)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        target = data
+        for part in parts[:-1]:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return data
+
+
+def load_config(path: str | Path, overrides=()) -> GenerateConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    return config_from_dict(apply_overrides(data, overrides), str(path))
+
+
+def validate(cfg: GenerateConfig) -> None:
+    from replan.backbones.registry import resolve
+
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    resolve(cfg.backbone)
+    if cfg.planner.kind not in ("local", "openai"):
+        raise ValueError(f"planner.kind must be local or openai, got {cfg.planner.kind!r}")
+    if cfg.attention not in ("dense", "flex"):
+        raise ValueError(f"attention must be dense or flex, got {cfg.attention!r}")
+    if cfg.expand_mode not in (None, "ratio", "pixels"):
+        raise ValueError(f"expand_mode must be ratio or pixels, got {cfg.expand_mode!r}")
+    if cfg.stage_offload not in ("none", "cpu"):
+        raise ValueError(f"stage_offload must be none or cpu, got {cfg.stage_offload!r}")
+    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
+        raise ValueError(f"limit must be a positive integer or null, got {cfg.limit!r}")
+    if not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    if cfg.steps is not None and (not isinstance(cfg.steps, int) or cfg.steps < 1):
+        raise ValueError(f"steps must be a positive integer or null, got {cfg.steps!r}")
+    if not cfg.output_dir:
+        raise ValueError("output_dir is empty")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def sample_seed(seed: int, image_id: str) -> int:
+    """``seed + int(image_id)`` for numeric ids, else ``seed + crc32(image_id)``: stable across runs and shards."""
+    image_id = str(image_id)
+    offset = int(image_id) if image_id.isdigit() else zlib.crc32(image_id.encode("utf-8"))
+    return (int(seed) + offset) % (2**63)
+
+
+def resolve_dataset(source: str) -> str:
+    """``"tiny"`` → the offline fixture dataset (built once into ``$REPLAN_CACHE``); anything else unchanged."""
+    if source != TINY_DATASET:
+        return source
+    from replan.backbones.registry import cache_dir
+    from replan.testing.ivedit import save_tiny_ivedit
+
+    path = cache_dir() / "tiny-ivedit"
+    if not (path / "data").is_dir():
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        save_tiny_ivedit(tmp)
+        if path.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.replace(path)
+    return str(path)
+
+
+def dist_env() -> tuple[int | None, int | None]:
+    """(rank, world) from torchrun / accelerate variables, or (None, None)."""
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
+    world = os.environ.get("WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE"))
+    return (int(rank) if rank is not None else None, int(world) if world is not None else None)
+
+
+def default_device() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and int(local) < torch.cuda.device_count():
+        return f"cuda:{int(local)}"
+    return "cuda"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _read(path: str | None, default: str) -> str:
+    if path is None:
+        return default
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"template file {p} does not exist")
+    return p.read_text(encoding="utf-8")
+
+
+def resolved_settings(cfg: GenerateConfig) -> dict:
+    """Everything that decides a sample's image, with defaults filled in: two runs whose settings are equal write
+    the same images. Excluded: rank/world/limit/output_dir/device/stage_offload (they do not change the pixels)."""
+    from replan.backbones.registry import resolve
+    from replan.planner import load_template
+
+    spec = resolve(cfg.backbone)
+    entry = spec.defaults("eval")
+    settings = {
+        "method": cfg.method, "backbone": spec.name, "model": cfg.model or spec.model_id,
+        "dataset": cfg.dataset, "split": cfg.split, "seed": cfg.seed,
+        "steps": cfg.steps or spec.steps, "guidance": cfg.guidance,
+        "expand": entry.expand if cfg.expand is None else float(cfg.expand),
+        "expand_mode": cfg.expand_mode or spec.expand_mode,
+        "switch": entry.switch if cfg.switch is None else float(cfg.switch),
+        "attention": cfg.attention, "dtype": cfg.dtype,
+    }
+    if cfg.method == "replan":
+        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
+                               "max_new_tokens": cfg.planner.max_new_tokens,
+                               "template_sha256": _sha256(load_template(cfg.planner.template))}
+        settings["strict_plan"] = cfg.strict_plan
+    elif cfg.method == "rephrase":
+        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
+                               "max_new_tokens": cfg.planner.max_new_tokens}
+        settings["rephrase_template_sha256"] = _sha256(_read(cfg.rephrase_template, REPHRASE_TEMPLATE))
+    return settings
+
+
+def check_run_config(out: Path, cfg: GenerateConfig, settings: dict, force: bool) -> None:
+    """Write ``run_config.json`` once; refuse (``ValueError``) when it records other generation settings."""
+    path = out / RUN_CONFIG
+    record = {"replan_version": __version__, "settings": settings, "config": cfg.to_dict()}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8")).get("settings")
+        except (ValueError, AttributeError):
+            old = None
+        if old == settings:
+            return
+        if not force:
+            diff = _diff(old or {}, settings)
+            raise ValueError(f"{out} holds a run made with other settings ({diff}); use another output_dir, or "
+                             "--force to regenerate every sample with the new settings")
+        logger.warning("--force: %s is overwritten with the new settings", path)
+    write_atomically(out, {RUN_CONFIG: lambda p: p.write_text(json.dumps(record, indent=2) + "\n")})
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    parts = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(parts) or "unreadable run_config.json"
+
+
+def _clean_stale_tmp(out: Path, image_id: str) -> None:
+    """Remove temporary folders a killed run left behind for this sample."""
+    for tmp in out.glob(f".{image_id}.*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- rephrase
+def generate_text(planner, prompt: str) -> str:
+    """A text-only reply of the planner VLM (no image in the message), through its public ``generate_text``."""
+    return planner.generate_text(prompt)
+
+
+def clean_rephrase(text: str) -> str:
+    """Strip whitespace and one pair of enclosing quotes from a rewrite."""
+    text = (text or "").strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
+        text = text[1:-1].strip()
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+@dataclass
+class Summary:
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    no_regions: int = 0  # replan samples whose plan had no regions (the edit ran globally)
+    fallbacks: int = 0  # rephrase samples that used the original instruction
+    failed_ids: list = field(default_factory=list)
+
+    def line(self, shard: str, out: Path) -> str:
+        extra = ""
+        if self.no_regions:
+            extra += f"; {self.no_regions} plan(s) without regions ran as global edits"
+        if self.fallbacks:
+            extra += f"; {self.fallbacks} rephrase fallback(s) to the original instruction"
+        return (f"generate: {self.done} done, {self.skipped} skipped, {self.failed} failed "
+                f"(of {self.total} in shard {shard}){extra} -> {out}")
+
+
+class Generator:
+    """Runs one config's method on samples with a loaded ``RePlanPipeline``."""
+
+    def __init__(self, cfg: GenerateConfig, pipe, settings: dict | None = None):
+        self.cfg = cfg
+        self.pipe = pipe
+        self.settings = settings or resolved_settings(cfg)
+        self.rephrase_template = _read(cfg.rephrase_template, REPHRASE_TEMPLATE)
+
+    def edit_options(self, seed: int) -> dict:
+        s = self.settings
+        options = {"steps": s["steps"], "seed": seed, "expand": s["expand"], "expand_mode": s["expand_mode"],
+                   "switch": s["switch"], "attention": s["attention"], "entry": "eval"}
+        if s["guidance"] is not None:
+            options["guidance"] = s["guidance"]
+        return options
+
+    def run_sample(self, sample, sample_dir: Path) -> dict:
+        """Generate one sample into ``sample_dir``; raises on failure (after saving what exists)."""
+        import torch
+
+        from replan.plan import RegionPlan
+
+        cfg = self.cfg
+        seed = sample_seed(cfg.seed, sample.image_id)
+        torch.manual_seed(seed)  # anything drawing on the global RNG (a sampling planner) is per-sample too
+        image = sample.image
+        record = {"replan_version": __version__, "method": cfg.method, "image_id": sample.image_id,
+                  "instruction": sample.instruction, "referring_expression": sample.referring_expression,
+                  "image_size": list(image.size), "seed": seed, "settings": self.settings}
+        files, timings, planner_text = {}, {}, None
+        start = time.perf_counter()
+        stage = "plan"
+        try:
+            if cfg.method == "replan":
+                plan, planner_text = self.pipe.plan(image, sample.instruction, strict=cfg.strict_plan)
+                timings["plan"] = time.perf_counter() - start
+                reply = getattr(self.pipe.planner, "last_reply", None)
+                if reply is not None:
+                    record["planner_reply"] = {"frame": list(reply.frame), **reply.extras}
+                files["plan.json"] = lambda p, plan=plan: plan.save(p)
+            elif cfg.method == "rephrase":
+                stage = "rephrase"
+                prompt, planner_text, record["rephrase"] = self.rephrase(sample.instruction)
+                timings["rephrase"] = time.perf_counter() - start
+                plan = RegionPlan(prompt, image_size=image.size)
+            else:
+                plan = RegionPlan(sample.instruction, image_size=image.size)
+            if planner_text is not None:
+                files["planner_response.txt"] = lambda p, t=planner_text: p.write_text(t, encoding="utf-8")
+            record["plan"] = {"global_prompt": plan.global_prompt, "regions": len(plan.regions),
+                              "repairs": list(plan.repairs)}
+            stage = "edit"
+            t = time.perf_counter()
+            out = self.pipe(image, plan=plan, **self.edit_options(seed))
+            timings["edit"] = time.perf_counter() - t
+        except Exception as e:
+            record["error"] = {"stage": stage, "type": type(e).__name__, "message": str(e)}
+            error = f"{stage} failed: {type(e).__name__}: {e}\n\n{traceback.format_exc()}"
+            files["config.json"] = lambda p: p.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            files[ERROR] = lambda p: p.write_text(error, encoding="utf-8")
+            (sample_dir / RESULT).unlink(missing_ok=True)  # a --force re-run must not leave an old result behind
+            write_atomically(sample_dir, files)
+            raise
+        timings["total"] = time.perf_counter() - start
+        record["edit"] = {"generation_size": list(out.edit.generation_size),
+                          "boxes": [[float(v) for v in b] for b in out.edit.boxes]}
+        record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        files["plan.json"] = lambda p, plan=out.plan: plan.save(p)
+        files["config.json"] = lambda p: p.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        files[RESULT] = lambda p: out.image.save(p)  # last: its presence means the sample is complete
+        write_atomically(sample_dir, files)
+        (sample_dir / ERROR).unlink(missing_ok=True)
+        return record
+
+    def rephrase(self, instruction: str) -> tuple[str, str, dict]:
+        """(prompt for the editor, raw reply, record). Falls back to the instruction on any failure."""
+        from replan.planner import build_prompt
+
+        info = {"template_sha256": _sha256(self.rephrase_template)}
+        try:
+            self.pipe._activate("plan")
+            reply = generate_text(self.pipe.planner, build_prompt(self.rephrase_template, instruction))
+        except Exception as e:  # the official baseline falls back on any exception, too
+            logger.warning("rephrase failed (%s: %s); using the original instruction", type(e).__name__, e)
+            info.update(fallback=True, reason=f"{type(e).__name__}: {e}", rephrased=None)
+            return instruction, "", info
+        text = clean_rephrase(reply)
+        if not text:
+            info.update(fallback=True, reason="empty rewrite", rephrased=None)
+            return instruction, reply, info
+        info.update(fallback=False, rephrased=text)
+        return text, reply, info
+
+
+def load_pipeline(cfg: GenerateConfig, device: str):
+    from replan.pipeline import RePlanPipeline
+    from replan.planner import load_template
+
+    planner = None
+    kwargs = {}
+    if cfg.method != "baseline":
+        planner = cfg.planner.kind
+        if cfg.planner.kind == "openai":
+            kwargs = {k: v for k, v in (("base_url", cfg.planner.base_url),) if v}
+            kwargs["max_retries"] = cfg.planner.max_retries
+            if cfg.planner.max_new_tokens:
+                kwargs["max_tokens"] = cfg.planner.max_new_tokens
+        elif cfg.planner.max_new_tokens:
+            kwargs["max_new_tokens"] = cfg.planner.max_new_tokens
+        if cfg.method == "replan" and cfg.planner.template:
+            kwargs["template"] = load_template(cfg.planner.template)
+    pipe = RePlanPipeline.from_pretrained(
+        backbone=cfg.backbone, planner=planner, model=cfg.model, vlm_ckpt_path=cfg.planner.ckpt,
+        lora_path=cfg.planner.lora_path, device=device, torch_dtype=cfg.dtype, stage_offload=cfg.stage_offload,
+        planner_kwargs=kwargs,
+    )
+    if hasattr(pipe.editor.pipe, "set_progress_bar_config"):
+        pipe.editor.pipe.set_progress_bar_config(disable=True)  # one bar per run, not one per sample
+    return pipe
+
+
+def run(cfg: GenerateConfig, rank: int = 0, world: int = 1, force: bool = False, pipe=None) -> Summary:
+    """Generate shard ``rank`` of ``world``; returns the counts. ``pipe``: an already loaded pipeline (optional)."""
+    from tqdm import tqdm
+
+    from replan.eval.dataset import load_samples
+
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank {rank} and world {world}")
+    out = Path(cfg.output_dir)
+    settings = resolved_settings(cfg)
+    check_run_config(out, cfg, settings, force)
+    samples = load_samples(resolve_dataset(cfg.dataset), cfg.split, cfg.limit, rank, world)
+    summary = Summary(total=len(samples))
+    todo = []
+    for sample in samples:
+        _clean_stale_tmp(out, sample.image_id)
+        if not force and (out / sample.image_id / RESULT).is_file():
+            summary.skipped += 1
+        else:
+            todo.append(sample)
+    if todo and pipe is None:
+        pipe = load_pipeline(cfg, cfg.device or default_device())
+    generator = Generator(cfg, pipe, settings) if todo else None
+    bar = tqdm(todo, desc=f"{cfg.method}:{Path(cfg.output_dir).name} [{rank}/{world}]", file=sys.stderr,
+               position=rank if world > 1 and sys.stderr.isatty() else None, dynamic_ncols=True)
+    for sample in bar:
+        sample_dir = out / sample.image_id
+        try:
+            record = generator.run_sample(sample, sample_dir)
+        except Exception as e:  # recorded in error.txt; the run goes on
+            summary.failed += 1
+            summary.failed_ids.append(sample.image_id)
+            logger.error("sample %s failed: %s: %s", sample.image_id, type(e).__name__, e)
+            _empty_cache()
+            continue
+        summary.done += 1
+        if cfg.method == "replan" and not record["plan"]["regions"]:
+            summary.no_regions += 1
+        if cfg.method == "rephrase" and record["rephrase"]["fallback"]:
+            summary.fallbacks += 1
+        bar.set_postfix(done=summary.done, failed=summary.failed)
+    bar.close()
+    return summary
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m replan.eval.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="a YAML from configs/eval/")
+    ap.add_argument("--rank", "--rank_id", dest="rank", type=int, default=None,
+                    help="shard index (default: $RANK or $LOCAL_RANK, else 0)")
+    ap.add_argument("--world", "--world_size", dest="world", type=int, default=None,
+                    help="number of shards (default: $WORLD_SIZE or $LOCAL_WORLD_SIZE, else 1)")
+    ap.add_argument("--limit", type=int, default=None, help="first N samples of the split (overrides the config)")
+    ap.add_argument("--force", action="store_true",
+                    help="regenerate every sample, even over a run made with other settings")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. steps=4 planner.ckpt=tiny)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_intermixed_args(argv)  # overrides may come before or after the options
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    env_rank, env_world = dist_env()
+    rank = args.rank if args.rank is not None else (env_rank or 0)
+    world = args.world if args.world is not None else (env_world or 1)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.limit is not None:
+            cfg.limit = args.limit
+            validate(cfg)
+        summary = run(cfg, rank, world, args.force)
+    except (ValueError, OSError, ImportError) as e:  # OSError: e.g. the hub is unreachable and there is no copy
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.line(f"{rank}/{world}", Path(cfg.output_dir)), file=sys.stderr)
+    if summary.failed:
+        print(f"failed samples (see <id>/{ERROR}): {', '.join(summary.failed_ids)}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

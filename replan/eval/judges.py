@@ -1,0 +1,515 @@
+"""VLM judges for IV-Edit: prompt templates, request parts, reply parsing, and two API backends.
+
+    templates = load_templates()                                   # or load_templates("my_prompts/")
+    parts = build_parts("effect", templates["effect"], instruction, referring_expression, original, edited)
+    judge = OpenAIJudge("Qwen/Qwen2.5-VL-72B-Instruct", base_url="http://localhost:8000/v1", api_key="EMPTY")
+    result = judge.judge("effect", parts)                          # JudgeResult(score=5, reasoning=..., ...)
+
+Templates: one file per dimension (``quality.txt``, ``target_following.txt``, ``effect.txt``, ``consistency.txt``),
+placeholders ``{{{instruction}}}`` / ``{{{referring_expression}}}`` (regex ``\\{\\{\\{([^{}]+)\\}\\}\\}``; ``{{ }}``
+stays literal), images placed right after the markers ``**Original Image**:`` and ``**Edited Image**:`` (quality: the
+edited image only). Scales: quality 1-5, target_following 5|1, effect and consistency 5|3|1.
+
+A judge call is retried (exponential backoff) on 5xx, 408/429, timeouts, connection errors, empty replies and replies
+that do not parse to an allowed score; any other 4xx fails that call at once; 401/403/404 (a wrong key, URL or model)
+raise ``JudgeConfigError`` because every later call would fail the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image
+
+from replan.eval.scoring import DIMENSIONS
+from replan.images import to_rgb
+from replan.planner.openai_backend import (
+    RETRYABLE_4XX,
+    _content,
+    _error_message,
+    _json_reply,
+    _one_line,
+    _Refused,
+    _retry_after,
+    _Transient,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemini-2.5-pro"  # the paper's judge; a default only, always overridable
+DEFAULT_MAX_TOKENS = 8192  # Gemini 2.5 Pro spends output tokens on thinking; 4096 (official) truncates replies
+SCORE_KEYS = {"quality": "quality_score", "target_following": "target_score", "effect": "effect_score",
+              "consistency": "consistency_score"}
+SCALES = {"quality": (1, 2, 3, 4, 5), "target_following": (1, 5), "effect": (1, 3, 5), "consistency": (1, 3, 5)}
+ORIGINAL_MARKER, EDITED_MARKER = "**Original Image**:", "**Edited Image**:"
+PLACEHOLDERS = ("instruction", "referring_expression")
+REQUIRED_PLACEHOLDERS = {"quality": ("instruction",), "target_following": PLACEHOLDERS, "effect": PLACEHOLDERS,
+                         "consistency": PLACEHOLDERS}
+PLACEHOLDER_RE = re.compile(r"\{\{\{([^{}]+)\}\}\}")
+INSTALL_HINT = "pip install 'replan[eval]'"
+
+Part = str | Image.Image
+
+
+class JudgeConfigError(ValueError):
+    """The judge cannot work at all (no key, wrong URL or model, missing package): stop and tell the user."""
+
+
+class JudgeParseError(ValueError):
+    """A reply without an allowed score for its dimension."""
+
+
+@dataclass
+class JudgeResult:
+    score: int | None
+    reasoning: str = ""
+    raw: str = ""
+    error: str | None = None
+    model: str = ""
+    attempts: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------- templates
+def load_templates(prompts_dir: str | Path | None = None) -> dict[str, str]:
+    """``{dimension: template text}`` from ``prompts_dir`` (else replan's own wording); ``ValueError`` naming any
+    missing file, missing or unknown placeholder, or misplaced image marker."""
+    templates = {}
+    for dim in DIMENSIONS:
+        if prompts_dir is None:
+            text = resources.files("replan.eval").joinpath(f"prompts/{dim}.txt").read_text(encoding="utf-8")
+        else:
+            path = Path(prompts_dir) / f"{dim}.txt"
+            if not path.is_file():
+                raise ValueError(f"prompt template {path} does not exist (need {', '.join(DIMENSIONS)} .txt files)")
+            text = path.read_text(encoding="utf-8")
+        check_template(dim, text, where=f"{prompts_dir or 'replan/eval/prompts'}/{dim}.txt")
+        templates[dim] = text
+    return templates
+
+
+def check_template(dimension: str, text: str, where: str = "template") -> None:
+    names = {m.strip() for m in PLACEHOLDER_RE.findall(text)}
+    unknown = sorted(names - set(PLACEHOLDERS))
+    if unknown:
+        raise ValueError(f"{where}: unknown placeholder(s) {unknown}; allowed: {list(PLACEHOLDERS)}")
+    missing = [p for p in REQUIRED_PLACEHOLDERS[dimension] if p not in names]
+    if missing:
+        raise ValueError(f"{where}: missing placeholder(s) " + ", ".join("{{{" + p + "}}}" for p in missing))
+    wanted = {ORIGINAL_MARKER: 0 if dimension == "quality" else 1, EDITED_MARKER: 1}
+    for marker, count in wanted.items():
+        if text.count(marker) != count:
+            found = text.count(marker)
+            raise ValueError(f"{where}: needs the marker {marker!r} exactly {count} time(s), found {found}")
+    if dimension != "quality" and text.index(ORIGINAL_MARKER) > text.index(EDITED_MARKER):
+        raise ValueError(f"{where}: {ORIGINAL_MARKER!r} must come before {EDITED_MARKER!r}")
+
+
+def template_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def render(text: str, values: dict[str, str]) -> str:
+    """Replace every ``{{{name}}}`` with ``values[name]`` (one pass: substituted text is never re-scanned)."""
+    return PLACEHOLDER_RE.sub(lambda m: str(values[m.group(1).strip()]), text)
+
+
+def build_parts(dimension: str, template: str, instruction: str, referring_expression: str,
+                original: Image.Image | None, edited: Image.Image) -> list[Part]:
+    """``[text, original, text, edited, text]`` (quality: ``[text, edited, text]``): each image right after its
+    marker. The template is split before substitution, so a marker inside an instruction cannot move an image."""
+    values = {"instruction": instruction, "referring_expression": referring_expression}
+    if dimension == "quality":
+        head, tail = template.split(EDITED_MARKER, 1)
+        pieces: list[Part] = [render(head, values) + EDITED_MARKER, edited, render(tail, values)]
+    else:
+        if original is None:
+            raise ValueError(f"dimension {dimension!r} needs the original image")
+        head, rest = template.split(ORIGINAL_MARKER, 1)
+        middle, tail = rest.split(EDITED_MARKER, 1)
+        pieces = [render(head, values) + ORIGINAL_MARKER, original, render(middle, values) + EDITED_MARKER, edited,
+                  render(tail, values)]
+    return [p for p in pieces if not (isinstance(p, str) and not p.strip())]
+
+
+def image_digest(image: Image.Image) -> str:
+    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+def parts_digest(dimension: str, parts: list[Part]) -> str:
+    """A hash of everything the judge sees for one call (dimension, text, image pixels)."""
+    h = hashlib.sha256(dimension.encode())
+    for p in parts:
+        h.update(b"\0T" + p.encode("utf-8") if isinstance(p, str) else b"\0I" + image_digest(p).encode())
+    return h.hexdigest()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    to_rgb(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def response_schema(dimension: str) -> dict:
+    key = SCORE_KEYS[dimension]
+    allowed = ", ".join(map(str, SCALES[dimension]))
+    return {"type": "object", "properties": {"reasoning": {"type": "string"},
+                                             key: {"type": "integer", "description": f"one of {allowed}"}},
+            "required": ["reasoning", key]}
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+_THINK_RE = re.compile(r"<think>.*?</think>", re.S)
+_FENCE_JSON_RE = re.compile(r"```\s*json\s*\n?(.*?)```", re.S | re.I)
+_FENCE_RE = re.compile(r"```[^\n`]*\n?(.*?)```", re.S)
+_NUMBER_RE = re.compile(r"(?<![\w.])(\d+)(?!\w|\.\d)")
+
+
+def _json_object(text: str) -> dict | None:
+    """The reply's JSON object: the whole text, a ```json block, a bare ``` block, or the first embedded object."""
+    candidates = [text.strip()] + _FENCE_JSON_RE.findall(text) + _FENCE_RE.findall(text)
+    for c in candidates:
+        try:
+            data = json.loads(c)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(data, dict):
+            return data
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            data, _ = decoder.raw_decode(text, m.start())
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        return int(value)
+    return None
+
+
+def parse_judgement(text: str, dimension: str) -> tuple[int, str]:
+    """``(score, reasoning)`` from a reply, or ``JudgeParseError``.
+
+    Order: JSON (whole reply, fenced ```json, bare fence, embedded object) with the dimension's score key (or
+    ``score``); without any JSON object, a number labelled as the score (``target_score: 5``, ``Score: 3``), else
+    the reply's only distinct standalone number (``"5"``, ``"5/5"``; ``"4 out of 5"`` is ambiguous). A score outside
+    the dimension's scale is invalid.
+    """
+    key, allowed = SCORE_KEYS[dimension], SCALES[dimension]
+    text = _THINK_RE.sub("", text or "").strip()
+    if not text:
+        raise JudgeParseError("empty reply")
+    data = _json_object(text)
+    if data is not None:
+        value = data.get(key, data.get("score"))
+        score = _as_int(value)
+        if score is None:
+            raise JudgeParseError(f"JSON reply has no integer {key!r}: {_one_line(text, 160)!r}")
+        reasoning = data.get("reasoning")
+        reasoning = reasoning if isinstance(reasoning, str) else ("" if reasoning is None else json.dumps(reasoning))
+    else:
+        labelled = re.search(rf"(?:{key}|score)\W{{0,4}}(\d+)(?!\w|\.\d)", text, re.I)
+        numbers = {int(n) for n in _NUMBER_RE.findall(text)}
+        if labelled:
+            score = int(labelled.group(1))
+        elif len(numbers) == 1:
+            score = numbers.pop()
+        else:
+            raise JudgeParseError(f"no JSON and no unambiguous score in the reply: {_one_line(text, 160)!r}")
+        reasoning = text
+    if score not in allowed:
+        raise JudgeParseError(f"{key} {score} is outside the scale {list(allowed)}")
+    return score, reasoning
+
+
+# ---------------------------------------------------------------------------------------------------- judges
+class Judge:
+    """``judge(dimension, parts) -> JudgeResult``; subclasses implement ``_generate(dimension, parts) -> str``."""
+
+    name = "judge"
+
+    def __init__(self, model: str, *, max_retries: int = 3, backoff: float = 2.0, max_backoff: float = 60.0,
+                 timeout: float = 300.0, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float | None = None):
+        if not isinstance(model, str) or not model.strip():
+            raise JudgeConfigError("no judge model: pass --judge_model, e.g. gemini-2.5-pro")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise JudgeConfigError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        if not backoff >= 0 or not max_backoff >= 0 or not timeout > 0:
+            raise JudgeConfigError("backoff and max_backoff must be >= 0 and timeout > 0")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise JudgeConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        self.model, self.max_retries, self.backoff, self.max_backoff = model.strip(), max_retries, backoff, max_backoff
+        self.timeout, self.max_tokens, self.temperature = float(timeout), max_tokens, temperature
+
+    def _generate(self, dimension: str, parts: list[Part]) -> str:
+        raise NotImplementedError
+
+    def judge(self, dimension: str, parts: list[Part]) -> JudgeResult:
+        if dimension not in SCALES:
+            raise ValueError(f"unknown dimension {dimension!r}; expected one of {', '.join(DIMENSIONS)}")
+        start, raw, last = time.perf_counter(), "", "no attempt made"
+        attempts = self.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            retry_after = None
+            try:
+                raw = self._generate(dimension, parts)
+                score, reasoning = parse_judgement(raw, dimension)
+                return JudgeResult(score, reasoning, raw, None, self.model, attempt, time.perf_counter() - start)
+            except _Refused as e:
+                return JudgeResult(None, "", raw, f"refused: {e}", self.model, attempt, time.perf_counter() - start)
+            except (_Transient, JudgeParseError) as e:
+                last, retry_after = str(e), getattr(e, "retry_after", None)
+            if attempt < attempts:
+                delay = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
+                if retry_after is not None:
+                    delay = min(max(delay, retry_after), self.max_backoff)
+                logger.warning("%s judge (%s, %s): %s; retry %d/%d in %.3g s", self.name, self.model, dimension,
+                               last, attempt, self.max_retries, delay)
+                time.sleep(delay)
+        error = f"failed after {attempts} attempt(s): {last}"
+        return JudgeResult(None, "", raw, error, self.model, attempts, time.perf_counter() - start)
+
+
+class OpenAIJudge(Judge):
+    """Any OpenAI-compatible ``/chat/completions`` endpoint that takes images (vLLM, hosted APIs, Gemini's OpenAI
+    endpoint). Images go as PNG data URLs exactly where the template's markers are; ``response_format`` is
+    ``json_object`` and a final text part states the schema. Standard library HTTP only.
+
+    ``base_url``: else ``$REPLAN_JUDGE_BASE_URL``, else ``$OPENAI_BASE_URL``. ``api_key``: else
+    ``$REPLAN_JUDGE_API_KEY``, else ``$OPENAI_API_KEY`` (any value, e.g. ``EMPTY``, for a server without auth).
+    """
+
+    name = "openai"
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, base_url: str | None = None, api_key: str | None = None,
+                 extra_body: dict | None = None, **kw):
+        base_url = base_url or os.environ.get("REPLAN_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        if not base_url or not base_url.strip():
+            raise JudgeConfigError("no judge endpoint: set REPLAN_JUDGE_BASE_URL (or OPENAI_BASE_URL) or pass "
+                                   "--base_url, e.g. http://localhost:8000/v1")
+        base_url = base_url.strip().rstrip("/")
+        parsed = urllib.parse.urlparse(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise JudgeConfigError(f"judge base_url must be an http(s) URL like http://localhost:8000/v1, "
+                                   f"got {base_url!r}")
+        api_key = api_key or os.environ.get("REPLAN_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        if not api_key:
+            raise JudgeConfigError("no judge API key: set REPLAN_JUDGE_API_KEY (or OPENAI_API_KEY) or pass --api_key "
+                                   "(any value, e.g. EMPTY, for a local server without auth)")
+        super().__init__(model, **kw)
+        self.base_url, self._api_key, self.extra_body = base_url, api_key, dict(extra_body or {})
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"OpenAIJudge(base_url={self.base_url!r}, model={self.model!r})"
+
+    def request_body(self, dimension: str, parts: list[Part]) -> dict:
+        content = []
+        for p in parts:
+            if isinstance(p, str):
+                content.append({"type": "text", "text": p})
+            else:
+                url = "data:image/png;base64," + base64.b64encode(png_bytes(p)).decode("ascii")
+                content.append({"type": "image_url", "image_url": {"url": url}})
+        hint = "Please output valid JSON adhering to this schema: " + json.dumps(response_schema(dimension))
+        content.append({"type": "text", "text": hint})
+        body = {**self.extra_body, "model": self.model, "messages": [{"role": "user", "content": content}],
+                "response_format": {"type": "json_object"}, "max_tokens": self.max_tokens}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        return body
+
+    def _generate(self, dimension: str, parts: list[Part]) -> str:
+        url = self.base_url + "/chat/completions"
+        try:
+            raw = _post_json(url, self.request_body(dimension, parts), self._api_key, self.timeout)
+        except _Refused as e:
+            if e.status in (401, 403):
+                raise JudgeConfigError(f"judge endpoint {url} refused the key ({e}); check REPLAN_JUDGE_API_KEY "
+                                       "(or OPENAI_API_KEY)") from None
+            if e.status == 404:
+                raise JudgeConfigError(f"judge endpoint {url} answered {e}; does the base URL end with /v1, and is "
+                                       f"model {self.model!r} served there?") from None
+            raise
+        return _content(_json_reply(raw))
+
+
+def _post_json(url: str, body: dict, api_key: str, timeout: float) -> bytes:
+    """One POST; the 2xx body, or ``_Transient`` (5xx, 408, 429, timeout, connection) / ``_Refused`` (other 4xx)."""
+    headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json", "Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        try:
+            raw = e.read()
+        except OSError:
+            raw = b""
+        message = _error_message(raw) or (e.reason if isinstance(e.reason, str) else "") or "(no message)"
+        if e.code >= 500 or e.code in RETRYABLE_4XX:
+            raise _Transient(f"HTTP {e.code}: {message}", _retry_after(e.headers)) from None
+        raise _Refused(e.code, message) from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise _Transient(f"no reply within {timeout:g} s") from None
+        raise _Transient(f"cannot connect to {url} ({_one_line(str(e.reason))})") from None
+    except TimeoutError:
+        raise _Transient(f"no reply within {timeout:g} s") from None
+    except OSError as e:  # connection reset, remote end closed, incomplete read
+        raise _Transient(f"connection error ({type(e).__name__}: {_one_line(str(e))})") from None
+
+
+class GenAIJudge(Judge):
+    """Gemini through ``google-genai``: ``genai.Client(api_key=...)``, or Vertex AI with ``vertex=True``
+    (``genai.Client(vertexai=True, project, location)``, application-default credentials).
+
+    ``api_key``: else ``$GEMINI_API_KEY``, else ``$GOOGLE_API_KEY``. ``project``: else ``$GOOGLE_CLOUD_PROJECT``;
+    ``location``: else ``$GOOGLE_CLOUD_LOCATION``, else ``us-central1``. ``base_url`` overrides the API endpoint
+    (a proxy, or a local stand-in in tests).
+    """
+
+    name = "genai"
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, api_key: str | None = None, vertex: bool = False,
+                 project: str | None = None, location: str | None = None, base_url: str | None = None, **kw):
+        if vertex:
+            project = project or os.environ.get("GOOGLE_CLOUD_PROJECT")
+            if not project:
+                raise JudgeConfigError("no Google Cloud project for --vertex: set GOOGLE_CLOUD_PROJECT or pass "
+                                       "--project")
+            location = location or os.environ.get("GOOGLE_CLOUD_LOCATION") or "us-central1"
+        else:
+            api_key = api_key or os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+            if not api_key:
+                raise JudgeConfigError("no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY), pass --api_key, "
+                                       "or use --vertex with GOOGLE_CLOUD_PROJECT")
+        super().__init__(model, **kw)
+        genai, self._types, self._errors = _import_genai()
+        options = self._types.HttpOptions(timeout=int(self.timeout * 1000), base_url=base_url,
+                                          retry_options=self._types.HttpRetryOptions(attempts=1))
+        try:
+            if vertex:
+                self._client = genai.Client(vertexai=True, project=project, location=location, http_options=options,
+                                            credentials=_vertex_credentials())
+            else:
+                self._client = genai.Client(api_key=api_key, http_options=options)
+        except JudgeConfigError:
+            raise
+        except Exception as e:  # e.g. an unusable project or location
+            raise JudgeConfigError(f"cannot create the google-genai client: {_one_line(str(e))}") from None
+        self.vertex, self.project, self.location = vertex, project, location
+
+    def __repr__(self) -> str:
+        where = f"vertex {self.project}/{self.location}" if self.vertex else "api key"
+        return f"GenAIJudge(model={self.model!r}, {where})"
+
+    def request(self, dimension: str, parts: list[Part]) -> tuple[list, object]:
+        """``(contents, GenerateContentConfig)`` for one call: text and PNG parts in order, the JSON schema."""
+        t = self._types
+        content_parts = [t.Part.from_text(text=p) if isinstance(p, str)
+                         else t.Part.from_bytes(data=png_bytes(p), mime_type="image/png") for p in parts]
+        schema = response_schema(dimension)
+        key = SCORE_KEYS[dimension]
+        genai_schema = t.Schema(type="OBJECT", required=schema["required"], property_ordering=["reasoning", key],
+                                properties={"reasoning": t.Schema(type="STRING"),
+                                            key: t.Schema(type="INTEGER",
+                                                          description=schema["properties"][key]["description"])})
+        config = t.GenerateContentConfig(response_mime_type="application/json", response_schema=genai_schema,
+                                         max_output_tokens=self.max_tokens, temperature=self.temperature)
+        return [t.Content(role="user", parts=content_parts)], config
+
+    def _generate(self, dimension: str, parts: list[Part]) -> str:
+        contents, config = self.request(dimension, parts)
+        try:
+            response = self._client.models.generate_content(model=self.model, contents=contents, config=config)
+        except self._errors.APIError as e:
+            code, message = e.code or 0, _one_line(e.message or str(e))
+            if code in (401, 403) or (code == 400 and "api key" in message.lower()):
+                raise JudgeConfigError(f"Gemini refused the credentials (HTTP {code}: {message}); check "
+                                       "GEMINI_API_KEY / GOOGLE_API_KEY or the Vertex AI project") from None
+            if code == 404:
+                raise JudgeConfigError(f"Gemini answered HTTP 404 for model {self.model!r}: {message}") from None
+            if code >= 500 or code in RETRYABLE_4XX:
+                raise _Transient(f"HTTP {code}: {message}") from None
+            raise _Refused(code, message) from None
+        except Exception as e:  # timeouts and connection errors (httpx), anything else the SDK raises
+            raise _Transient(f"{type(e).__name__}: {_one_line(str(e))}") from None
+        return genai_text(response)
+
+
+def genai_text(response) -> str:
+    """The answer text of a ``GenerateContentResponse`` (thought parts skipped); ``_Refused`` when the prompt was
+    blocked, ``_Transient`` when there is no text (e.g. the thinking used up ``max_output_tokens``)."""
+    feedback = getattr(response, "prompt_feedback", None)
+    if feedback is not None and getattr(feedback, "block_reason", None):
+        raise _Refused(400, f"prompt blocked ({feedback.block_reason})")
+    candidates = getattr(response, "candidates", None) or []
+    if not candidates:
+        raise _Transient("reply has no candidates")
+    content = getattr(candidates[0], "content", None)
+    texts = [p.text for p in (getattr(content, "parts", None) or []) if p.text and not getattr(p, "thought", False)]
+    if not texts:
+        reason = getattr(candidates[0], "finish_reason", None)
+        raise _Transient(f"reply has no text (finish_reason {reason})")
+    return "".join(texts)
+
+
+def _vertex_credentials():
+    """Application-default credentials, checked now so that a missing login stops the run before any work."""
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    except DefaultCredentialsError:
+        raise JudgeConfigError("no Google Cloud credentials for --vertex: run 'gcloud auth application-default "
+                               "login' or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file") from None
+    return credentials
+
+
+def _import_genai():
+    try:
+        from google import genai
+        from google.genai import errors, types
+    except ImportError:
+        raise ImportError(f"the genai judge needs the google-genai package: {INSTALL_HINT}") from None
+    return genai, types, errors
+
+
+def make_judge(kind: str, model: str, **kw) -> Judge:
+    """``"genai"`` or ``"openai"``; unknown keyword arguments for the other backend are dropped."""
+    common = ("max_retries", "backoff", "max_backoff", "timeout", "max_tokens", "temperature")
+    if kind == "genai":
+        names = (*common, "api_key", "vertex", "project", "location", "base_url")
+        return GenAIJudge(model, **{k: v for k, v in kw.items() if k in names})
+    if kind == "openai":
+        names = (*common, "api_key", "base_url", "extra_body")
+        return OpenAIJudge(model, **{k: v for k, v in kw.items() if k in names})
+    raise JudgeConfigError(f"unknown judge {kind!r}; expected genai or openai")
