@@ -35,268 +35,42 @@ Exit codes: 0 every sample finished, 1 some samples failed (see their ``error.tx
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 import traceback
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from replan import __version__
+from replan.eval.gen_config import (  # noqa: F401  (re-exported: the public names of a generation run)
+    ERROR,
+    METHODS,
+    REPHRASE_TEMPLATE,
+    RESULT,
+    RUN_CONFIG,
+    TINY_DATASET,
+    GenerateConfig,
+    PlannerConfig,
+    _clean_stale_tmp,
+    _read,
+    _sha256,
+    apply_overrides,
+    check_run_config,
+    config_from_dict,
+    default_device,
+    dist_env,
+    load_config,
+    resolve_dataset,
+    resolved_settings,
+    sample_seed,
+    validate,
+)
 from replan.infer import write_atomically
 
 logger = logging.getLogger("replan.eval.generate")
 
-METHODS = ("replan", "baseline", "rephrase")
-TINY_DATASET = "tiny"  # dataset: tiny → the offline IV-Edit fixture (replan.testing.ivedit), built into the cache
-RESULT, ERROR, RUN_CONFIG = "result.png", "error.txt", "run_config.json"
-
-# Our own wording for the text-only rephrase baseline (the official template file is not vendored).
-REPHRASE_TEMPLATE = (Path(__file__).parent / "prompts" / "rephrase.txt").read_text(encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------------- config
-@dataclass
-class PlannerConfig:
-    kind: str = "local"  # local (Qwen2.5-VL through transformers) | openai (an OpenAI-compatible endpoint)
-    ckpt: str | None = None  # local: hub id / dir / "tiny"; openai: the served model name; None: the RePlan planner
-    base_url: str | None = None  # openai: e.g. http://localhost:8000/v1 (else $REPLAN_PLANNER_BASE_URL); key from env
-    lora_path: str | None = None
-    template: str | None = None  # planner prompt template file (None: replan's wording of the official one)
-    max_new_tokens: int | None = None  # None: the planner's default (2048; 64 for the tiny planner)
-    max_retries: int = 4  # openai: retries on 5xx / timeouts
-
-
-@dataclass
-class GenerateConfig:
-    method: str = "replan"
-    backbone: str = "flux_kontext"
-    model: str | None = None  # editor weights (hub id or local dir); None: the backbone's default
-    planner: PlannerConfig = field(default_factory=PlannerConfig)
-    dataset: str = "TainU/IV-Edit"  # hub id, local copy, data file, or "tiny" (offline fixture)
-    split: str = "test"
-    limit: int | None = None
-    output_dir: str = "outputs/eval/replan_flux_kontext"
-    seed: int = 42
-    steps: int | None = None  # None: the backbone's (28 Kontext, 50 Qwen, 40 Qwen-2509, 4 klein)
-    guidance: float | None = None  # None: the backbone's
-    expand: float | None = None  # None: the backbone's eval value (0.15)
-    expand_mode: str | None = None  # None: the backbone's (ratio)
-    switch: float | None = None  # None: the backbone's eval value (0.0)
-    attention: str = "dense"  # dense | flex
-    strict_plan: bool = False  # True: a reply that breaks the plan grammar fails the sample (official: global edit)
-    rephrase_template: str | None = None  # rephrase: template file; None: REPHRASE_TEMPLATE
-    device: str | None = None  # None: cuda (cuda:$LOCAL_RANK under torchrun) when available, else cpu
-    dtype: str | None = None  # None: the backbone's on GPU, fp32 on CPU
-    stage_offload: str = "none"  # none | cpu
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _fields(cls) -> dict:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def config_from_dict(data: dict, source: str = "config") -> GenerateConfig:
-    """Build a config from a mapping with exactly the dataclass keys (unknown keys are an error)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{source} must be a mapping of config keys, got {type(data).__name__}")
-    known = _fields(GenerateConfig)
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
-    data = dict(data)
-    planner = data.pop("planner", None) or {}
-    if isinstance(planner, str):  # shorthand: "planner: tiny"
-        planner = {"ckpt": planner}
-    if not isinstance(planner, dict):
-        raise ValueError(f"{source}: planner must be a mapping ({', '.join(_fields(PlannerConfig))})")
-    unknown = sorted(set(planner) - set(_fields(PlannerConfig)))
-    if unknown:
-        raise ValueError(f"{source}: unknown planner key(s) {', '.join(unknown)}; valid: "
-                         f"{', '.join(_fields(PlannerConfig))}")
-    cfg = GenerateConfig(**data, planner=PlannerConfig(**planner))
-    validate(cfg)
-    return cfg
-
-
-def apply_overrides(data: dict, overrides) -> dict:
-    """``["steps=4", "planner.ckpt=tiny"]`` → a new mapping; values are parsed as YAML."""
-    data = json.loads(json.dumps(data))
-    for item in overrides or ():
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. steps=4 or planner.ckpt=tiny)")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        target = data
-        for part in parts[:-1]:
-            if not isinstance(target.get(part), dict):
-                target[part] = {}
-            target = target[part]
-        target[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    return data
-
-
-def load_config(path: str | Path, overrides=()) -> GenerateConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
-    return config_from_dict(apply_overrides(data, overrides), str(path))
-
-
-def validate(cfg: GenerateConfig) -> None:
-    from replan.backbones.registry import resolve
-
-    if cfg.method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    resolve(cfg.backbone)
-    if cfg.planner.kind not in ("local", "openai"):
-        raise ValueError(f"planner.kind must be local or openai, got {cfg.planner.kind!r}")
-    if cfg.attention not in ("dense", "flex"):
-        raise ValueError(f"attention must be dense or flex, got {cfg.attention!r}")
-    if cfg.expand_mode not in (None, "ratio", "pixels"):
-        raise ValueError(f"expand_mode must be ratio or pixels, got {cfg.expand_mode!r}")
-    if cfg.stage_offload not in ("none", "cpu"):
-        raise ValueError(f"stage_offload must be none or cpu, got {cfg.stage_offload!r}")
-    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
-        raise ValueError(f"limit must be a positive integer or null, got {cfg.limit!r}")
-    if not isinstance(cfg.seed, int):
-        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
-    if cfg.steps is not None and (not isinstance(cfg.steps, int) or cfg.steps < 1):
-        raise ValueError(f"steps must be a positive integer or null, got {cfg.steps!r}")
-    if not cfg.output_dir:
-        raise ValueError("output_dir is empty")
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-def sample_seed(seed: int, image_id: str) -> int:
-    """``seed + int(image_id)`` for numeric ids, else ``seed + crc32(image_id)``: stable across runs and shards."""
-    image_id = str(image_id)
-    offset = int(image_id) if image_id.isdigit() else zlib.crc32(image_id.encode("utf-8"))
-    return (int(seed) + offset) % (2**63)
-
-
-def resolve_dataset(source: str) -> str:
-    """``"tiny"`` → the offline fixture dataset (built once into ``$REPLAN_CACHE``); anything else unchanged."""
-    if source != TINY_DATASET:
-        return source
-    from replan.backbones.registry import cache_dir
-    from replan.testing.ivedit import save_tiny_ivedit
-
-    path = cache_dir() / "tiny-ivedit"
-    if not (path / "data").is_dir():
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_tiny_ivedit(tmp)
-        if path.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.replace(path)
-    return str(path)
-
-
-def dist_env() -> tuple[int | None, int | None]:
-    """(rank, world) from torchrun / accelerate variables, or (None, None)."""
-    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
-    world = os.environ.get("WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE"))
-    return (int(rank) if rank is not None else None, int(world) if world is not None else None)
-
-
-def default_device() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    local = os.environ.get("LOCAL_RANK")
-    if local is not None and int(local) < torch.cuda.device_count():
-        return f"cuda:{int(local)}"
-    return "cuda"
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _read(path: str | None, default: str) -> str:
-    if path is None:
-        return default
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"template file {p} does not exist")
-    return p.read_text(encoding="utf-8")
-
-
-def resolved_settings(cfg: GenerateConfig) -> dict:
-    """Everything that decides a sample's image, with defaults filled in: two runs whose settings are equal write
-    the same images. Excluded: rank/world/limit/output_dir/device/stage_offload (they do not change the pixels)."""
-    from replan.backbones.registry import resolve
-    from replan.planner import load_template
-
-    spec = resolve(cfg.backbone)
-    entry = spec.defaults("eval")
-    settings = {
-        "method": cfg.method, "backbone": spec.name, "model": cfg.model or spec.model_id,
-        "dataset": cfg.dataset, "split": cfg.split, "seed": cfg.seed,
-        "steps": cfg.steps or spec.steps, "guidance": cfg.guidance,
-        "expand": entry.expand if cfg.expand is None else float(cfg.expand),
-        "expand_mode": cfg.expand_mode or spec.expand_mode,
-        "switch": entry.switch if cfg.switch is None else float(cfg.switch),
-        "attention": cfg.attention, "dtype": cfg.dtype,
-    }
-    if cfg.method == "replan":
-        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
-                               "max_new_tokens": cfg.planner.max_new_tokens,
-                               "template_sha256": _sha256(load_template(cfg.planner.template))}
-        settings["strict_plan"] = cfg.strict_plan
-    elif cfg.method == "rephrase":
-        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
-                               "max_new_tokens": cfg.planner.max_new_tokens}
-        settings["rephrase_template_sha256"] = _sha256(_read(cfg.rephrase_template, REPHRASE_TEMPLATE))
-    return settings
-
-
-def check_run_config(out: Path, cfg: GenerateConfig, settings: dict, force: bool) -> None:
-    """Write ``run_config.json`` once; refuse (``ValueError``) when it records other generation settings."""
-    path = out / RUN_CONFIG
-    record = {"replan_version": __version__, "settings": settings, "config": cfg.to_dict()}
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("settings")
-        except (ValueError, AttributeError):
-            old = None
-        if old == settings:
-            return
-        if not force:
-            diff = _diff(old or {}, settings)
-            raise ValueError(f"{out} holds a run made with other settings ({diff}); use another output_dir, or "
-                             "--force to regenerate every sample with the new settings")
-        logger.warning("--force: %s is overwritten with the new settings", path)
-    write_atomically(out, {RUN_CONFIG: lambda p: p.write_text(json.dumps(record, indent=2) + "\n")})
-
-
-def _diff(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    parts = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    return "; ".join(parts) or "unreadable run_config.json"
-
-
-def _clean_stale_tmp(out: Path, image_id: str) -> None:
-    """Remove temporary folders a killed run left behind for this sample."""
-    for tmp in out.glob(f".{image_id}.*"):
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------- rephrase
