@@ -171,7 +171,7 @@ def cache_dir() -> Path:
 def build_offline(builder: str, name: str) -> Path:
     """Run a ``module:function`` builder once into the cache and return the directory."""
     path = cache_dir() / name
-    if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+    if not path.exists():  # built into a temporary sibling and renamed: existing means complete
         module, func = builder.split(":")
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         getattr(importlib.import_module(module), func)(tmp)

@@ -23,6 +23,7 @@ from replan.images import to_rgb
 logger = logging.getLogger(__name__)
 
 DEFAULT_DATASET, DEFAULT_SPLIT = "TainU/IV-Edit", "test"
+TINY_DATASET = "tiny"  # the offline fixture (replan.testing.ivedit), built once into $REPLAN_CACHE
 CATEGORY_KEYS = ("referring_type", "task_type")
 
 
@@ -37,10 +38,21 @@ class EvalSample:
     categories: dict = field(default_factory=dict)  # e.g. {"referring_type": "Spatial", "task_type": "..."}
 
 
+def resolve_dataset(source: str) -> str:
+    """``"tiny"`` → the offline fixture dataset's directory; anything else unchanged."""
+    if source != TINY_DATASET:
+        return source
+    from replan.backbones.registry import build_offline
+
+    return str(build_offline("replan.testing.ivedit:save_tiny_ivedit", "tiny-ivedit"))
+
+
 def open_dataset(source: str = DEFAULT_DATASET, split: str = DEFAULT_SPLIT):
-    """A ``datasets.Dataset``: a hub id, a ``save_to_disk`` directory, a directory in hub layout, or a data file."""
+    """A ``datasets.Dataset``: a hub id, a ``save_to_disk`` directory, a directory in hub layout, a data file, or
+    ``"tiny"`` (the offline fixture)."""
     import datasets
 
+    source = resolve_dataset(source)
     path = Path(source)
     try:
         if path.is_dir() and (path / "state.json").is_file():

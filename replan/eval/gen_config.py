@@ -16,12 +16,12 @@ from pathlib import Path
 import yaml
 
 from replan import __version__
+from replan.eval.dataset import TINY_DATASET, resolve_dataset  # noqa: F401
 from replan.infer import write_atomically
 
 logger = logging.getLogger("replan.eval.generate")
 
 METHODS = ("replan", "baseline", "rephrase")
-TINY_DATASET = "tiny"  # dataset: tiny → the offline IV-Edit fixture (replan.testing.ivedit), built into the cache
 RESULT, ERROR, RUN_CONFIG = "result.png", "error.txt", "run_config.json"
 
 # Our own wording for the text-only rephrase baseline (the official template file is not vendored).
@@ -152,24 +152,6 @@ def sample_seed(seed: int, image_id: str) -> int:
     image_id = str(image_id)
     offset = int(image_id) if image_id.isdigit() else zlib.crc32(image_id.encode("utf-8"))
     return (int(seed) + offset) % (2**63)
-
-
-def resolve_dataset(source: str) -> str:
-    """``"tiny"`` → the offline fixture dataset (built once into ``$REPLAN_CACHE``); anything else unchanged."""
-    if source != TINY_DATASET:
-        return source
-    from replan.backbones.registry import cache_dir
-    from replan.testing.ivedit import save_tiny_ivedit
-
-    path = cache_dir() / "tiny-ivedit"
-    if not (path / "data").is_dir():
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_tiny_ivedit(tmp)
-        if path.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.replace(path)
-    return str(path)
 
 
 def dist_env() -> tuple[int | None, int | None]:
