@@ -4,11 +4,14 @@ import os
 # Tests never touch the network: the hub clients fail fast instead of trying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Local stand-in servers are reached directly, never through a proxy from the environment.
+for _var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    os.environ.pop(_var, None)
 
-import pytest
-import torch
+import pytest  # noqa: E402  (after the environment above)
+import torch  # noqa: E402
 
-from replan.testing import save_tiny_kontext
+from replan.testing import save_tiny_kontext  # noqa: E402
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 logging.getLogger("transformers").setLevel(logging.ERROR)

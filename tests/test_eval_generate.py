@@ -156,8 +156,6 @@ def test_rephrase_with_the_tiny_planner_and_fallback_on_planner_failure(tmp_path
     assert config["plan"]["global_prompt"] == config["rephrase"]["rephrased"]
     assert (out / "1000" / "planner_response.txt").is_file()
 
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there

@@ -161,9 +161,7 @@ class _PlannerServer:
         self.server.server_close()
 
 
-def test_cli_with_an_openai_compatible_planner(tmp_path, monkeypatch):
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+def test_cli_with_an_openai_compatible_planner(tmp_path):
     # desk.png is 640x480; smart_resize keeps 644x476: the reply's boxes are in that frame
     reply = ('<think>the cup with coffee is the used one</think><gen_image>keep remaining part of image unchanged.'
              '</gen_image><region>[{"bbox_2d": [87, 197, 208, 311], "hint": "a small cactus in a pot"}]</region>')
@@ -182,11 +180,9 @@ def test_cli_with_an_openai_compatible_planner(tmp_path, monkeypatch):
     assert region.bbox == pytest.approx((87 * 640 / 644, 197 * 480 / 476, 208 * 640 / 644, 311 * 480 / 476))
 
 
-def test_cli_unreachable_endpoint_exits_3(tmp_path, capsys, monkeypatch):
+def test_cli_unreachable_endpoint_exits_3(tmp_path, capsys):
     import socket
 
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there

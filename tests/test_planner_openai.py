@@ -151,7 +151,7 @@ class Server:
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in (*ENV_VARS, "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
 
 
