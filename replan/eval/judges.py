@@ -18,6 +18,7 @@ raise ``JudgeConfigError`` because every later call would fail the same way.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import os
@@ -216,7 +217,7 @@ def _post_json(url: str, body: dict, api_key: str, timeout: float) -> bytes:
         raise _Transient(f"cannot connect to {url} ({_one_line(str(e.reason))})") from None
     except TimeoutError:
         raise _Transient(f"no reply within {timeout:g} s") from None
-    except OSError as e:  # connection reset, remote end closed, incomplete read
+    except (OSError, http.client.HTTPException) as e:  # connection reset, remote end closed, incomplete read
         raise _Transient(f"connection error ({type(e).__name__}: {_one_line(str(e))})") from None
 
 
