@@ -1,0 +1,106 @@
+"""Run the edit server.
+
+    python -m replan.serve --backbone flux                                   # FLUX.1 Kontext + local planner
+    python -m replan.serve --backbone flux --planner none --port 8001        # the GRPO reward server
+    python -m replan.serve --backbone tiny --vlm_ckpt_path tiny              # offline smoke server (noise)
+    python -m replan.serve --backbone flux --planner none --replicas 8       # Ray Serve: 8 replicas, 1 GPU each
+
+Binds 127.0.0.1 unless ``--host`` says otherwise. The models load in the background: ``GET /health`` answers at
+once and says ``"ready"`` when edits can run (edits get 503 + Retry-After until then). With ``--replicas`` the
+replicas run under Ray Serve (``pip install "ray[serve]"``; set ``RAY_ADDRESS`` to join an existing cluster); each
+loads before it takes traffic. Endpoints and their contracts: ``replan/serve/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from replan.backbones import names
+
+PLANNERS = ("local", "openai", "none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m replan.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="flux_kontext", help=f"editor: {', '.join(names())}")
+    ap.add_argument("--model", "--diffusion_model_name", dest="model", help="editor weights: hub id or local dir")
+    ap.add_argument("--planner", choices=PLANNERS, default="local",
+                    help="planner for edits sent without a plan; 'none' serves plans and no_plan edits only")
+    ap.add_argument("--vlm_ckpt_path", help="planner checkpoint ('tiny' = offline random); for openai: the model")
+    ap.add_argument("--lora_path", help="LoRA adapter for the local planner (needs peft)")
+    ap.add_argument("--base_url", help="OpenAI-compatible planner endpoint (or REPLAN_PLANNER_BASE_URL)")
+    ap.add_argument("--api_key", help="planner endpoint key (or REPLAN_PLANNER_API_KEY)")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--stage_offload", choices=["none", "cpu"], default="none",
+                    help="cpu: keep only the active stage (planner or editor) on the GPU")
+    ap.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
+                    help="diffusers CPU offload inside the editor (excludes --stage_offload)")
+    ap.add_argument("--attention", choices=["dense", "flex"], default="dense", help="mask implementation")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
+    ap.add_argument("--port", type=int, default=8001)
+    ap.add_argument("--queue", type=int, default=8, help="edits that may wait behind the running one, per replica "
+                    "(more get 429 + Retry-After)")
+    ap.add_argument("--max_image_mb", type=float, default=20.0, help="largest accepted image upload (413 above)")
+    ap.add_argument("--replicas", type=int, default=None,
+                    help="run N replicas under Ray Serve (needs ray[serve]); default: one in-process replica")
+    ap.add_argument("--gpus_per_replica", type=float, default=1.0, help="Ray Serve: GPUs per replica (0: CPU)")
+    ap.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    return ap
+
+
+def config_from_args(args):
+    from replan.serve.app import ServeConfig
+
+    return ServeConfig(
+        backbone=args.backbone, model=args.model, planner=args.planner, vlm_ckpt_path=args.vlm_ckpt_path,
+        lora_path=args.lora_path, base_url=args.base_url, api_key=args.api_key, device=args.device, dtype=args.dtype,
+        stage_offload=args.stage_offload, offload=args.offload, attention=args.attention, queue=args.queue,
+        max_image_mb=args.max_image_mb,
+    )
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.offload != "none" and args.stage_offload != "none":
+        print("error: use either --stage_offload or --offload, not both", file=sys.stderr)
+        return 2
+    try:
+        from replan.backbones.registry import resolve
+
+        resolve(args.backbone)
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.replicas is not None:
+        if args.replicas < 1:
+            print("error: --replicas must be >= 1", file=sys.stderr)
+            return 2
+        from replan.serve.ray_app import RayServeMissing, serve_forever
+
+        try:
+            serve_forever(config, args.replicas, host=args.host, port=args.port,
+                          gpus_per_replica=args.gpus_per_replica, log_level=args.log_level)
+        except RayServeMissing as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        import uvicorn
+
+        from replan.serve.app import create_app
+    except ImportError as e:
+        print(f"error: the server needs fastapi, uvicorn and python-multipart: pip install 'replan[serve]' ({e})",
+              file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
