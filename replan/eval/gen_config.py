@@ -13,9 +13,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from replan import __version__
+from replan.config_io import apply_overrides, check_keys, read_yaml
 from replan.eval.dataset import TINY_DATASET, resolve_dataset  # noqa: F401
 from replan.infer import write_atomically
 
@@ -67,59 +66,19 @@ class GenerateConfig:
         return dataclasses.asdict(self)
 
 
-def _fields(cls) -> dict:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
 def config_from_dict(data: dict, source: str = "config") -> GenerateConfig:
     """Build a config from a mapping with exactly the dataclass keys (unknown keys are an error)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{source} must be a mapping of config keys, got {type(data).__name__}")
-    known = _fields(GenerateConfig)
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
-    data = dict(data)
+    data = check_keys(data, GenerateConfig, source)
     planner = data.pop("planner", None) or {}
     if isinstance(planner, str):  # shorthand: "planner: tiny"
         planner = {"ckpt": planner}
-    if not isinstance(planner, dict):
-        raise ValueError(f"{source}: planner must be a mapping ({', '.join(_fields(PlannerConfig))})")
-    unknown = sorted(set(planner) - set(_fields(PlannerConfig)))
-    if unknown:
-        raise ValueError(f"{source}: unknown planner key(s) {', '.join(unknown)}; valid: "
-                         f"{', '.join(_fields(PlannerConfig))}")
-    cfg = GenerateConfig(**data, planner=PlannerConfig(**planner))
+    cfg = GenerateConfig(**data, planner=PlannerConfig(**check_keys(planner, PlannerConfig, source, "planner")))
     validate(cfg)
     return cfg
 
 
-def apply_overrides(data: dict, overrides) -> dict:
-    """``["steps=4", "planner.ckpt=tiny"]`` → a new mapping; values are parsed as YAML."""
-    data = json.loads(json.dumps(data))
-    for item in overrides or ():
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. steps=4 or planner.ckpt=tiny)")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        target = data
-        for part in parts[:-1]:
-            if not isinstance(target.get(part), dict):
-                target[part] = {}
-            target = target[part]
-        target[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    return data
-
-
 def load_config(path: str | Path, overrides=()) -> GenerateConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
-    return config_from_dict(apply_overrides(data, overrides), str(path))
+    return config_from_dict(apply_overrides(read_yaml(path), overrides), str(path))
 
 
 def validate(cfg: GenerateConfig) -> None:
