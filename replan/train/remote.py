@@ -29,12 +29,13 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from replan.config_io import check_keys, read_yaml
 from replan.eval.judges import JudgeConfigError, JudgeResult, OpenAIJudge, _post_json, build_parts, check_template
 from replan.images import load_image, to_rgb
 from replan.planner.openai_backend import _error_message, _model_ids, _one_line, _Refused, _Transient
@@ -427,18 +428,11 @@ class RewardConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> RewardConfig:
-        data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown reward setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**check_keys(dict(data or {}), cls, "reward config", "reward setting"))
 
     @classmethod
     def from_yaml(cls, path: str | Path, section: str | None = "reward") -> RewardConfig:
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = read_yaml(path)
         if section:
             if not isinstance(data, dict) or not isinstance(data.get(section), dict):
                 raise ValueError(f"{path} has no {section!r} section")
