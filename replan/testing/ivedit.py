@@ -42,8 +42,10 @@ def tiny_ivedit_rows(n: int = 6, filtered: int = 1) -> list[dict]:
     return rows
 
 
-def save_tiny_ivedit(path: str | Path, n: int = 6, filtered: int = 1, split: str = "test") -> Path:
-    """Write ``<path>/data/<split>-00000-of-00001.parquet`` (the hub layout ``load_dataset(path)`` reads)."""
+def save_tiny_ivedit(path: str | Path, n: int = 6, filtered: int = 1,
+                     splits: tuple[str, ...] = ("train", "dev", "test")) -> Path:
+    """Write ``<path>/data/<split>-00000-of-00001.parquet`` for each split (the hub layout ``load_dataset(path)``
+    reads); the splits hold the same rows, like IV-Edit's train/dev/test in shape (not in content)."""
     import datasets
 
     path = Path(path)
@@ -53,5 +55,6 @@ def save_tiny_ivedit(path: str | Path, n: int = 6, filtered: int = 1, split: str
                                   "answer": datasets.Value("string"), "extra_info": datasets.Value("string"),
                                   "image_id": datasets.Value("int64"), "status": datasets.Value("string")})
     ds = datasets.Dataset.from_list(rows, features=features)
-    ds.to_parquet(str(path / "data" / f"{split}-00000-of-00001.parquet"))
+    for split in splits:
+        ds.to_parquet(str(path / "data" / f"{split}-00000-of-00001.parquet"))
     return path
