@@ -8,8 +8,9 @@ exactly once. With true CFG, the first transformer call of each step (the condit
 pipeline makes first) is masked and later calls of the step (the negative pass, which has no hint tokens) run
 unmasked, as official; a masked pass whose length is not the layout's raises instead of running unmasked.
 
-The wrapped processor is the stock diffusers one, so the attention math is diffusers' own; with no regions the
-editor does not install anything and is the stock pipeline.
+For the FLUX families the wrapped processor is the stock diffusers one, so the attention math is diffusers' own (the
+Qwen editor supplies its own masked processor, since the stock one rejects masks); with no regions the editor
+installs nothing and is the stock pipeline.
 """
 
 from __future__ import annotations
