@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 Box = tuple[float, float, float, float]
@@ -157,3 +158,30 @@ def smart_resize(
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
+
+
+def mask_to_patch_mask(mask, original_size: Size, grid_size: tuple[int, int], patch: int = 16) -> torch.Tensor:
+    """Original-pixel bool mask ``(H, W)`` → ``(grid_h, grid_w)`` patch mask, rounding outward.
+
+    A patch is inside if it overlaps any masked pixel once the mask is scaled onto the grid's generation frame
+    (``grid * patch`` pixels): each masked pixel ``[x, x+1) x [y, y+1)`` contributes the patches
+    ``box_to_patch_range`` gives its one-pixel box. A rectangular mask therefore yields exactly the box's patch mask
+    (boxes are the rectangle case), and a mask already in the grid's frame gives ``pixel_mask_to_patch_mask``.
+    """
+    m = np.asarray(mask, dtype=bool)
+    w, h = original_size
+    if m.shape != (h, w):
+        raise ValueError(f"region mask shape {m.shape} does not match the {w}x{h} image (need (H, W) = ({h}, {w}))")
+    grid_h, grid_w = grid_size
+
+    def footprint(n: int, cells: int) -> np.ndarray:  # (n, cells): pixel i touches cell j; same floats as boxes
+        s = cells * patch / n
+        lo = [min(max(math.floor(i * s / patch), 0), cells) for i in range(n)]
+        hi = [min(max(math.ceil((i + 1) * s / patch), 0), cells) for i in range(n)]
+        j = np.arange(cells)
+        return (j >= np.asarray(lo)[:, None]) & (j < np.asarray(hi)[:, None])
+
+    rows = footprint(h, grid_h).astype(np.float32)  # (H, gh)
+    cols = footprint(w, grid_w).astype(np.float32)  # (W, gw)
+    hits = rows.T @ m.astype(np.float32) @ cols
+    return torch.from_numpy(hits > 0)

@@ -9,7 +9,7 @@ once, for all backbones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +25,7 @@ from replan.attention import (
     wrap_processor,
 )
 from replan.backbones.registry import BackboneSpec
-from replan.coords import Size
+from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
 from replan.images import check_image_size, to_rgb
 from replan.plan import RegionPlan
 
@@ -67,7 +67,7 @@ class EditResult:
     image: Image.Image  # the edited image at the input's size
     plan: RegionPlan
     generation_size: Size
-    boxes: list  # the expanded boxes the editor used, original pixels
+    boxes: list  # the expanded boxes the editor used, original pixels (a mask region's own bounding box)
     layout: TokenLayout | None = None
     schedule: RuleSchedule | None = None
     attention: RegionAttention | None = None  # trace: steps → rules, mask builds, unmasked passes
@@ -185,7 +185,8 @@ class RegionEditor:
 
         gen_size = self.generation_size(image.size)
         encoded = self.encode(plan, image, gen_size, options)
-        boxes = plan.expanded_boxes(expand, expand_mode, image.size)
+        boxes = [r.bbox if r.mask is not None else b  # a mask is used as drawn: only boxes are expanded
+                 for r, b in zip(plan.regions, plan.expanded_boxes(expand, expand_mode, image.size))]
         result = EditResult(image=image, plan=plan, generation_size=gen_size, boxes=boxes)
         if not plan.regions:  # plain global edit: the stock pipeline, nothing installed
             out = self.run_pipeline(image, gen_size, encoded, options, callback)
@@ -195,7 +196,11 @@ class RegionEditor:
         grid = (gen_size[1] // self.patch, gen_size[0] // self.patch)
         layout = TokenLayout.build(
             encoded.main_len, encoded.hint_lens, grid, self.reference_grids(gen_size), encoded.image_prompt, self.patch
-        ).with_box_regions(boxes, image.size)
+        )
+        if any(r.mask is not None for r in plan.regions):
+            layout = layout.with_mask_regions(region_patch_masks(plan.masks, boxes, image.size, layout.grids))
+        else:
+            layout = layout.with_box_regions(boxes, image.size)
         rule_options = dict(
             delete_main_prompt=delete_main_prompt,
             bboxes_attend_to_each_other=bboxes_attend_to_each_other,
@@ -226,6 +231,16 @@ class RegionEditor:
     @staticmethod
     def _resize_back(out: Image.Image, size: Size) -> Image.Image:
         return out if out.size == tuple(size) else out.resize(tuple(size), Image.LANCZOS)
+
+
+def region_patch_masks(masks: Sequence, boxes: Sequence, original_size: Size, grids) -> list[list[torch.Tensor]]:
+    """``[grid][region]`` patch masks: a region's pixel mask where it has one, else its (expanded) box."""
+    out = []
+    for grid in grids:
+        shape = (grid.height, grid.width)
+        out.append([box_to_patch_mask(b, original_size, shape, grid.patch) if m is None
+                    else mask_to_patch_mask(m, original_size, shape, grid.patch) for m, b in zip(masks, boxes)])
+    return out
 
 
 def _chain(first: Callable, second: Callable | None) -> Callable:
