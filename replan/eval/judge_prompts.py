@@ -38,20 +38,26 @@ class JudgeParseError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- templates
-def load_templates(prompts_dir: str | Path | None = None) -> dict[str, str]:
-    """``{dimension: template text}`` from ``prompts_dir`` (else replan's own wording); ``ValueError`` naming any
-    missing file, missing or unknown placeholder, or misplaced image marker."""
+def load_templates(prompts_dir: str | Path | None = None, files: dict[str, str] | None = None,
+                   package: str = "replan.eval") -> dict[str, str]:
+    """``{name: template text}`` from ``prompts_dir`` (else ``<package>/prompts``); ``ValueError`` naming any missing
+    file, missing or unknown placeholder, or misplaced image marker.
+
+    ``files`` maps each template's file stem to the judge dimension whose rules it follows (default: the four eval
+    dimensions, each its own file)."""
+    files = files or {dim: dim for dim in DIMENSIONS}
+    default_dir = package.replace(".", "/") + "/prompts"
     templates = {}
-    for dim in DIMENSIONS:
+    for name, dim in files.items():
         if prompts_dir is None:
-            text = resources.files("replan.eval").joinpath(f"prompts/{dim}.txt").read_text(encoding="utf-8")
+            text = resources.files(package).joinpath(f"prompts/{name}.txt").read_text(encoding="utf-8")
         else:
-            path = Path(prompts_dir) / f"{dim}.txt"
+            path = Path(prompts_dir) / f"{name}.txt"
             if not path.is_file():
-                raise ValueError(f"prompt template {path} does not exist (need {', '.join(DIMENSIONS)} .txt files)")
+                raise ValueError(f"prompt template {path} does not exist (need {', '.join(files)} .txt files)")
             text = path.read_text(encoding="utf-8")
-        check_template(dim, text, where=f"{prompts_dir or 'replan/eval/prompts'}/{dim}.txt")
-        templates[dim] = text
+        check_template(dim, text, where=f"{prompts_dir or default_dir}/{name}.txt")
+        templates[name] = text
     return templates
 
 

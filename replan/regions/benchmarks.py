@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from replan.eval.dataset import open_dataset
 from replan.images import to_rgb
 
 EMU_DATASET, EMU_SPLIT = "facebook/emu_edit_test_set", "test"
@@ -57,27 +58,6 @@ def resolve(source: str, builder: str, name: str) -> str:
     return str(build_offline(builder, name))
 
 
-def open_table(source: str, split: str):
-    """A ``datasets.Dataset``: hub id, ``save_to_disk`` directory (or its ``<split>`` subfolder), a directory in hub
-    layout, or a parquet/json/jsonl file."""
-    import datasets
-
-    path = Path(source)
-    try:
-        if path.is_dir() and (path / "state.json").is_file():
-            return datasets.load_from_disk(str(path))
-        if path.is_dir() and (path / split / "state.json").is_file():
-            return datasets.load_from_disk(str(path / split))
-        if path.is_file():
-            kind = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}.get(path.suffix)
-            if kind is None:
-                raise ValueError(f"dataset file {path} must be .parquet, .json or .jsonl")
-            return datasets.load_dataset(kind, data_files=str(path), split="train")
-        return datasets.load_dataset(str(source), split=split)
-    except (OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise ValueError(f"cannot open dataset {source!r} (split {split!r}): {e}") from None
-
-
 def _image(value, what: str) -> Image.Image:
     if not isinstance(value, Image.Image):
         raise ValueError(f"{what} is not an image (got {type(value).__name__})")
@@ -92,7 +72,7 @@ def _text(value) -> str:
 def load_emu(source: str = EMU_DATASET, split: str = EMU_SPLIT, limit: int | None = None) -> list[EditRecord]:
     source = resolve(source, "replan.testing.vision:save_tiny_emu", "tiny-emu-edit")
     records = []
-    for i, row in enumerate(open_table(source, split)):
+    for i, row in enumerate(open_dataset(source, split)):
         for column in ("image", "instruction"):
             if column not in row:
                 raise ValueError(f"Emu Edit row {i} has no '{column}' column")
@@ -117,7 +97,7 @@ def load_magicbrush(source: str, split: str = MAGICBRUSH_SPLIT, limit: int | Non
     if (folder / "edit_sessions.json").is_file():
         records = _magicbrush_folder(folder)
     else:
-        records = _magicbrush_table(open_table(source, split))
+        records = _magicbrush_table(open_dataset(source, split))
     sessions: dict[str, list[EditRecord]] = {}
     for r in records:
         sessions.setdefault(r.session, []).append(r)

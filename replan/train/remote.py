@@ -30,13 +30,12 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from replan.config_io import check_keys, read_yaml
-from replan.eval.judges import JudgeConfigError, JudgeResult, OpenAIJudge, _post_json, build_parts, check_template
+from replan.eval.judges import JudgeConfigError, JudgeResult, OpenAIJudge, _post_json, build_parts, load_templates
 from replan.images import load_image, to_rgb
 from replan.planner.openai_backend import _error_message, _model_ids, _one_line, _Refused, _Transient
 from replan.train.rewards import EVAL_DIMENSION, JUDGE_DIMENSIONS, editing_score, planning_score, should_execute
@@ -184,18 +183,8 @@ class EditClient(_Pooled):
 def load_reward_templates(prompts_dir: str | Path | None = None) -> dict[str, str]:
     """``{target, effect, consistency: template}`` from ``prompts_dir`` (else ``replan/train/prompts``), checked
     like the eval templates (placeholders, image markers)."""
-    templates = {}
-    for dim in JUDGE_DIMENSIONS:
-        if prompts_dir is None:
-            text = resources.files("replan.train").joinpath(f"prompts/{dim}.txt").read_text(encoding="utf-8")
-        else:
-            path = Path(prompts_dir) / f"{dim}.txt"
-            if not path.is_file():
-                raise ValueError(f"judge template {path} does not exist (need target, effect, consistency .txt)")
-            text = path.read_text(encoding="utf-8")
-        check_template(EVAL_DIMENSION[dim], text, where=f"{prompts_dir or 'replan/train/prompts'}/{dim}.txt")
-        templates[dim] = text
-    return templates
+    return load_templates(prompts_dir, files={dim: EVAL_DIMENSION[dim] for dim in JUDGE_DIMENSIONS},
+                          package="replan.train")
 
 
 def _shrink(image: Image.Image, max_pixels: int | None) -> Image.Image:
