@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -120,11 +121,11 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
         "planner": None if plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
         "lora_path": args.lora_path, "plan_file": args.plan, "no_plan": args.no_plan,
         "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
-        "resolved": {"steps": args.steps or pipe.editor.spec.steps, "generation_size": out.edit.generation_size,
+        "resolved": {"steps": pipe.editor.spec.steps if args.steps is None else args.steps,
+                     "generation_size": out.edit.generation_size,
                      "boxes": [list(b) for b in out.edit.boxes]},
         "timings_s": {k: round(v, 3) for k, v in out.timings.items()},
-        "replay": (f"python -m replan.infer --image {image_path} --plan <this dir>/plan.json --backbone "
-                   f"{pipe.editor.spec.name} --seed {args.seed}" + (f" --steps {args.steps}" if args.steps else "")),
+        "replay": replay_command(args, image_path, pipe.editor.spec.name),
     }
     files = {"result.png": lambda p: out.image.save(p)}
     if not args.only_save_image:
@@ -136,6 +137,20 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
         })
     write_atomically(out_dir, files)
     return out_dir
+
+
+def replay_command(args, image_path, backbone: str) -> str:
+    """The command that re-runs this edit from the saved plan (same model, seed and every edit option)."""
+    parts = ["python", "-m", "replan.infer", "--image", str(image_path), "--plan", "<this dir>/plan.json",
+             "--backbone", backbone]
+    if args.model:
+        parts += ["--model", args.model]
+    flags = {"steps": "--steps", "seed": "--seed", "expand": "--expand", "expand_mode": "--expand_mode",
+             "switch": "--switch_ratio", "attention": "--attention", "guidance": "--guidance"}
+    for key, value in edit_options(args).items():
+        if value is not None:
+            parts += [flags[key], str(value)]
+    return " ".join(shlex.quote(p) if p != "<this dir>/plan.json" else p for p in parts)
 
 
 def write_atomically(out_dir: Path, files: dict) -> None:

@@ -271,6 +271,9 @@ class RegionPlan:
             raise ValueError("clipping needs the image size: pass image_size=(W, H)")
         regions, repairs = [], list(self.repairs)
         for i, r in enumerate(self.regions, 1):
+            if r.mask is not None and r.mask_size != tuple(size):
+                raise ValueError(f"region {i} has a {r.mask_size[0]}x{r.mask_size[1]} mask; clipping cannot change a "
+                                 f"mask's frame to {size[0]}x{size[1]}: use plan.rescaled(({size[0]}, {size[1]}))")
             box = clip_box(r.bbox, size)
             if box_area(box) <= 0:
                 repairs.append(
@@ -320,6 +323,14 @@ class RegionPlan:
             except (ValueError, TypeError) as e:
                 raise ValueError(f"plan region {i}: {e}") from None
         size = d.get("image_size")
+        if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 2):
+            raise ValueError(f"plan 'image_size' must be [W, H], got {size!r}")
+        for key in ("reasoning", "raw_text"):
+            if not isinstance(d.get(key, "") or "", str):
+                raise ValueError(f"plan '{key}' must be a string")
+        repairs = d.get("repairs", []) or []
+        if not isinstance(repairs, list) or not all(isinstance(r, str) for r in repairs):
+            raise ValueError("plan 'repairs' must be a list of strings")
         return cls(
             global_prompt=d["global_prompt"],
             regions=tuple(out),
@@ -357,8 +368,14 @@ class RegionPlan:
     def to_response(self) -> str:
         """Render in the planner grammar (``<think>…<gen_image>…<region>[…]``), e.g. to replay a hand-edited plan.
 
-        The grammar has boxes only: a mask region is written as its bounding box.
+        The grammar has boxes only: a mask region is written as its bounding box. ``<`` and ``>`` inside hints are
+        escaped in the JSON (``\\u003c``), so a hint containing tag text survives; a global prompt or reasoning
+        containing a closing tag cannot be represented and raises ``ValueError``.
         """
+        for name, text, tag in (("reasoning", self.reasoning, "</think>"),
+                                ("global prompt", self.global_prompt, "</gen_image>")):
+            if tag in text:
+                raise ValueError(f"the {name} contains {tag!r}, which the planner grammar cannot hold")
         items = []
         for r in self.regions:
             item = {"bbox_2d": [_exact(v) for v in r.bbox]}
@@ -366,9 +383,10 @@ class RegionPlan:
                 item["point_2d"] = [_exact(v) for v in r.point]
             item["hint"] = r.hint
             items.append(item)
+        region_json = json.dumps(items, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
         return (
             f"<think>{self.reasoning}</think><gen_image>{self.global_prompt}</gen_image>"
-            f"<region>{json.dumps(items, ensure_ascii=False)}</region>"
+            f"<region>{region_json}</region>"
         )
 
 

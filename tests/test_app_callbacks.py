@@ -142,3 +142,28 @@ def test_app_run_with_and_without_regions(demo):
                         max_area=w * h, _auto_resize=False, num_inference_steps=2, guidance_scale=2.5,
                         generator=__import__("torch").Generator().manual_seed(0)).images[0]
     assert np.array_equal(np.asarray(image), np.asarray(stock.resize((160, 128), Image.LANCZOS)))
+
+
+def test_a_dropped_box_does_not_break_run_or_preview(demo):
+    value = plan_to_annotator(IMAGE.resize((160, 128)), RegionPlan("warm", PLAN.regions, image_size=(160, 128)))
+    value["boxes"].append({"xmin": 5, "ymin": 5, "xmax": 30, "ymax": 30, "label": ""})  # no hint: left out
+    _, _, matrix_update = _fn(demo, "on_annotator_change")(value, None)
+    matrix = matrix_update["value"]
+    assert len(matrix) == len(matrix_groups(2, False))  # sized by the 2 regions that will run, not the 3 boxes
+    image, _, submitted, status = _fn(demo, "run")(value, "warm", matrix, 0.5, 0.15, 2, 2.5, 0,
+                                                   progress=lambda *a, **k: None)
+    assert "2 region(s)" in status and "no hint" in status
+    preview, status = _fn(demo, "preview")(value, "warm", matrix, 0.15)
+    assert preview is not None and "updated" in status
+
+
+def test_mask_preview_follows_the_expand_value():
+    rules = default_rules(2)
+    grey = np.array([128, 128, 128])
+
+    def tinted(expand):
+        blank = Image.new("RGB", IMAGE.size, (128, 128, 128))
+        out = np.asarray(mask_preview(blank, PLAN, rules, (7, 10), False, expand)).reshape(-1, 3)
+        return int((np.abs(out - grey).max(axis=1) > 2).sum())
+
+    assert tinted(0.3) > tinted(0.0)

@@ -191,3 +191,18 @@ def test_cli_unreachable_endpoint_exits_3(tmp_path, capsys):
                "--output_dir", str(out), "--backbone", "tiny", "--device", "cpu", "--planner_retries", "1"])
     err = capsys.readouterr().err
     assert rc == 3 and "planner failed" in err and not out.exists()
+
+
+def test_replay_command_carries_every_option(tmp_path):
+    out = tmp_path / "o 2"
+    assert main(["--image", DESK, "--plan", DESK_PLAN, "--output_dir", str(out), "--expand", "0.4",
+                 "--switch_ratio", "0.5", "--guidance", "5", "--seed", "3"] + TINY) == 0
+    replay = json.loads((out / "config.json").read_text())["replay"]
+    for flag in ("--expand 0.4", "--switch_ratio 0.5", "--guidance 5.0", "--seed 3", "--steps 3", "--backbone tiny"):
+        assert flag in replay, (flag, replay)
+
+
+def test_zero_steps_is_an_error(tmp_path, capsys):
+    assert main(["--image", DESK, "--plan", DESK_PLAN, "--output_dir", str(tmp_path / "o"), "--backbone", "tiny",
+                 "--steps", "0", "--device", "cpu"]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err

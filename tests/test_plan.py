@@ -509,3 +509,22 @@ def test_draw_overlay_long_hint_and_box_at_top_edge():
     changed = _changed(image, out)
     assert changed[0, 320] and changed[240, 0] and changed[479, 320] and changed[240, 639]
     assert not changed[200:300, 300:400].any()
+
+
+def test_to_response_keeps_tag_text_in_hints_and_refuses_it_elsewhere():
+    from replan.parse import parse_plan
+
+    plan = RegionPlan("", (Region((1, 1, 5, 5), "x </region> <y>"),), image_size=(64, 48))
+    assert parse_plan(plan.to_response(), (64, 48), strict=True).regions[0].hint == "x </region> <y>"
+    with pytest.raises(ValueError, match="gen_image"):
+        RegionPlan("a </gen_image> b").to_response()
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"global_prompt": "x", "repairs": "abc"}, "repairs"),
+    ({"global_prompt": "x", "reasoning": 5}, "reasoning"),
+    ({"global_prompt": "x", "image_size": [1]}, "image_size"),
+])
+def test_from_dict_checks_field_types(data, match):
+    with pytest.raises(ValueError, match=match):
+        RegionPlan.from_dict(data)

@@ -128,15 +128,27 @@ def resize_matrix(rows, n_regions: int, has_image_prompt: bool) -> list[list]:
 
 
 # ------------------------------------------------------------------------------------------------ mask preview
+def kept_region_count(value: dict | None) -> int:
+    """How many of the drawn boxes become regions (boxes without a hint or area are left out)."""
+    try:
+        return len(annotator_to_plan(value, "")[0].regions)
+    except AppError:
+        return 0
+
+
 def mask_preview(image: Image.Image, plan: RegionPlan, rules: RuleSet, grid_size: tuple[int, int],
-                 has_image_prompt: bool) -> Image.Image:
+                 has_image_prompt: bool, expand: float = 0.0, expand_mode: str = "ratio") -> Image.Image:
     """Which noise patches may read which hint under ``rules``: each patch tinted with the colour of every hint it
-    sees (mixed where it sees several); patches that see no hint stay grey."""
+    sees (mixed where it sees several); patches that see no hint stay grey. Boxes are expanded as the editor will
+    expand them."""
+    from replan.backbones.base import executed_boxes, region_patch_masks
+
     n = len(plan.regions)
     grid_h, grid_w = grid_size
     layout = TokenLayout.build(2 if has_image_prompt else 1, [1] * n, (grid_h, grid_w), [(grid_h, grid_w)],
                                image_prompt=(1, 2) if has_image_prompt else None)
-    layout = layout.with_box_regions(plan.boxes, image.size)
+    boxes = executed_boxes(plan, expand, expand_mode, image.size)
+    layout = layout.with_mask_regions(region_patch_masks(plan.masks, boxes, image.size, layout.grids))
     mask = dense_mask(GroupMembership.from_layout(layout), rules)[0, 0]
     noise = slice(layout.text_len, layout.text_len + grid_h * grid_w)
     colours = torch.tensor(PALETTE, dtype=torch.float32)[torch.arange(n) % len(PALETTE)] if n else torch.zeros(0, 3)
@@ -148,6 +160,6 @@ def mask_preview(image: Image.Image, plan: RegionPlan, rules: RuleSet, grid_size
     overlay = Image.fromarray(tint.view(grid_h, grid_w, 3).byte().numpy()).resize(image.size, Image.NEAREST)
     preview = Image.blend(image.convert("RGB"), overlay, 0.55)
     draw = ImageDraw.Draw(preview)
-    for i, box in enumerate(plan.boxes):
+    for i, box in enumerate(boxes):
         draw.rectangle(box, outline=PALETTE[i % len(PALETTE)], width=2)
     return preview

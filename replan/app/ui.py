@@ -19,6 +19,7 @@ from replan.app.callbacks import (
     annotator_to_plan,
     as_image,
     default_matrix,
+    kept_region_count,
     mask_preview,
     matrix_headers,
     matrix_to_rules,
@@ -61,7 +62,8 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
         return rows, gr.update(choices=choices, value=choices[0] if choices else None), len(boxes)
 
     def on_annotator_change(value, matrix):
-        rows, pick, n = regions_view(value)
+        rows, pick, _ = regions_view(value)
+        n = kept_region_count(value)  # the matrix covers the regions that will run, numbered as they will run
         new = resize_matrix(matrix, n, has_imgp)
         return rows, pick, gr.update(value=new, headers=matrix_headers(n, has_imgp))
 
@@ -137,14 +139,16 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
             return gr.update(), gr.update(), fail(AppError(f"That plan cannot be used: {e}"))
         return plan_to_annotator(image, plan.clipped(image.size)), plan.global_prompt, note
 
-    def preview(value, global_prompt, matrix):
+    def preview(value, global_prompt, matrix, expand):
         try:
             plan, _ = annotator_to_plan(value, global_prompt)
             image = as_image(value["image"])
             rules = matrix_to_rules(matrix, len(plan.regions), has_imgp)
             w, h = pipe.editor.generation_size(image.size)
             patch = pipe.editor.patch
-            return mask_preview(image, plan, rules, (h // patch, w // patch), has_imgp), "Mask preview updated."
+            grid = (h // patch, w // patch)
+            return mask_preview(image, plan, rules, grid, has_imgp, float(expand), spec.expand_mode), \
+                "Mask preview updated."
         except (AppError, ValueError) as e:
             return None, fail(e)
 
@@ -226,8 +230,8 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
         delete_btn.click(delete_region, [annot, pick], [annot, status])
         download.click(download_plan, [annot, global_prompt], download)
         upload.upload(upload_plan, [annot, upload], [annot, global_prompt, status])
-        reset.click(lambda v: default_matrix(len((v or {}).get("boxes") or []), has_imgp), annot, matrix)
-        preview_btn.click(preview, [annot, global_prompt, matrix], [mask, status])
+        reset.click(lambda v: default_matrix(kept_region_count(v), has_imgp), annot, matrix)
+        preview_btn.click(preview, [annot, global_prompt, matrix, expand], [mask, status])
         run_btn.click(run, [annot, global_prompt, matrix, switch, expand, steps, guidance, seed],
                       [result, overlay, submitted, status])
     demo.queue(default_concurrency_limit=1, max_size=16)

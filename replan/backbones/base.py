@@ -173,7 +173,7 @@ class RegionEditor:
         plan.check_image(image.size)
         plan.validate(image.size)
         defaults = self.spec.defaults(entry)
-        steps = int(steps or self.spec.steps)
+        steps = self.spec.steps if steps is None else int(steps)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         expand = defaults.expand if expand is None else float(expand)
@@ -185,8 +185,7 @@ class RegionEditor:
 
         gen_size = self.generation_size(image.size)
         encoded = self.encode(plan, image, gen_size, options)
-        boxes = [r.bbox if r.mask is not None else b  # a mask is used as drawn: only boxes are expanded
-                 for r, b in zip(plan.regions, plan.expanded_boxes(expand, expand_mode, image.size))]
+        boxes = executed_boxes(plan, expand, expand_mode, image.size)
         result = EditResult(image=image, plan=plan, generation_size=gen_size, boxes=boxes)
         if not plan.regions:  # plain global edit: the stock pipeline, nothing installed
             out = self.run_pipeline(image, gen_size, encoded, options, callback)
@@ -231,6 +230,12 @@ class RegionEditor:
     @staticmethod
     def _resize_back(out: Image.Image, size: Size) -> Image.Image:
         return out if out.size == tuple(size) else out.resize(tuple(size), Image.LANCZOS)
+
+
+def executed_boxes(plan: RegionPlan, expand: float, expand_mode: str, image_size: Size) -> list:
+    """The boxes the editor uses: expanded boxes, except for mask regions (a mask is used as drawn)."""
+    return [r.bbox if r.mask is not None else b
+            for r, b in zip(plan.regions, plan.expanded_boxes(expand, expand_mode, image_size))]
 
 
 def region_patch_masks(masks: Sequence, boxes: Sequence, original_size: Size, grids) -> list[list[torch.Tensor]]:
