@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from replan.coords import smart_resize
@@ -206,3 +207,23 @@ def test_zero_steps_is_an_error(tmp_path, capsys):
     assert main(["--image", DESK, "--plan", DESK_PLAN, "--output_dir", str(tmp_path / "o"), "--backbone", "tiny",
                  "--steps", "0", "--device", "cpu"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
+
+
+def test_local_planner_loads_a_lora_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    from replan.backbones.registry import build_offline
+
+    base = build_offline("replan.testing.qwenvl:save_tiny_qwen25vl", "tiny-qwen25vl")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(model, config)
+    lora.save_pretrained(tmp_path / "adapter")
+    plain = load_planner("local", str(base), device="cpu", max_new_tokens=2)
+    adapted = load_planner("local", str(base), lora_path=str(tmp_path / "adapter"), device="cpu", max_new_tokens=2)
+    name = next(n for n, _ in plain.model.named_parameters() if "q_proj.weight" in n)
+    before = dict(plain.model.named_parameters())[name]
+    after = dict(adapted.model.named_parameters())[name]
+    assert before.shape == after.shape and not torch.equal(before, after)  # the adapter was merged into the weights
+    assert not any("lora" in n for n, _ in adapted.model.named_parameters())
