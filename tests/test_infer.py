@@ -227,3 +227,13 @@ def test_local_planner_loads_a_lora_adapter(tmp_path):
     after = dict(adapted.model.named_parameters())[name]
     assert before.shape == after.shape and not torch.equal(before, after)  # the adapter was merged into the weights
     assert not any("lora" in n for n, _ in adapted.model.named_parameters())
+
+
+@pytest.mark.parametrize("backbone", ["tiny_klein", pytest.param("tiny_qwen", marks=pytest.mark.slow)])
+def test_offline_smoke_backbones_of_the_other_families(tmp_path, backbone):
+    out = tmp_path / backbone
+    assert main(["--image", DESK, "--plan", DESK_PLAN, "--output_dir", str(out), "--backbone", backbone,
+                 "--steps", "2", "--device", "cpu"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"] == backbone and len(config["resolved"]["boxes"]) == 2
+    assert Image.open(out / "result.png").size == (640, 480)

@@ -134,6 +134,20 @@ BACKBONES["tiny"] = replace(
     dtype="float32",
 )
 
+# The same smoke path for the other families (random weights; the Qwen one runs at the real ~1 MP size, so it takes
+# a few seconds per edit on a CPU).
+BACKBONES["tiny_qwen"] = replace(
+    BACKBONES["qwenimageedit"], name="tiny_qwen", model_id="(built offline by replan.testing)",
+    description="TINY RANDOM Qwen-Image-Edit for offline smoke runs: the output is noise, every code path is real",
+    builder="replan.testing.qwen_image:save_tiny_qwen_edit", dtype="float32",
+)
+BACKBONES["tiny_klein"] = replace(
+    BACKBONES["flux_klein_base"], name="tiny_klein", model_id="(built offline by replan.testing)",
+    description="TINY RANDOM FLUX.2 klein (base) for offline smoke runs: the output is noise, every code path is real",
+    builder="replan.testing.klein:save_tiny_klein", dtype="float32",
+    editor_kwargs={"text_encoder_out_layers": (1, 2, 3), "max_area": 256 * 256},
+)
+
 ALIASES: dict[str, str] = {
     "flux": "flux_kontext",
     "qwen": "qwenimageedit",
