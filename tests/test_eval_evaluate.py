@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from replan.eval.dataset import load_samples
 from replan.eval.judges import SCORE_KEYS, Judge, load_templates
 from replan.eval.scoring import DIMENSIONS, format_table, sample_metrics, summarize
 from replan.testing.ivedit import save_tiny_ivedit, tiny_ivedit_rows
+from replan.testing.standins import JSONHandler
 
 MODEL = "local/judge-vl"
 KEY = "sk-eval-123"
@@ -95,10 +96,7 @@ class JudgeServer:
         self.lock, self.gate = threading.Lock(), threading.Event()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(JSONHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 try:
@@ -122,17 +120,6 @@ class JudgeServer:
                 with server.lock:
                     server.answered.append(call)
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
-
-            def _send(self, status, body):
-                data = json.dumps(body).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:
-                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"

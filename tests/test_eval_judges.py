@@ -10,7 +10,7 @@ import os
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -33,6 +33,7 @@ from replan.eval.judges import (
     render,
 )
 from replan.eval.scoring import DIMENSIONS
+from replan.testing.standins import JSONHandler
 
 MODEL = "test/judge-vl"
 KEY = "sk-judge-123"
@@ -89,10 +90,7 @@ class Server:
         self.errors: list[str] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(JSONHandler):
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 request = {"path": self.path, "headers": dict(self.headers), "body": json.loads(raw)}
@@ -114,17 +112,6 @@ class Server:
                     text = json.dumps({"reasoning": "looks right", key: max(SCALES[request["dimension"]])})
                     step = (200, chat(text) if kind == "openai" else gemini(text))
                 self._send(*step)
-
-            def _send(self, status, body):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:  # the client gave up (timeout test)
-                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"

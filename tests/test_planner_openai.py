@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -17,6 +17,7 @@ from replan.coords import smart_resize
 from replan.parse import PlanParseError
 from replan.planner.base import PlannerError
 from replan.planner.openai_backend import DEFAULT_MODEL, OpenAIPlanner
+from replan.testing.standins import JSONHandler
 
 MODEL = "test/RePlan-model"
 KEY = "sk-test-123"
@@ -74,10 +75,7 @@ class Server:
         self.models_status = 200
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 if self.path == "/v1/models":
                     body = {"object": "list", "data": [{"id": server.expected_model, "object": "model"}]}
@@ -107,19 +105,6 @@ class Server:
                     self._send(200, completion(replan_reply(*request["sent_size"])))
                 else:
                     self._send(*step)
-
-            def _send(self, status, body, headers=None):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:  # the client gave up (timeout test)
-                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"

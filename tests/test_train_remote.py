@@ -10,13 +10,14 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from replan.eval.judges import JudgeConfigError
+from replan.testing.standins import JSONHandler
 from replan.train.remote import (
     EditClient,
     EditError,
@@ -85,10 +86,7 @@ class Standin:
         self.lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 step = outer._pop(outer.health)
                 outer.events.append((time.monotonic(), f"GET {self.path}"))
@@ -114,17 +112,6 @@ class Standin:
                 finally:
                     with outer.lock:
                         outer.active -= 1
-
-            def _send(self, status, body):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:  # the client gave up (timeout test)
-                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -67,11 +67,29 @@ class _Server:
         self.httpd.server_close()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class JSONHandler(BaseHTTPRequestHandler):
+    """Base for local stand-in servers (here and in tests): quiet, JSON replies, tolerant of clients that gave up."""
 
     def log_message(self, *args):  # quiet
         pass
+
+    def _send(self, status: int, payload, headers: dict | None = None) -> None:
+        """Reply with ``payload`` (JSON-encoded unless already bytes) and optional extra headers."""
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client gave up (timeout tests)
+            pass
+
+
+class _Handler(JSONHandler):
+    protocol_version = "HTTP/1.1"
 
     @property
     def owner(self):
@@ -83,17 +101,6 @@ class _Handler(BaseHTTPRequestHandler):
             return json.loads(self.rfile.read(n) or b"{}")
         except ValueError:
             return {}
-
-    def _send(self, status: int, payload) -> None:
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-            pass
 
 
 class StandIns:
