@@ -155,28 +155,24 @@ class EditClient(_Pooled):
 
     async def wait_ready(self, timeout: float = 1800.0, interval: float = 2.0) -> None:
         """Poll ``GET /health`` until ``"ready"``; ``RewardServerError`` on ``"failed"``, 404 or ``timeout``."""
-        url, deadline, last = self.base_url + "/health", time.monotonic() + timeout, "no answer yet"
-        while True:
+        url = self.base_url + "/health"
+
+        def check(status: int, raw: bytes):
             try:
-                status, raw = await self._run(_get, url, max(0.05, min(10.0, deadline - time.monotonic())))
-                try:
-                    state = json.loads(raw.decode("utf-8")).get("status")
-                except (ValueError, AttributeError, RecursionError):
-                    state = None
-                if status == 200 and state == "ready":
-                    return
-                if state == "failed":
-                    raise RewardServerError(f"edit server at {self.base_url} failed to load its model: "
-                                            f"{_error_message(raw)}")
-                if status == 404:
-                    raise RewardServerError(f"edit server has no {url} (HTTP 404): is edit_url the server root, "
-                                            "without /v1?")
-                last = f"HTTP {status}, status {state!r}"
-            except _Transient as e:
-                last = str(e)
-            if time.monotonic() >= deadline:
-                raise RewardServerError(f"edit server at {url} not ready after {timeout:g} s; last: {last}")
-            await asyncio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+                state = json.loads(raw.decode("utf-8")).get("status")
+            except (ValueError, AttributeError, RecursionError):
+                state = None
+            if status == 200 and state == "ready":
+                return True
+            if state == "failed":
+                raise RewardServerError(f"edit server at {self.base_url} failed to load its model: "
+                                        f"{_error_message(raw)}")
+            if status == 404:
+                raise RewardServerError(f"edit server has no {url} (HTTP 404): is edit_url the server root, "
+                                        "without /v1?")
+            return f"HTTP {status}, status {state!r}"
+
+        await _poll(self._run, url, None, check, "edit server", timeout, interval)
 
 
 # ---------------------------------------------------------------------------------------------------- judge
@@ -240,26 +236,40 @@ class JudgeClient(_Pooled):
 
     async def wait_ready(self, timeout: float = 1800.0, interval: float = 2.0) -> list[str]:
         """Poll ``GET {base_url}/models`` until it answers 200 listing the model; the served model ids."""
-        url, deadline, last = self.base_url + "/models", time.monotonic() + timeout, "no answer yet"
-        while True:
-            try:
-                status, raw = await self._run(_get, url, max(0.05, min(10.0, deadline - time.monotonic())),
-                                              self._judge._api_key)
-                if status == 200:
-                    ids = _model_ids(raw)
-                    if ids and self.model not in ids:
-                        raise JudgeConfigError(f"judge server at {self.base_url} serves {ids}, not {self.model!r}: "
-                                               "set judge_model to the served name")
-                    return ids
-                if status in (401, 403, 404):
-                    what = "refused the API key" if status != 404 else "has no /models (does judge_url end in /v1?)"
-                    raise JudgeConfigError(f"judge server at {url} {what}: HTTP {status} {_error_message(raw)}")
-                last = f"HTTP {status} {_error_message(raw)}"
-            except _Transient as e:
-                last = str(e)
-            if time.monotonic() >= deadline:
-                raise RewardServerError(f"judge server at {url} not ready after {timeout:g} s; last: {last}")
-            await asyncio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+        url = self.base_url + "/models"
+
+        def check(status: int, raw: bytes):
+            if status == 200:
+                ids = _model_ids(raw)
+                if ids and self.model not in ids:
+                    raise JudgeConfigError(f"judge server at {self.base_url} serves {ids}, not {self.model!r}: "
+                                           "set judge_model to the served name")
+                return ids
+            if status in (401, 403, 404):
+                what = "refused the API key" if status != 404 else "has no /models (does judge_url end in /v1?)"
+                raise JudgeConfigError(f"judge server at {url} {what}: HTTP {status} {_error_message(raw)}")
+            return f"HTTP {status} {_error_message(raw)}"
+
+        return await _poll(self._run, url, self._judge._api_key, check, "judge server", timeout, interval)
+
+
+async def _poll(run, url: str, api_key, check, what: str, timeout: float, interval: float):
+    """GET ``url`` until ``check(status, raw)`` returns a non-string result (a string is the reason to keep waiting;
+    ``check`` raises on a final failure); ``RewardServerError`` after ``timeout`` seconds."""
+    deadline, last = time.monotonic() + timeout, "no answer yet"
+    while True:
+        try:
+            wait = max(0.05, min(10.0, deadline - time.monotonic()))
+            status, raw = await run(_get, url, wait, api_key)
+            result = check(status, raw)
+            if not isinstance(result, str):
+                return result
+            last = result
+        except _Transient as e:
+            last = str(e)
+        if time.monotonic() >= deadline:
+            raise RewardServerError(f"{what} at {url} not ready after {timeout:g} s; last: {last}")
+        await asyncio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
 
 
 # ---------------------------------------------------------------------------------------------------- the reward
