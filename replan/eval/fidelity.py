@@ -218,8 +218,7 @@ def measure(run: str | Path, reference: str | Path | None = None, dataset: str |
             split: str | None = None, boxes: str = "plan", lpips: str = "auto", lpips_net: str = "alex",
             device: str = "cpu", limit: int | None = None) -> dict:
     """Compute every available measurement for ``run`` (see the module docstring); returns the report dict."""
-    from replan.eval.dataset import load_samples
-    from replan.eval.generate import resolve_dataset
+    from replan.eval.dataset import load_samples, resolve_dataset
 
     run = Path(run)
     if boxes not in ("plan", "expanded"):

@@ -72,13 +72,7 @@ from replan.infer import write_atomically
 logger = logging.getLogger("replan.eval.generate")
 
 
-
 # ---------------------------------------------------------------------------------------------------- rephrase
-def generate_text(planner, prompt: str) -> str:
-    """A text-only reply of the planner VLM (no image in the message), through its public ``generate_text``."""
-    return planner.generate_text(prompt)
-
-
 def clean_rephrase(text: str) -> str:
     """Strip whitespace and one pair of enclosing quotes from a rewrite."""
     text = (text or "").strip()
@@ -190,7 +184,7 @@ class Generator:
         info = {"template_sha256": _sha256(self.rephrase_template)}
         try:
             self.pipe._activate("plan")
-            reply = generate_text(self.pipe.planner, build_prompt(self.rephrase_template, instruction))
+            reply = self.pipe.planner.generate_text(build_prompt(self.rephrase_template, instruction))
         except Exception as e:  # the official baseline falls back on any exception, too
             logger.warning("rephrase failed (%s: %s); using the original instruction", type(e).__name__, e)
             info.update(fallback=True, reason=f"{type(e).__name__}: {e}", rephrased=None)
