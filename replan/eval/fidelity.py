@@ -218,7 +218,7 @@ def measure(run: str | Path, reference: str | Path | None = None, dataset: str |
             split: str | None = None, boxes: str = "plan", lpips: str = "auto", lpips_net: str = "alex",
             device: str = "cpu", limit: int | None = None) -> dict:
     """Compute every available measurement for ``run`` (see the module docstring); returns the report dict."""
-    from replan.eval.dataset import load_samples, resolve_dataset
+    from replan.eval.dataset import load_samples
 
     run = Path(run)
     if boxes not in ("plan", "expanded"):
@@ -240,7 +240,7 @@ def measure(run: str | Path, reference: str | Path | None = None, dataset: str |
     originals = {}
     if dataset is not None:
         try:
-            samples = load_samples(resolve_dataset(dataset), split)
+            samples = load_samples(dataset, split)
         except (ValueError, OSError) as e:
             if not (implicit and reference is not None):
                 raise ValueError(f"cannot load the inputs from dataset {dataset!r} (split {split!r}): {e}") from e

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from replan import __version__
 from replan.config_io import apply_overrides, check_keys, read_yaml
-from replan.eval.dataset import TINY_DATASET, resolve_dataset  # noqa: F401
 from replan.infer import write_atomically
 
 logger = logging.getLogger("replan.eval.generate")

@@ -50,7 +50,6 @@ from replan.eval.gen_config import (  # noqa: F401  (re-exported: the public nam
     REPHRASE_TEMPLATE,
     RESULT,
     RUN_CONFIG,
-    TINY_DATASET,
     GenerateConfig,
     PlannerConfig,
     _clean_stale_tmp,
@@ -62,7 +61,6 @@ from replan.eval.gen_config import (  # noqa: F401  (re-exported: the public nam
     default_device,
     dist_env,
     load_config,
-    resolve_dataset,
     resolved_settings,
     sample_seed,
     validate,
@@ -235,7 +233,7 @@ def run(cfg: GenerateConfig, rank: int = 0, world: int = 1, force: bool = False,
     out = Path(cfg.output_dir)
     settings = resolved_settings(cfg)
     check_run_config(out, cfg, settings, force)
-    samples = load_samples(resolve_dataset(cfg.dataset), cfg.split, cfg.limit, rank, world)
+    samples = load_samples(cfg.dataset, cfg.split, cfg.limit, rank, world)
     summary = Summary(total=len(samples))
     todo = []
     for sample in samples:
