@@ -71,7 +71,8 @@ class RegionController:
         self.plan: StepPlan | None = None
         self.sigmas: list[float] | None = None
         self.step = 0
-        self.call = 0
+        self.call = 0  # transformer calls made in the current step
+        self.branch = 0  # index of the call in flight within its step (the CFG branch)
         self.edited: torch.Tensor | None = None  # (L,) bool once known
         self.edited_ids = self.unedited_ids = None
         self.x0 = self.noise = self.reference = self.x_before = None
@@ -117,7 +118,7 @@ class RegionController:
         if noise.shape[1] != self.tokens:
             raise ValueError(f"the pipeline fed {noise.shape[1]} noisy tokens; the {self.grid[0]}x{self.grid[1]} "
                              f"grid has {self.tokens}")
-        branch = self.call
+        branch = self.branch = self.call
         self.call += 1
         if branch == 0:
             self.x_before = noise
