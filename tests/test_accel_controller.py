@@ -162,6 +162,10 @@ def test_cfg_branches_keep_their_own_caches(rescale):
     for i, last in ((3, 2), (7, 5)):
         v_last = combine(by_step[last])
         assert torch.allclose(trace[i + 1][:, e] - trace[i][:, e], -0.1 * 0.9 * v_last, atol=1e-5)
+    # frozen tokens never get a zero velocity in any branch (the norm rescaling would make it 0/0)
+    assert all(bool(torch.isfinite(x).all()) for x in trace)
+    u = ctl.unedited_ids
+    assert torch.equal(trace[3][:, u], trace[8][:, u])  # held where the jump left them until σ[N-P]
     assert ctl.summary()["edited_passes"] == 6  # 3 computed region steps × 2 branches
 
 

@@ -9,14 +9,15 @@ the negative one), combines the outputs, makes one Euler step with its scheduler
   ``ids`` (None: the whole input) with K/V mode ``kv`` (``"normal"``, ``"store"``: fill the region-instruction K/V
   cache, ``"cached"``: edited-only pass against it) and returns its output. The result is the velocity of every
   noisy token: real on full passes; on region steps the edited rows come from the edited-only pass or, on a
-  skipped step, from the velocity decay cache, and the unedited rows are zero (frozen) except on the step after a
-  partition/refresh pass, where they carry ``jump_scale · v`` so that the scheduler's own Euler steps make
-  RegionE's one-step jump. Outputs are kept per call index in the step (the CFG branch), so the pipeline's own
-  CFG combination turns them into the combined velocity: every supported combination is linear or per-token
-  norm-rescaled, and both commute with scaling a token's rows in every branch.
+  skipped step, from the velocity decay cache. On the step after a partition/refresh pass the unedited rows carry
+  ``jump_scale · v`` so that the scheduler's own Euler steps make RegionE's one-step jump; on later region steps
+  they carry the full pass's rows again and ``end_step`` puts the tokens back where the jump left them (frozen).
+  Outputs are kept per call index in the step (the CFG branch), so the pipeline's own CFG combination turns them
+  into the combined velocity: every supported combination is linear or per-token norm-rescaled, and both commute
+  with scaling a token's rows in every branch.
 * ``end_step(i, latents)`` is the step callback: after the partition step it computes the edited set from the
-  step's velocity ``(x_{i+1} - x_i) / (σ_{i+1} - σ_i)``; with ``pin_background`` it writes the reference image's
-  noising trajectory ``(1 - σ) · z_ref + σ · ε`` into every unedited token.
+  step's velocity ``(x_{i+1} - x_i) / (σ_{i+1} - σ_i)``; it holds the unedited tokens frozen between jumps, or with
+  ``pin_background`` writes the reference image's noising trajectory ``(1 - σ) · z_ref + σ · ε`` into them.
 
 Everything here is plain tensors; nothing knows a backbone. Batch size 1 (one image per call), as RegionE.
 """
@@ -76,6 +77,7 @@ class RegionController:
         self.edited: torch.Tensor | None = None  # (L,) bool once known
         self.edited_ids = self.unedited_ids = None
         self.x0 = self.noise = self.reference = self.x_before = None
+        self.frozen: torch.Tensor | None = None  # the unedited tokens since their last jump
         self.full_out: dict[int, torch.Tensor] = {}  # call index → noisy-token output of the last full store pass
         self.cache: dict[int, torch.Tensor] = {}  # call index → last computed velocity rows (velocity decay cache)
         self.stats: Counter = Counter()  # transformer passes by kind; image-stream query tokens they processed
@@ -165,8 +167,12 @@ class RegionController:
                 velocity = rows.to(noise.dtype)
             else:
                 velocity[:, ids] = rows.to(noise.dtype)
-        scale = self.plan.jump_scale[self.step]
-        if scale and not self.config.pin_background and len(self.unedited_ids):
+        if len(self.unedited_ids):
+            # the jump on the step after a full pass; otherwise the full pass's rows, which end_step undoes (a zero
+            # velocity would be exact but turns Qwen's per-token norm-rescaled CFG into 0/0)
+            scale = self.plan.jump_scale[self.step]
+            if not scale or self.config.pin_background:
+                scale = 1.0
             u = self.unedited_ids.to(noise.device)
             velocity[:, u] = (self.full_out[branch][:, u] * scale).to(noise.dtype)
         return velocity
@@ -176,10 +182,19 @@ class RegionController:
         """The step callback: partition after the partition step, pinning, then advance to step ``i + 1``."""
         if i != self.step:
             raise RuntimeError(f"step callback for step {i} while the controller is at step {self.step}")
-        if self.plan.kinds[i] == PARTITION and self.config.uses_partition:
+        kind = self.plan.kinds[i]
+        if kind == PARTITION and self.config.uses_partition:
             self._partition(i, latents)
-        if self.config.pin_background and self.edited is not None and len(self.unedited_ids):
-            latents = self.pin(latents, self.sigmas[i + 1])
+        if self.edited is not None and len(self.unedited_ids):
+            if self.config.pin_background:
+                latents = self.pin(latents, self.sigmas[i + 1])
+            elif kind in (REGION, SKIP):
+                u = self.unedited_ids.to(latents.device)
+                if self.plan.jump_scale[i]:  # they have just jumped: hold them there until the next full pass
+                    self.frozen = latents[:, u].clone()
+                else:
+                    latents = latents.clone()
+                    latents[:, u] = self.frozen
         self.step += 1
         self.call = 0
         return latents

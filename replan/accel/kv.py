@@ -51,9 +51,11 @@ class KVStore:
 
     def __init__(self):
         self.entries: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.peak = 0  # the most bytes held at once
 
     def put(self, attn, branch: int, key: torch.Tensor, value: torch.Tensor) -> None:
         self.entries[(id(attn), branch)] = (key, value)
+        self.peak = max(self.peak, self.nbytes)
 
     def get(self, attn, branch: int) -> tuple[torch.Tensor, torch.Tensor]:
         entry = self.entries.get((id(attn), branch))
@@ -68,6 +70,7 @@ class KVStore:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.peak = 0
 
 
 def cached_attention(attn, query, key, value, text_len: int, call: AccelCall, mask, backend, parallel_config):

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from replan.accel import AccelConfig, plan_token_mask
+from replan.accel.runtime import AccelRuntime
+from replan.accel.session import accelerate
 from replan.attention import (
     RegionAttention,
     RuleSchedule,
@@ -30,6 +33,10 @@ from replan.images import check_image_size, to_rgb
 from replan.plan import RegionPlan
 
 logger = logging.getLogger(__name__)
+
+# Region-attention processors that take their mask as the ``region`` attention kwarg compose with the K/V-cache
+# processors of replan.accel (edited-only passes restrict the mask to their rows). This build's wrappers do not.
+REGION_KWARG_PROCESSORS = False
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -82,6 +89,7 @@ class RegionEditor:
     def __init__(self, pipe, spec: BackboneSpec):
         self.pipe = pipe
         self.spec = spec
+        self._accel_runtime: AccelRuntime | None = None
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -157,6 +165,7 @@ class RegionEditor:
         symmetric_masking: bool = False,
         bboxes_attend_to_each_other: bool = True,
         callback: Callable | None = None,
+        accel: str | AccelConfig | Mapping | None = None,
         **options,
     ) -> EditResult:
         """Execute ``plan`` on ``image`` in one denoising pass.
@@ -164,7 +173,9 @@ class RegionEditor:
         ``steps``/``expand``/``switch`` default to the spec's values for ``entry``. ``rules``: a ``RuleSet`` or
         ``{"Query, Key": bool}`` dict (used for every step, or before the switch step when ``switch`` is given), or a
         full ``RuleSchedule``; ``None`` gives the official default schedule. ``options`` are family options
-        (e.g. ``guidance``). ``callback`` is a diffusers ``callback_on_step_end`` run after ours.
+        (e.g. ``guidance``). ``callback`` is a diffusers ``callback_on_step_end`` run after ours. ``accel``: an
+        acceleration mode (``"regione"``, ``"plan"``, …) or ``AccelConfig`` (``replan.accel``); None/"none" runs the
+        stock pipeline exactly as without it.
         """
         image = to_rgb(image)
         check_image_size(image.size)
@@ -178,18 +189,25 @@ class RegionEditor:
             raise ValueError(f"steps must be >= 1, got {steps}")
         expand = defaults.expand if expand is None else float(expand)
         expand_mode = expand_mode or self.spec.expand_mode
+        accel = self.resolve_accel(accel, steps)
         options = {"steps": steps, "delete_main_prompt": delete_main_prompt, **options}
         options["generator"] = generator or torch.Generator("cpu").manual_seed(int(seed))
         if delete_main_prompt and not plan.regions:
             raise ValueError("delete_main_prompt needs at least one region: the prompt would be empty")
 
+        if accel.regional and plan.regions and not REGION_KWARG_PROCESSORS:
+            raise ValueError(f"accel {accel.mode} on a plan with regions needs region attention that passes its "
+                             "masks as data (not in this build yet); use accel on a global edit, or cache-dit")
         gen_size = self.generation_size(image.size)
         encoded = self.encode(plan, image, gen_size, options)
         boxes = executed_boxes(plan, expand, expand_mode, image.size)
         result = EditResult(image=image, plan=plan, generation_size=gen_size, boxes=boxes)
         if not plan.regions:  # plain global edit: the stock pipeline, nothing installed
-            out = self.run_pipeline(image, gen_size, encoded, options, callback)
+            with self._accelerate(accel, plan, boxes, image.size, gen_size, steps) as acc:
+                out = self.run_pipeline(image, gen_size, encoded, options, _chain(acc.callback, callback))
             result.image = self._resize_back(out, image.size)
+            if accel.enabled:
+                result.extras["accel"] = acc.summary
             return result
 
         grid = (gen_size[1] // self.patch, gen_size[0] // self.patch)
@@ -209,11 +227,38 @@ class RegionEditor:
         schedule = self._schedule(rules, len(plan.regions), steps, switch, defaults.switch, rule_options)
         region = RegionAttention(layout, schedule, backend=attention,
                                  allow_unmasked=self.allows_unmasked_passes(options))
-        with region.installed(self.pipe.transformer, self.wrap_processor):
-            out = self.run_pipeline(image, gen_size, encoded, options, _chain(region.callback, callback))
+        with region.installed(self.pipe.transformer, self.wrap_processor), \
+                self._accelerate(accel, plan, boxes, image.size, gen_size, steps) as acc:
+            out = self.run_pipeline(image, gen_size, encoded, options,
+                                    _chain(region.callback, _chain(acc.callback, callback)))
         result.image = self._resize_back(out, image.size)
         result.layout, result.schedule, result.attention = layout, schedule, region
+        if accel.enabled:
+            result.extras["accel"] = acc.summary
         return result
+
+    # ------------------------------------------------------------------------------------------------ acceleration
+    def resolve_accel(self, accel, steps: int) -> AccelConfig:
+        """``accel`` (mode name, mapping or ``AccelConfig``) resolved for this backbone and step count; every
+        parameter is checked here, before any model work."""
+        config = AccelConfig.from_options(accel).resolved(self.spec.name, self.spec.family, steps)
+        if config.regional and getattr(self, "compiled", False):
+            raise ValueError(f"accel {config.mode} runs edited-only passes eagerly: do not combine it with compile")
+        return config
+
+    def accel_runtime(self) -> AccelRuntime:
+        """This editor's region-acceleration runtime, installed on its transformer on first use."""
+        if self._accel_runtime is None:
+            self._accel_runtime = AccelRuntime(self.pipe)
+        return self._accel_runtime
+
+    def _accelerate(self, config: AccelConfig, plan: RegionPlan, boxes, image_size: Size, gen_size: Size, steps: int):
+        grid = (gen_size[1] // self.patch, gen_size[0] // self.patch)
+        mask = None
+        if config.uses_plan:  # a plan without regions edits the whole image: nothing is outside it
+            mask = (plan_token_mask(boxes, plan.masks, image_size, grid, self.patch, config.margin) if plan.regions
+                    else torch.ones(grid[0] * grid[1], dtype=torch.bool))
+        return accelerate(config, self.pipe, steps=steps, grid=grid, plan_mask=mask, runtime=self.accel_runtime)
 
     @staticmethod
     def _schedule(rules, n, steps, switch, default_switch, rule_options) -> RuleSchedule:
@@ -248,7 +293,10 @@ def region_patch_masks(masks: Sequence, boxes: Sequence, original_size: Size, gr
     return out
 
 
-def _chain(first: Callable, second: Callable | None) -> Callable:
+def _chain(first: Callable | None, second: Callable | None) -> Callable | None:
+    if first is None:
+        return second
+
     def callback(pipe, step, timestep, callback_kwargs):
         callback_kwargs = first(pipe, step, timestep, callback_kwargs)
         if second is not None:
