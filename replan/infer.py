@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 
 from replan import __version__
-from replan.backbones import names
+from replan.accel.cli import accel_flags, accel_from_args, add_accel_arguments
+from replan.backbones import names, resolve
 from replan.images import load_image
 from replan.parse import PlanParseError
 from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention", choices=["dense", "flex"], default="dense", help="mask implementation")
     ap.add_argument("--only_save_image", action="store_true", help="write result.png only")
     ap.add_argument("-v", "--verbose", action="store_true")
+    add_accel_arguments(ap)
     return ap
 
 
@@ -80,7 +82,16 @@ def edit_options(args) -> dict:
                "switch": args.switch_ratio, "attention": args.attention}
     if args.guidance is not None:
         options["guidance"] = args.guidance
+    accel = accel_from_args(args)
+    if accel.enabled:
+        options["accel"] = accel
     return options
+
+
+def check_accel(args) -> None:
+    """The acceleration settings against the backbone and step count, before any model loads."""
+    spec = resolve(args.backbone)
+    accel_from_args(args).resolved(spec.name, spec.family, spec.steps if args.steps is None else args.steps)
 
 
 def load_pipeline(args, device: str) -> RePlanPipeline:
@@ -120,11 +131,13 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
         "backbone": pipe.editor.spec.name, "model": args.model or pipe.editor.spec.model_id,
         "planner": None if plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
         "lora_path": args.lora_path, "plan_file": args.plan, "no_plan": args.no_plan,
-        "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
+        "edit_options": {k: (v.describe() if k == "accel" else v) for k, v in edit_options(args).items()
+                         if v is not None},
         "resolved": {"steps": pipe.editor.spec.steps if args.steps is None else args.steps,
                      "generation_size": out.edit.generation_size,
                      "boxes": [list(b) for b in out.edit.boxes]},
         "timings_s": {k: round(v, 3) for k, v in out.timings.items()},
+        "accel": out.edit.extras.get("accel"),
         "replay": replay_command(args, image_path, pipe.editor.spec.name),
     }
     files = {"result.png": lambda p: out.image.save(p)}
@@ -148,7 +161,9 @@ def replay_command(args, image_path, backbone: str) -> str:
     flags = {"steps": "--steps", "seed": "--seed", "expand": "--expand", "expand_mode": "--expand_mode",
              "switch": "--switch_ratio", "attention": "--attention", "guidance": "--guidance"}
     for key, value in edit_options(args).items():
-        if value is not None:
+        if key == "accel":
+            parts += accel_flags(value)
+        elif value is not None:
             parts += [flags[key], str(value)]
     return " ".join(shlex.quote(p) if p != "<this dir>/plan.json" else p for p in parts)
 
@@ -204,6 +219,7 @@ def main(argv=None) -> int:
         return 2
     device = args.device or _default_device()
     try:
+        check_accel(args)
         pipe = load_pipeline(args, device)
         if args.image is None:
             return interactive(pipe, args, Path(args.output_dir))

@@ -27,6 +27,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from replan.accel.gamma import load_gamma
 
@@ -116,6 +117,9 @@ class AccelConfig:
         base["mode"] = mode
         if base.get("refresh") is not None:
             base["refresh"] = parse_refresh(base["refresh"])
+        gamma = base.get("gamma")
+        if isinstance(gamma, str) and "," in gamma and not Path(gamma).is_file():  # "1.0,1.02,…" from a flag
+            base["gamma"] = [v for v in gamma.split(",") if v.strip()]
         if isinstance(base.get("gamma"), (list, tuple)):
             base["gamma"] = tuple(_number("gamma entries", g) for g in base["gamma"])
         for key in ("warmup", "post", "margin"):

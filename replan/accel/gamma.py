@@ -104,7 +104,8 @@ def published(name: str) -> GammaTable:
 
 def load_gamma(source) -> GammaTable:
     """A table from a published name, a JSON file (``{"gamma": [...], "sigmas": [...]}`` as the calibration command
-    writes it) or a sequence of numbers. ``ValueError`` with the fix when it cannot be read."""
+    writes it), a sequence of numbers or their comma-separated text. ``ValueError`` with the fix when it cannot be
+    read."""
     if isinstance(source, GammaTable):
         return source
     if isinstance(source, (list, tuple)):
@@ -113,6 +114,11 @@ def load_gamma(source) -> GammaTable:
             raise ValueError("accel gamma values must be positive finite numbers")
         return GammaTable(values, None, "given")
     name = str(source)
+    if "," in name and not Path(name).is_file():  # numbers on a command line: "1.0,1.02,…"
+        try:
+            return load_gamma([float(v) for v in name.split(",") if v.strip()])
+        except ValueError:
+            raise ValueError(f"accel gamma {name!r}: a comma-separated list must hold numbers only") from None
     if name in PUBLISHED_GAMMA:
         return published(name)
     path = Path(name)
