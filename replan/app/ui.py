@@ -14,6 +14,8 @@ from pathlib import Path
 import gradio as gr
 from gradio_image_annotation import image_annotator
 
+from replan.accel import MODES as ACCEL_MODES
+from replan.accel import AccelConfig
 from replan.app.callbacks import (
     AppError,
     annotator_to_plan,
@@ -152,12 +154,16 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
         except (AppError, ValueError) as e:
             return None, fail(e)
 
-    def run(value, global_prompt, matrix, switch, expand, steps, guidance, seed, progress=gr.Progress()):  # noqa: B008
+    def run(value, global_prompt, matrix, switch, expand, steps, guidance, seed, accel="none", accel_threshold=None,
+            accel_cache_threshold=None, progress=gr.Progress()):  # noqa: B008
         try:
             plan, notes = annotator_to_plan(value, global_prompt)
             image = as_image(value["image"])
             steps = int(steps)
             options = dict(steps=steps, seed=int(seed), expand=float(expand), entry="app")
+            if accel and accel != "none":
+                options["accel"] = AccelConfig.from_options(accel, threshold=accel_threshold,
+                                                            cache_threshold=accel_cache_threshold)
             if plan.regions:
                 options.update(rules=matrix_to_rules(matrix, len(plan.regions), has_imgp), switch=float(switch))
             if guidance is not None and spec.guidance is not None:
@@ -172,10 +178,15 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
             return gr.update(), gr.update(), gr.update(), fail(e)
         submitted = {"plan": out.plan.to_dict(), "expanded_boxes": [list(b) for b in out.edit.boxes],
                      "steps": steps, "switch": float(switch), "expand": float(expand), "seed": int(seed),
-                     "rules": sorted(f"{q}, {k}" for q, k in options["rules"].allowed) if plan.regions else None}
+                     "rules": sorted(f"{q}, {k}" for q, k in options["rules"].allowed) if plan.regions else None,
+                     "accel": out.edit.extras.get("accel")}
         runs.append(submitted)
         kind = f"{len(plan.regions)} region(s)" if plan.regions else "global prompt only (stock backbone)"
         note = f"Done in {out.timings['edit']:.1f}s — {kind}." + "".join(f"\n- {n}" for n in notes)
+        if submitted["accel"] and submitted["accel"].get("pattern"):
+            a = submitted["accel"]
+            note += (f"\n- accel {a['mode']}: {a['full_passes']} full, {a['edited_passes']} edited-only, "
+                     f"{a['skipped_passes']} skipped passes; {a['edited_tokens']}/{a['tokens']} tokens edited")
         return out.image, draw_overlay(image, out.plan, boxes=out.edit.boxes), submitted, note
 
     with gr.Blocks(title=title) as demo:
@@ -217,6 +228,12 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
                     steps = gr.Slider(1, 100, value=spec.steps, step=1, label="Steps")
                     guidance = gr.Number(value=spec.guidance, label="Guidance (embedded; FLUX.1 Kontext only)")
                     seed = gr.Number(value=0, precision=0, label="Seed")
+                    accel = gr.Dropdown(choices=list(ACCEL_MODES), value="none", elem_id="accel",
+                                        label="Acceleration (docs/acceleration.md; none = the stock editor)")
+                    with gr.Row():
+                        accel_threshold = gr.Number(value=None, label="Partition threshold τ (blank: backbone's)")
+                        accel_cache_threshold = gr.Number(value=None,
+                                                          label="Velocity cache δ (blank: backbone's; 0 = off)")
                     preview_btn = gr.Button("Preview mask")
                     mask = gr.Image(label="Which patches see which hint", type="pil", interactive=False)
                 with gr.Accordion("Last run (the submitted plan and rules)", open=False):
@@ -232,7 +249,8 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
         upload.upload(upload_plan, [annot, upload], [annot, global_prompt, status])
         reset.click(lambda v: default_matrix(kept_region_count(v), has_imgp), annot, matrix)
         preview_btn.click(preview, [annot, global_prompt, matrix, expand], [mask, status])
-        run_btn.click(run, [annot, global_prompt, matrix, switch, expand, steps, guidance, seed],
+        run_btn.click(run, [annot, global_prompt, matrix, switch, expand, steps, guidance, seed, accel,
+                            accel_threshold, accel_cache_threshold],
                       [result, overlay, submitted, status])
     demo.queue(default_concurrency_limit=1, max_size=16)
     demo.replan_runs = runs

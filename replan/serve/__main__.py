@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 
+from replan.accel.cli import accel_from_args, add_accel_arguments
 from replan.backbones import names
 
 PLANNERS = ("local", "openai", "none")
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run N replicas under Ray Serve (needs ray[serve]); default: one in-process replica")
     ap.add_argument("--gpus_per_replica", type=float, default=1.0, help="Ray Serve: GPUs per replica (0: CPU)")
     ap.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    add_accel_arguments(ap)
     return ap
 
 
@@ -59,8 +61,13 @@ def config_from_args(args):
         backbone=args.backbone, model=args.model, planner=args.planner, vlm_ckpt_path=args.vlm_ckpt_path,
         lora_path=args.lora_path, base_url=args.base_url, api_key=args.api_key, device=args.device, dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, attention=args.attention, queue=args.queue,
-        max_image_mb=args.max_image_mb,
+        max_image_mb=args.max_image_mb, accel=_accel(args),
     )
+
+
+def _accel(args):
+    accel = accel_from_args(args)
+    return accel.describe() if accel.enabled else None
 
 
 def main(argv=None) -> int:

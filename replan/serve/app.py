@@ -137,7 +137,7 @@ def _install_routes(app, service: EditService) -> None:
             raise bad("this server runs without a planner: send a 'plan' to execute, or 'no_plan=true' to edit with "
                       "the prompt alone", "plan", code="planner_unavailable")
         options = edit_options(config, req["seed"], req["steps"], req["expand"], req["switch"], req["guidance"],
-                               entry_point(service, "cli"))
+                               entry_point(service, "cli"), accel=req["accel"])
         out, queued, ran = await run_edit(service, image, req["prompt"] or None, plan, options)
         result = out.image if req["size"] is None else out.image.resize(req["size"], Image.LANCZOS)
         b64 = await asyncio.to_thread(encode_image, result, req["output_format"], req["output_compression"])
@@ -154,6 +154,7 @@ def _install_routes(app, service: EditService) -> None:
                 "planned": plan is None, "boxes": [list(b) for b in out.edit.boxes], "seed": req["seed"],
                 "steps": req["steps"] or service.pipe.editor.spec.steps,
                 "timings": {k: round(v, 4) for k, v in timings.items()},
+                "accel": out.edit.extras.get("accel"),
             },
         }
 
@@ -178,7 +179,8 @@ def _install_routes(app, service: EditService) -> None:
             except ValueError as e:
                 raise bad(f"'rules': {e}", "rules") from None
         options = edit_options(config, req.seed, req.steps, req.expand, req.switch, req.guidance,
-                               entry_point(service, "server"), rules=req.rules, expand_mode=req.expand_mode,
+                               entry_point(service, "server"), accel=req.accel, rules=req.rules,
+                               expand_mode=req.expand_mode,
                                delete_main_prompt=req.delete_main_prompt,
                                bboxes_attend_to_each_other=req.bboxes_attend_to_each_other)
         out, queued, ran = await run_edit(service, image, None, plan, options)

@@ -157,6 +157,7 @@ class ExecuteRequest(BaseModel):
     planner_size: tuple[int, int] | None = None
     delete_main_prompt: bool = False
     bboxes_attend_to_each_other: bool = True
+    accel: str | dict | None = None  # a mode name or {"mode": ..., "threshold": ...}; default: the server's
 
 
 class FormFields:
@@ -245,13 +246,29 @@ def edit_fields(fields: FormFields) -> dict:
         "output_compression": fields.number("output_compression", int, 0, 100),
         "seed": fields.number("seed", int) or 0, "steps": fields.number("steps", int, 1, MAX_STEPS),
         "expand": fields.number("expand", float, 0), "switch": fields.number("switch", float, 0),
-        "guidance": fields.number("guidance", float, 0),
+        "guidance": fields.number("guidance", float, 0), "accel": accel_field(fields.text("accel")),
     }
 
 
-def edit_options(config: ServeConfig, seed, steps, expand, switch, guidance, entry: str, **extra) -> dict:
+def accel_field(value):
+    """The ``accel`` field: a mode name or a JSON object of ``AccelConfig`` fields; 400 naming it otherwise."""
+    from replan.accel import AccelConfig
+
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        data = json.loads(text) if text.startswith("{") else text
+        AccelConfig.from_options(data)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        raise bad(f"'accel': {e}", "accel") from None
+    return data
+
+
+def edit_options(config: ServeConfig, seed, steps, expand, switch, guidance, entry: str, accel=None,
+                 **extra) -> dict:
     options = {"seed": seed, "steps": steps, "expand": expand, "switch": switch, "entry": entry,
-               "attention": config.attention, **extra}
+               "attention": config.attention, "accel": config.accel if accel is None else accel, **extra}
     if guidance is not None:
         options["guidance"] = guidance
     return options

@@ -39,6 +39,7 @@ class ServeConfig:
     stage_offload: str = "none"
     offload: str = "none"
     attention: str = "dense"
+    accel: str | dict | None = None  # default acceleration for every edit (--accel …); a request may override it
     queue: int = 8  # edits that may wait behind the running one
     max_image_mb: float = 20.0
 
@@ -49,6 +50,12 @@ class ServeConfig:
             raise ValueError(f"queue must be >= 0, got {self.queue}")
         if not self.max_image_mb > 0:
             raise ValueError(f"max_image_mb must be > 0, got {self.max_image_mb}")
+        if self.accel is not None:
+            from replan.accel import AccelConfig
+            from replan.backbones.registry import resolve
+
+            spec = resolve(self.backbone)
+            AccelConfig.from_options(self.accel).resolved(spec.name, spec.family, spec.steps)
 
     @property
     def max_image_bytes(self) -> int:
