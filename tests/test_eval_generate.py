@@ -72,6 +72,8 @@ def test_every_eval_config_maps_one_to_one_onto_the_dataclass():
     backbones = ["flux_kontext", "qwenimageedit", "qwenimageedit2509", "qwenimageedit2511", "firerededit",
                  "flux_klein", "flux_klein_4b"]
     expected = {f"{m}_{b}" for m in ("replan", "baseline") for b in backbones} | {"rephrase_flux_kontext", "tiny"}
+    # RegionE rows (not FLUX.2 klein: its 4 distilled steps leave no room for RegionE's phases)
+    expected |= {f"{m}_{b}_regione" for m in ("replan", "baseline") for b in backbones if "klein" not in b}
     assert rows == expected
     top = set(GenerateConfig.__dataclass_fields__)
     for path in CONFIGS.glob("*.yaml"):
@@ -82,7 +84,9 @@ def test_every_eval_config_maps_one_to_one_onto_the_dataclass():
         assert cfg.to_dict() == raw
         assert cfg.method in METHODS and cfg.output_dir.endswith(path.stem)
         if path.stem != "tiny":
-            assert cfg.backbone == path.stem.split("_", 1)[1] and cfg.seed == 42 and cfg.dataset == "TainU/IV-Edit"
+            backbone = path.stem.split("_", 1)[1].removesuffix("_regione")
+            assert cfg.accel == ("regione" if path.stem.endswith("_regione") else "none")
+            assert cfg.backbone == backbone and cfg.seed == 42 and cfg.dataset == "TainU/IV-Edit"
             assert cfg.expand is None and cfg.switch is None and cfg.steps is None  # the backbone's eval values
             resolve(cfg.backbone)
     assert load_config(CONFIGS / "rephrase_flux_kontext.yaml").planner.ckpt == "Qwen/Qwen2.5-VL-7B-Instruct"

@@ -9,7 +9,8 @@ Two independent measurements, each on the samples of ``--run`` that have a ``res
 
 * ``reference`` (with ``--reference DIR``): the run's result against the reference run's result of the same image id
   (e.g. an accelerated or modified pipeline against the stock one, as RegionE reports): PSNR, SSIM and, when
-  available, LPIPS.
+  available, LPIPS; and ``speed``: the mean editor time of both runs (each sample's ``timings_s.edit``) and the
+  speed-up, mean reference time / mean run time, with the passes an accelerated run recorded.
 * ``original`` and ``background`` (with a dataset: ``--dataset``, else the one in the run's ``run_config.json``): the
   result against the ORIGINAL input image — over the whole image, and over the pixels outside the plan's boxes only
   (``plan.json`` boxes in original pixels; ``--boxes expanded`` uses the expanded boxes the editor used, from
@@ -295,6 +296,8 @@ def measure(run: str | Path, reference: str | Path | None = None, dataset: str |
     report["count"] = len(rows)
     report["aggregate"] = {group: aggregate(rows, group) for group in ("reference", "original", "background")
                            if any(group in r for r in rows)}
+    if reference is not None:
+        report["speed"] = speed(run, reference, [i for i in ids if i in ref_ids])
     report["missing"] = {k: v for k, v in missing.items() if v}
     report["samples"] = rows
     return report
@@ -314,6 +317,44 @@ def aggregate(rows: list[dict], group: str) -> dict:
             out[key] = float(np.mean(vals)) if vals else None
     if group == "background":
         out["no_background"] = sum(1 for e in entries if e.get("psnr") is None)
+    return out
+
+
+def sample_record(run: Path, image_id: str) -> dict:
+    """The sample's config.json (``{}`` when missing or unreadable)."""
+    try:
+        return json.loads((run / image_id / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def speed(run: Path, reference: Path, ids: list[str]) -> dict:
+    """Editor wall time of ``run`` against ``reference`` over the samples both timed (``timings_s.edit`` of each
+    config.json, the planner excluded), as RegionE reports it: speed-up = mean reference time / mean run time.
+    With acceleration, the mean passes and edited share the run recorded."""
+    pairs, accel = [], []
+    for image_id in ids:
+        a = sample_record(run, image_id)
+        b = sample_record(reference, image_id)
+        ta, tb = (a.get("timings_s") or {}).get("edit"), (b.get("timings_s") or {}).get("edit")
+        if ta and tb:
+            pairs.append((float(ta), float(tb)))
+        if isinstance(a.get("accel"), dict):
+            accel.append(a["accel"])
+    out: dict = {"count": len(pairs)}
+    if pairs:
+        run_s, ref_s = (float(np.mean(v)) for v in zip(*pairs))
+        out.update(run_edit_s=run_s, reference_edit_s=ref_s, speedup=ref_s / run_s if run_s > 0 else None)
+    if accel:
+        out["accel"] = {"mode": accel[0].get("mode"), "samples": len(accel)}
+        for key in ("full_passes", "edited_passes", "skipped_passes", "query_tokens"):
+            vals = [a[key] for a in accel if isinstance(a.get(key), (int, float))]
+            if vals:
+                out["accel"][key] = float(np.mean(vals))
+        shares = [a["edited_tokens"] / a["tokens"] for a in accel if a.get("tokens") and a.get("edited_tokens")
+                  is not None]
+        if shares:
+            out["accel"]["edited_share"] = float(np.mean(shares))
     return out
 
 
@@ -349,6 +390,10 @@ def main(argv=None) -> int:
     for group, agg in report["aggregate"].items():
         parts = [f"{k} {_fmt(agg.get(k))}" for k in ("psnr", "psnr_finite", "ssim", "lpips") if k in agg]
         print(f"{group}: n={agg['count']} " + ", ".join(parts), file=sys.stderr)
+    sp = report.get("speed") or {}
+    if sp.get("speedup"):
+        print(f"speed: n={sp['count']} edit {sp['run_edit_s']:.3f}s vs {sp['reference_edit_s']:.3f}s "
+              f"(speed-up {sp['speedup']:.2f}x)", file=sys.stderr)
     if report.get("lpips", {}).get("status") == "skipped":
         print(f"lpips skipped: {report['lpips']['reason']}", file=sys.stderr)
     for key, ids in report["missing"].items():

@@ -60,6 +60,7 @@ class GenerateConfig:
     device: str | None = None  # None: cuda (cuda:$LOCAL_RANK under torchrun) when available, else cpu
     dtype: str | None = None  # None: the backbone's on GPU, fp32 on CPU
     stage_offload: str = "none"  # none | cpu
+    accel: str | dict | None = None  # none | regione | plan | plan+regione | cache-dit, or {mode: ..., threshold: ...}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,6 +103,17 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError(f"steps must be a positive integer or null, got {cfg.steps!r}")
     if not cfg.output_dir:
         raise ValueError("output_dir is empty")
+    accel_settings(cfg)  # the acceleration parameters against the backbone and step count, before any model loads
+
+
+def accel_settings(cfg: GenerateConfig) -> dict | None:
+    """The resolved acceleration settings (None without acceleration); ``ValueError`` naming a bad parameter."""
+    from replan.accel import AccelConfig
+    from replan.backbones.registry import resolve
+
+    spec = resolve(cfg.backbone)
+    accel = AccelConfig.from_options(cfg.accel).resolved(spec.name, spec.family, cfg.steps or spec.steps)
+    return accel.describe() if accel.enabled else None
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -160,6 +172,9 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
         "switch": entry.switch if cfg.switch is None else float(cfg.switch),
         "attention": cfg.attention, "dtype": cfg.dtype,
     }
+    accel = accel_settings(cfg)
+    if accel is not None:  # runs without acceleration keep the settings they always had
+        settings["accel"] = accel
     if cfg.method == "replan":
         settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
                                "max_new_tokens": cfg.planner.max_new_tokens,

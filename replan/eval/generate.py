@@ -115,6 +115,8 @@ class Generator:
                    "switch": s["switch"], "attention": s["attention"], "entry": "eval"}
         if s["guidance"] is not None:
             options["guidance"] = s["guidance"]
+        if s.get("accel") is not None:
+            options["accel"] = s["accel"]
         return options
 
     def run_sample(self, sample, sample_dir: Path) -> dict:
@@ -168,6 +170,8 @@ class Generator:
         record["edit"] = {"generation_size": list(out.edit.generation_size),
                           "boxes": [[float(v) for v in b] for b in out.edit.boxes]}
         record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        if out.edit.extras.get("accel"):
+            record["accel"] = out.edit.extras["accel"]
         files["plan.json"] = lambda p, plan=out.plan: plan.save(p)
         files["config.json"] = lambda p: p.write_text(json.dumps(record, indent=2, default=str) + "\n")
         files[RESULT] = lambda p: out.image.save(p)  # last: its presence means the sample is complete
