@@ -131,6 +131,8 @@ def test_bad_parameters_fail_before_any_model_work(kontext, monkeypatch):
             edit(kontext, accel)
     with pytest.raises(ValueError, match="do not fit in 4 steps"):
         kontext.edit(make_image(), GLOBAL, steps=4, accel="regione")
+    with pytest.raises(ValueError, match="use attention dense"):
+        edit(kontext, "regione", attention="flex")
     assert calls == []
 
 
@@ -140,6 +142,10 @@ def test_cache_dit_runs_and_is_undone(kontext):
     cached = edit(kontext, {"mode": "cache-dit", "cache_dit": {"Fn_compute_blocks": 1, "max_warmup_steps": 2}})
     assert cached.extras["accel"]["mode"] == "cache-dit"
     assert same(edit(kontext), base)  # disabled again afterwards
+    two = RegionPlan("warm", (Region((10, 10, 70, 60), "a red cat"), Region((110, 70, 190, 140), "a dog")))
+    masked = edit(kontext, {"mode": "cache-dit", "cache_dit": {"Fn_compute_blocks": 1, "max_warmup_steps": 2}},
+                  plan=two)  # a step cache composes with region attention (full passes only)
+    assert masked.attention.steps  # the masked passes ran
 
 
 @pytest.fixture(scope="module")

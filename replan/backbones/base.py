@@ -189,7 +189,7 @@ class RegionEditor:
             raise ValueError(f"steps must be >= 1, got {steps}")
         expand = defaults.expand if expand is None else float(expand)
         expand_mode = expand_mode or self.spec.expand_mode
-        accel = self.resolve_accel(accel, steps)
+        accel = self.resolve_accel(accel, steps, attention)
         options = {"steps": steps, "delete_main_prompt": delete_main_prompt, **options}
         options["generator"] = generator or torch.Generator("cpu").manual_seed(int(seed))
         if delete_main_prompt and not plan.regions:
@@ -238,12 +238,15 @@ class RegionEditor:
         return result
 
     # ------------------------------------------------------------------------------------------------ acceleration
-    def resolve_accel(self, accel, steps: int) -> AccelConfig:
+    def resolve_accel(self, accel, steps: int, attention: str = "dense") -> AccelConfig:
         """``accel`` (mode name, mapping or ``AccelConfig``) resolved for this backbone and step count; every
         parameter is checked here, before any model work."""
         config = AccelConfig.from_options(accel).resolved(self.spec.name, self.spec.family, steps)
         if config.regional and getattr(self, "compiled", False):
             raise ValueError(f"accel {config.mode} runs edited-only passes eagerly: do not combine it with compile")
+        if config.regional and attention == "flex":
+            raise ValueError(f"accel {config.mode} restricts region masks to the edited rows, which a FlexAttention "
+                             "BlockMask cannot do: use attention dense")
         return config
 
     def accel_runtime(self) -> AccelRuntime:
