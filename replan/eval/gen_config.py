@@ -57,8 +57,7 @@ class GenerateConfig:
     expand_mode: str | None = None  # None: the backbone's (ratio)
     switch: float | None = None  # None: the backbone's eval value (0.0)
     attention: str = "dense"  # dense | flex
-    parse: str | None = None  # lenient | strict | official; None: official (the paper rows' setting)
-    strict_plan: bool = False  # the same as parse: strict (a reply that breaks the grammar fails the sample)
+    parse: str = "official"  # how planner replies are read: official (the paper rows) | lenient | strict
     rephrase_template: str | None = None  # rephrase: template file; None: REPHRASE_TEMPLATE
     device: str | None = None  # None: cuda (cuda:$LOCAL_RANK under torchrun) when available, else cpu
     dtype: str | None = None  # None: the backbone's on GPU, fp32 on CPU
@@ -70,6 +69,8 @@ class GenerateConfig:
 
 def config_from_dict(data: dict, source: str = "config") -> GenerateConfig:
     """Build a config from a mapping with exactly the dataclass keys (unknown keys are an error)."""
+    if isinstance(data, dict) and "strict_plan" in data:
+        raise ValueError(f"{source}: strict_plan is now parse: strict (parse: official | lenient | strict)")
     data = check_keys(data, GenerateConfig, source)
     planner = data.pop("planner", None) or {}
     if isinstance(planner, str):  # shorthand: "planner: tiny"
@@ -98,7 +99,7 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError(f"attention must be dense or flex, got {cfg.attention!r}")
     if cfg.expand_mode not in (None, "ratio", "pixels"):
         raise ValueError(f"expand_mode must be ratio or pixels, got {cfg.expand_mode!r}")
-    parse_mode(cfg.parse, cfg.strict_plan)
+    parse_mode(cfg.parse)
     if cfg.stage_offload not in ("none", "cpu"):
         raise ValueError(f"stage_offload must be none or cpu, got {cfg.stage_offload!r}")
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
@@ -113,8 +114,8 @@ def validate(cfg: GenerateConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def planner_parse(cfg: GenerateConfig) -> str:
-    """How the planner's replies are read: ``cfg.parse``, ``strict`` for ``strict_plan``, else ``official``."""
-    return parse_mode(cfg.parse, cfg.strict_plan) if cfg.parse or cfg.strict_plan else "official"
+    """How the planner's replies are read (``cfg.parse``: official, lenient or strict)."""
+    return parse_mode(cfg.parse)
 
 
 def sample_seed(seed: int, image_id: str) -> int:
