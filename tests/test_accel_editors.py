@@ -199,3 +199,33 @@ def test_klein_regione(klein):
     fast = edit(klein, {"mode": "regione", "threshold": 0.0, "erosion_dilation": False})
     assert 0 < fast.extras["accel"]["edited_tokens"] < fast.extras["accel"]["tokens"]
     assert fast.extras["accel"]["edited_passes"] == 2 * 4
+
+
+def test_cfg_combine_is_the_pipelines_own(kontext, klein, qwen_dirs, monkeypatch):
+    """The partition uses the step's exact velocity: each editor's CFG combination equals, bit for bit, what its
+    pipeline hands the scheduler."""
+    small_qwen_sizes(monkeypatch)
+    qwen = load_editor("qwen", str(qwen_dirs["qwen"]), device="cpu")
+    qwen.pipe.set_progress_bar_config(disable=True)
+    cases = [(kontext, {"true_cfg": 2.0, "negative_prompt": "blurry", **FAST}), (qwen, {}), (klein, FAST)]
+    for editor, options in cases:
+        outputs, velocities = [], []
+        hook = editor.pipe.transformer.register_forward_hook(lambda m, a, out, seen=outputs: seen.append(out[0]))
+        step = editor.pipe.scheduler.step
+        def spy(v, *a, step=step, seen=velocities, **k):
+            seen.append(v.clone())
+            return step(v, *a, **k)
+
+        monkeypatch.setattr(editor.pipe.scheduler, "step", spy)
+        try:
+            editor.edit(make_image(), GLOBAL, steps=2, seed=0, **options)
+        finally:
+            hook.remove()
+            monkeypatch.undo()
+            small_qwen_sizes(monkeypatch)
+        combine = editor.cfg_combine(options)
+        assert combine is not None and len(outputs) == 4
+        n = velocities[0].shape[1]
+        for i in range(2):
+            assert torch.equal(combine([outputs[2 * i][:, :n], outputs[2 * i + 1][:, :n]]), velocities[i])
+    assert kontext.cfg_combine({}) is None  # guidance-distilled: one call per step

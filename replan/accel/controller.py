@@ -16,8 +16,9 @@ the negative one), combines the outputs, makes one Euler step with its scheduler
   into the combined velocity: every supported combination is linear or per-token norm-rescaled, and both commute
   with scaling a token's rows in every branch.
 * ``end_step(i, latents)`` is the step callback: after the partition step it computes the edited set from the
-  step's velocity ``(x_{i+1} - x_i) / (σ_{i+1} - σ_i)``; it holds the unedited tokens frozen between jumps, or with
-  ``pin_background`` writes the reference image's noising trajectory ``(1 - σ) · z_ref + σ · ε`` into them.
+  step's velocity (the transformer's output, or the true-CFG combination of the step's outputs); it holds the
+  unedited tokens frozen between jumps, or with ``pin_background`` writes the reference image's noising trajectory
+  ``(1 - σ) · z_ref + σ · ε`` into them.
 
 Everything here is plain tensors; nothing knows a backbone. Batch size 1 (one image per call), as RegionE.
 """
@@ -38,6 +39,25 @@ from replan.accel.phases import FULL, PARTITION, REFRESH, REGION, SKIP, SMOOTH, 
 logger = logging.getLogger(__name__)
 
 Runner = Callable[[torch.Tensor | None, str], torch.Tensor]
+Combine = Callable[[list], torch.Tensor]
+
+
+def linear_cfg(scale: float) -> Combine:
+    """True CFG as FLUX.1 Kontext and FLUX.2 klein combine their two passes: ``neg + s · (cond - neg)``."""
+    def combine(outs):
+        cond, neg = outs
+        return neg + scale * (cond - neg)
+    return combine
+
+
+def norm_rescaled_cfg(scale: float) -> Combine:
+    """True CFG as the Qwen-Image edit pipelines combine it: linear, then rescaled per token to the conditional
+    velocity's norm."""
+    def combine(outs):
+        cond, neg = outs
+        comb = neg + scale * (cond - neg)
+        return comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+    return combine
 
 
 class RegionController:
@@ -49,10 +69,13 @@ class RegionController:
         grid: ``(h, w)`` patch grid of the noisy latent (``h · w`` tokens).
         plan_mask: ``(L,)`` bool tokens of the plan's regions (plan modes); None otherwise.
         gamma: the velocity decay table (needed when ``config.cache_threshold > 0``); default from ``config.gamma``.
+        combine: how the pipeline combines the outputs of one step's transformer calls (true CFG), so that the
+            partition sees the exact velocity of the step, as RegionE does. Without it a multi-call step's velocity
+            is recovered from the step, ``(x_{i+1} - x_i) / (σ_{i+1} - σ_i)`` (exact in float32, rounded in bf16).
     """
 
     def __init__(self, config: AccelConfig, steps: int, grid: tuple[int, int], plan_mask: torch.Tensor | None = None,
-                 gamma: GammaTable | None = None):
+                 gamma: GammaTable | None = None, combine: Combine | None = None):
         if not config.regional:
             raise ValueError(f"RegionController needs a region mode, got accel {config.mode!r}")
         config.check(steps)
@@ -68,6 +91,7 @@ class RegionController:
                 raise ValueError(f"plan mask has {plan_mask.numel()} tokens, the {grid[0]}x{grid[1]} grid "
                                  f"{self.tokens}")
         self.plan_mask = plan_mask
+        self.combine = combine
         self.gamma = gamma if gamma is not None or config.cache_threshold == 0 else load_gamma(config.gamma)
         self.plan: StepPlan | None = None
         self.sigmas: list[float] | None = None
@@ -205,7 +229,13 @@ class RegionController:
             raise RuntimeError(f"RegionE needs the reference latent at the output's shape {tuple(latents.shape)}, "
                                f"got {got}: generate at the reference image's size")
         sigma, nxt = self.sigmas[i], self.sigmas[i + 1]
-        velocity = (latents.float() - self.x_before.float()) / (nxt - sigma)
+        outs = [self.full_out[b] for b in range(self.call)]
+        if len(outs) == 1:  # one transformer call: its output is the step's velocity
+            velocity = outs[0]
+        elif self.combine is not None and len(outs) == 2:
+            velocity = self.combine(outs)
+        else:
+            velocity = (latents.float() - self.x_before.float()) / (nxt - sigma)
         estimate = one_step_estimate(self.x_before, velocity, sigma)
         mask = adaptive_partition(estimate, self.reference, self.grid, self.config.threshold,
                                   self.config.erosion_dilation).cpu()

@@ -38,7 +38,7 @@ class AccelSession:
 
 @contextmanager
 def accelerate(config: AccelConfig, pipe, *, steps: int, grid: tuple[int, int],
-               plan_mask: torch.Tensor | None = None, runtime: Callable | None = None):
+               plan_mask: torch.Tensor | None = None, runtime: Callable | None = None, combine: Callable | None = None):
     """Run the pipeline call inside the ``with`` block accelerated as ``config`` (a resolved ``AccelConfig``)."""
     session = AccelSession(summary={"mode": config.mode})
     if config.mode == "none":
@@ -48,7 +48,7 @@ def accelerate(config: AccelConfig, pipe, *, steps: int, grid: tuple[int, int],
         with cache_dit_enabled(pipe, config, steps):
             yield session
         return
-    controller = RegionController(config, steps, grid, plan_mask)
+    controller = RegionController(config, steps, grid, plan_mask, combine=combine)
     active = runtime()
     with active.activate(controller):
         session.callback = active.callback

@@ -214,7 +214,7 @@ class RegionEditor:
                                i, list(plan.regions[i - 1].bbox))
         result = EditResult(image=image, plan=plan, generation_size=gen_size, boxes=boxes)
         if not plan.regions:  # plain global edit: the stock pipeline, nothing installed
-            with self._accelerate(accel, plan, boxes, image.size, gen_size, steps) as acc:
+            with self._accelerate(accel, plan, boxes, image.size, gen_size, options) as acc:
                 out = self.run_pipeline(image, gen_size, encoded, options, _chain(acc.callback, callback))
             result.image = self._resize_back(out, image.size)
             if accel.enabled:
@@ -239,7 +239,7 @@ class RegionEditor:
         region = RegionAttention(layout, schedule, backend=attention,
                                  allow_unmasked=self.allows_unmasked_passes(options))
         with region.installed(self.pipe.transformer, self.wrap_processor), \
-                self._accelerate(accel, plan, boxes, image.size, gen_size, steps) as acc:
+                self._accelerate(accel, plan, boxes, image.size, gen_size, options) as acc:
             out = self.run_pipeline(image, gen_size, encoded, options,
                                     _chain(region.callback, _chain(acc.callback, callback)))
         result.image = self._resize_back(out, image.size)
@@ -266,13 +266,21 @@ class RegionEditor:
             self._accel_runtime = AccelRuntime(self.pipe)
         return self._accel_runtime
 
-    def _accelerate(self, config: AccelConfig, plan: RegionPlan, boxes, image_size: Size, gen_size: Size, steps: int):
+    def cfg_combine(self, options: dict):
+        """How the pipeline combines a step's transformer calls under true CFG (``replan.accel.controller``), or
+        None when it makes one call per step."""
+        return None
+
+    def _accelerate(self, config: AccelConfig, plan: RegionPlan, boxes, image_size: Size, gen_size: Size,
+                    options: dict):
+        steps = options["steps"]
         grid = (gen_size[1] // self.patch, gen_size[0] // self.patch)
         mask = None
         if config.uses_plan:  # a plan without regions edits the whole image: nothing is outside it
             mask = (plan_token_mask(boxes, plan.masks, image_size, grid, self.patch, config.margin) if plan.regions
                     else torch.ones(grid[0] * grid[1], dtype=torch.bool))
-        return accelerate(config, self.pipe, steps=steps, grid=grid, plan_mask=mask, runtime=self.accel_runtime)
+        return accelerate(config, self.pipe, steps=steps, grid=grid, plan_mask=mask, runtime=self.accel_runtime,
+                          combine=self.cfg_combine(options) if config.regional else None)
 
     @staticmethod
     def _schedule(rules, n, steps, switch, default_switch, rule_options) -> RuleSchedule:

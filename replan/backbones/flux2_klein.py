@@ -188,6 +188,11 @@ class Flux2KleinEditor(RegionEditor):
     def allows_unmasked_passes(self, options: dict) -> bool:
         return not self.distilled and self._guidance(options) > 1
 
+    def cfg_combine(self, options: dict):
+        from replan.accel.controller import linear_cfg
+
+        return linear_cfg(self._guidance(options)) if self.allows_unmasked_passes(options) else None
+
     # ------------------------------------------------------------------------------------------------ run
     def run_pipeline(self, image: Image.Image, gen_size: Size, encoded: EncodedPrompt, options: dict,
                      callback: Callable | None) -> Image.Image:

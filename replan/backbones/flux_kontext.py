@@ -79,6 +79,11 @@ class FluxKontextEditor(RegionEditor):
     def allows_unmasked_passes(self, options: dict) -> bool:
         return self._true_cfg(options)
 
+    def cfg_combine(self, options: dict):
+        from replan.accel.controller import linear_cfg
+
+        return linear_cfg(float(options["true_cfg"])) if self._true_cfg(options) else None
+
     @staticmethod
     def _true_cfg(options: dict) -> bool:
         return float(options.get("true_cfg") or 1.0) > 1 and options.get("negative_prompt") is not None

@@ -213,6 +213,11 @@ class QwenImageEditor(RegionEditor):
     def allows_unmasked_passes(self, options: dict) -> bool:
         return self._cfg(options)
 
+    def cfg_combine(self, options: dict):
+        from replan.accel.controller import norm_rescaled_cfg
+
+        return norm_rescaled_cfg(float(options.get("true_cfg", self.spec.true_cfg))) if self._cfg(options) else None
+
     def run_pipeline(self, image: Image.Image, gen_size: Size, encoded: EncodedPrompt, options: dict,
                      callback: Callable | None) -> Image.Image:
         if options.get("guidance") is not None:
