@@ -3,6 +3,8 @@ OpenAI-compatible judge server: caching, partial resume, corrupt caches, missing
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -133,8 +135,13 @@ class JudgeServer:
         text = "".join(p["text"] for p in content if p["type"] == "text")
         (key,) = [k for k in SCORE_KEYS.values() if f'"{k}"' in content[-1]["text"]]
         dimension = {v: k for k, v in SCORE_KEYS.items()}[key]
-        (image_id,) = [i for instr, i in ID_OF.items() if instr in text]
         assert sum(p["type"] == "image_url" for p in content) == (1 if dimension == "quality" else 2)
+        if dimension == "quality":  # the quality judge sees the edited image only (as official): tell it by its pixels
+            assert not any(instr in text for instr in ID_OF)
+            url = next(p["image_url"]["url"] for p in content if p["type"] == "image_url")
+            pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+            return RESULT_IDS[pixels.tobytes()], dimension
+        (image_id,) = [i for instr, i in ID_OF.items() if instr in text]
         return image_id, dimension
 
     def release(self) -> None:
@@ -166,12 +173,20 @@ def dataset(tmp_path_factory):
     return save_tiny_ivedit(tmp_path_factory.mktemp("ivedit"))
 
 
+RESULT_IDS: dict[bytes, str] = {}  # result pixels -> image id, for the judge stand-in
+
+
+def save_result(path: Path, image_id: str, image: Image.Image) -> None:
+    RESULT_IDS[np.asarray(image).tobytes()] = image_id
+    image.save(path / image_id / "result.png")
+
+
 def make_results(path: Path) -> Path:
     """Result images for 1000-1003; 1004 has a folder (a failed generation) but no result.png."""
     for i, image_id in enumerate(SCORES):
         (path / image_id).mkdir(parents=True)
         arr = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(path / image_id / "result.png")
+        save_result(path, image_id, Image.fromarray(arr))
     (path / "1004").mkdir()
     (path / "1004" / "error.txt").write_text("edit failed: RuntimeError: out of memory\n\nTraceback ...")
     (path / "run_config.json").write_text(json.dumps({"backbone": "tiny"}))
@@ -233,7 +248,7 @@ def test_evaluate_end_to_end_with_cache_resume_and_corrupt_files(dataset, tmp_pa
                                                   [("1001", "quality"), ("1001", "consistency")])
     assert any("corrupt" in r.getMessage() for r in caplog.records)
     # a changed result image is judged again; the numbers stay the same (the same scripted scores)
-    Image.new("RGB", (48, 40), (9, 9, 9)).save(results / "1002" / "result.png")
+    save_result(results, "1002", Image.new("RGB", (48, 40), (9, 9, 9)))
     assert ev.main(args(dataset, results, server.url, out)) == 0
     assert sorted(server.answered[22:]) == sorted(("1002", d) for d in DIMENSIONS)
     assert close(json.loads(out.read_text())["aggregate"], EXPECTED)

@@ -34,6 +34,7 @@ class PlannerConfig:
     base_url: str | None = None  # openai: e.g. http://localhost:8000/v1 (else $REPLAN_PLANNER_BASE_URL); key from env
     lora_path: str | None = None
     template: str | None = None  # planner prompt template file (None: replan's wording of the official one)
+    box_frame: str = "processor"  # how planner boxes are read: processor (the frame the VLM saw) | original (official)
     max_new_tokens: int | None = None  # None: the planner's default (2048; 64 for the tiny planner)
     max_retries: int = 4  # openai: retries on 5xx / timeouts
 
@@ -88,6 +89,8 @@ def validate(cfg: GenerateConfig) -> None:
     resolve(cfg.backbone)
     if cfg.planner.kind not in ("local", "openai"):
         raise ValueError(f"planner.kind must be local or openai, got {cfg.planner.kind!r}")
+    if cfg.planner.box_frame not in ("processor", "original"):
+        raise ValueError(f"planner.box_frame must be processor or original, got {cfg.planner.box_frame!r}")
     if cfg.attention not in ("dense", "flex"):
         raise ValueError(f"attention must be dense or flex, got {cfg.attention!r}")
     if cfg.expand_mode not in (None, "ratio", "pixels"):
@@ -147,7 +150,7 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
     """Everything that decides a sample's image, with defaults filled in: two runs whose settings are equal write
     the same images. Excluded: rank/world/limit/output_dir/device/stage_offload (they do not change the pixels)."""
     from replan.backbones.registry import resolve
-    from replan.planner import load_template
+    from replan.planner import describe_template, load_template
 
     spec = resolve(cfg.backbone)
     entry = spec.defaults("eval")
@@ -162,8 +165,9 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
     }
     if cfg.method == "replan":
         settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
-                               "max_new_tokens": cfg.planner.max_new_tokens,
-                               "template_sha256": _sha256(load_template(cfg.planner.template))}
+                               "max_new_tokens": cfg.planner.max_new_tokens, "box_frame": cfg.planner.box_frame}
+        template = describe_template(load_template(cfg.planner.template), cfg.planner.template)
+        settings["planner"].update(template=template["name"], template_sha256=template["sha256"])
         settings["strict_plan"] = cfg.strict_plan
     elif cfg.method == "rephrase":
         settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,

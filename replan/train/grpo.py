@@ -181,34 +181,46 @@ class Stage1Reward:
 
     __name__ = "replan_format"
 
-    def __call__(self, prompts, completions, completion_ids=None, width=None, height=None, log_metric=None, **_):
+    def __call__(self, prompts, completions, completion_ids=None, log_metric=None, **_):
         from replan.train.rewards import stage1_rewards
 
-        texts = [_text(c) for c in completions]
-        sizes = [(int(w), int(h)) for w, h in zip(width, height)] if width is not None and height is not None else None
-        results = stage1_rewards(texts, sizes)
+        results = stage1_rewards([_text(c) for c in completions])
         _log_means(log_metric, results, "stage1")
         return [float(r["overall"]) for r in results]
 
 
+def planner_frame(processor, image) -> tuple[int, int]:
+    """(W, H) of the frame the policy sees ``image`` in: the processor's ``image_grid_thw`` × its patch size, exactly
+    what the trainer feeds the model (and what inference maps boxes from)."""
+    out = processor.image_processor(images=[image], return_tensors="pt")
+    _, grid_h, grid_w = (int(v) for v in out["image_grid_thw"][0])
+    patch = int(getattr(processor.image_processor, "patch_size", 14))
+    return (grid_w * patch, grid_h * patch)
+
+
 class Stage2RewardFn:
-    """TRL reward function: ``Stage2Reward`` (edit server + judge) on each completion; sub-scores are logged."""
+    """TRL reward function: ``Stage2Reward`` (edit server + judge) on each completion; sub-scores are logged. With a
+    ``processor`` each sample carries the planner frame from ``image_grid_thw`` (``box_frame="processor"``)."""
 
     __name__ = "replan_planning"
 
-    def __init__(self, reward):
-        self.reward = reward
+    def __init__(self, reward, processor=None):
+        self.reward, self.processor = reward, processor
 
     def __call__(self, prompts, completions, completion_ids=None, image=None, instruction=None,
                  referring_expression=None, log_metric=None, **_):
         from replan.images import to_rgb
 
         n = len(completions)
-        images = image if image is not None else [None] * n
-        samples = [{"image": to_rgb(images[i]) if images[i] is not None else None,
-                    "instruction": (instruction or [""] * n)[i],
+        images = [to_rgb(im) if im is not None else None for im in (image if image is not None else [None] * n)]
+        frames: dict[int, tuple[int, int]] = {}  # the 8 completions of a prompt share one image
+        if self.processor is not None and getattr(self.reward, "box_frame", "original") == "processor":
+            for im in images:
+                if im is not None and id(im) not in frames:
+                    frames[id(im)] = planner_frame(self.processor, im)
+        samples = [{"image": images[i], "instruction": (instruction or [""] * n)[i],
                     "referring_expression": (referring_expression or [""] * n)[i],
-                    "response": _text(completions[i])} for i in range(n)]
+                    "response": _text(completions[i]), "planner_size": frames.get(id(images[i]))} for i in range(n)]
         results = self.reward(samples)
         _log_means(log_metric, results, "stage2")
         return [float(r["overall"]) for r in results]
@@ -341,6 +353,8 @@ def build_trainer(cfg: TrainConfig, callbacks=None, extra_rewards=None):
     reward (e.g. a dense shaping reward for smoke tests; never part of the official recipe)."""
     prep = prepare(cfg)
     model, processor = load_model(cfg.model)
+    if isinstance(prep["reward_fn"], Stage2RewardFn):
+        prep["reward_fn"].processor = processor  # the planner frame of each sample comes from image_grid_thw
     dataset = build_dataset(cfg, processor)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

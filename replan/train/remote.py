@@ -5,10 +5,15 @@
     results = reward([{"image": pil, "instruction": "...", "referring_expression": "...", "response": text}, ...])
     rewards = [r["overall"] for r in results]                             # every dict has rewards.PLANNING_KEYS
 
-Edit server: ``POST {edit_url}/v1/plans/execute`` with ``{"image_base64", "response", "instruction"}`` answers
-``{"image_base64", "plan", "seconds"}``; ``GET {edit_url}/health`` answers ``{"status": "loading"|"ready"|"failed"}``.
-Judge: any OpenAI-compatible ``/chat/completions`` endpoint (vLLM), through the eval judges' ``OpenAIJudge`` with the
-templates in ``replan/train/prompts`` (the eval rubric, our wording). Before the first batch both servers are polled
+Edit server: ``POST {edit_url}/v1/plans/execute`` with ``{"image_base64", "response", "instruction", "box_frame",
+"planner_size"}`` answers ``{"image_base64", "plan", "seconds"}``; ``GET {edit_url}/health`` answers ``{"status":
+"loading"|"ready"|"failed"}``. ``box_frame`` (``processor`` default, ``original`` as official) makes the server read
+the reply's boxes exactly as inference does: with ``processor`` each sample's ``planner_size`` (the frame the policy
+saw: the TRL trainer takes it from ``image_grid_thw``) or else ``smart_resize`` of the image with
+``planner_min_pixels``/``planner_max_pixels`` is sent along. Judge: any OpenAI-compatible ``/chat/completions``
+endpoint (vLLM), through the eval judges' ``OpenAIJudge`` with the eval rubrics (``target_following``, ``effect``,
+``consistency``: the official training judge uses the same files; ``prompts_dir`` takes the official ones) and
+``score_parse`` (``official``: a numeric score counts as given). Before the first batch both servers are polled
 until ready (the official client scored 0 while the models were loading). 5xx, 408/429, timeouts, connection errors
 and unreadable replies are retried with exponential backoff; any other 4xx is final for that sample. A wrong judge
 key, URL or model (401/403/404) and a server that never becomes ready raise, since every later call would fail too.
@@ -35,7 +40,17 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from replan.config_io import check_keys, read_yaml
-from replan.eval.judges import JudgeConfigError, JudgeResult, OpenAIJudge, _post_json, build_parts, load_templates
+from replan.coords import BOX_FRAMES, processor_frame
+from replan.eval.judges import (
+    SCORE_PARSE,
+    JudgeConfigError,
+    JudgeResult,
+    OpenAIJudge,
+    _post_json,
+    build_parts,
+    describe_templates,
+    load_templates,
+)
 from replan.images import load_image, to_rgb
 from replan.planner.openai_backend import _error_message, _model_ids, _one_line, _Refused, _Transient
 from replan.train.rewards import EVAL_DIMENSION, JUDGE_DIMENSIONS, editing_score, planning_score, should_execute
@@ -136,9 +151,16 @@ class EditClient(_Pooled):
     def __repr__(self) -> str:
         return f"EditClient({self.base_url!r})"
 
-    async def execute(self, image: Image.Image, response: str, instruction: str) -> Image.Image:
+    async def execute(self, image: Image.Image, response: str, instruction: str, box_frame: str | None = None,
+                      planner_size: tuple[int, int] | None = None) -> Image.Image:
+        """Execute ``response`` on ``image``; ``box_frame``/``planner_size`` tell the server how to read its boxes
+        (omitted: the server's default)."""
         url = self.base_url + "/v1/plans/execute"
         body = {"image_base64": await self._run(png_base64, image), "response": response, "instruction": instruction}
+        if box_frame is not None:
+            body["box_frame"] = box_frame
+        if planner_size is not None:
+            body["planner_size"] = [int(v) for v in planner_size]
         last, attempts = "no attempt made", self.max_retries + 1
         for attempt in range(1, attempts + 1):
             try:
@@ -177,10 +199,11 @@ class EditClient(_Pooled):
 
 # ---------------------------------------------------------------------------------------------------- judge
 def load_reward_templates(prompts_dir: str | Path | None = None) -> dict[str, str]:
-    """``{target, effect, consistency: template}`` from ``prompts_dir`` (else ``replan/train/prompts``), checked
-    like the eval templates (placeholders, image markers)."""
-    return load_templates(prompts_dir, files={dim: EVAL_DIMENSION[dim] for dim in JUDGE_DIMENSIONS},
-                          package="replan.train")
+    """``{target, effect, consistency: template}``: the eval rubrics ``target_following.txt``, ``effect.txt`` and
+    ``consistency.txt`` from ``prompts_dir`` (else replan's own), as the official training judge uses the eval's."""
+    files = {EVAL_DIMENSION[dim]: EVAL_DIMENSION[dim] for dim in JUDGE_DIMENSIONS}
+    templates = load_templates(prompts_dir, files=files)
+    return {dim: templates[EVAL_DIMENSION[dim]] for dim in JUDGE_DIMENSIONS}
 
 
 def _shrink(image: Image.Image, max_pixels: int | None) -> Image.Image:
@@ -199,15 +222,16 @@ class JudgeClient(_Pooled):
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout: float = 300.0,
                  max_retries: int = 3, backoff: float = 5.0, max_backoff: float = 60.0, max_tokens: int = 1024,
                  temperature: float | None = 0.0, max_pixels: int | None = None, prompts_dir: str | None = None,
-                 extra_body: dict | None = None, max_workers: int = 64):
+                 extra_body: dict | None = None, max_workers: int = 64, score_parse: str = "official"):
         if not isinstance(model, str) or not model.strip():
             raise JudgeConfigError("no judge model: set judge_model in the reward config (e.g. the name vLLM serves)")
         self._judge = OpenAIJudge(model, base_url=base_url, api_key=api_key or "EMPTY", extra_body=extra_body,
                                   timeout=timeout, max_retries=max_retries, backoff=backoff, max_backoff=max_backoff,
-                                  max_tokens=max_tokens, temperature=temperature)
+                                  max_tokens=max_tokens, temperature=temperature, score_parse=score_parse)
         super().__init__(max_workers, "replan-judge")
         self.base_url, self.model, self.max_pixels = self._judge.base_url, self._judge.model, max_pixels
         self.templates = load_reward_templates(prompts_dir)
+        self.rubrics = describe_templates(self.templates, prompts_dir)  # {dim: {"name", "sha256"}}, for the logs
 
     def __repr__(self) -> str:
         return f"JudgeClient({self.base_url!r}, model={self.model!r})"
@@ -295,7 +319,10 @@ class Stage2Reward:
     """``await score(samples)`` / ``reward(samples)``: one ``PLANNING_KEYS`` dict per sample, in order.
 
     A sample is ``{"image", "instruction", "referring_expression", "response"}`` (image: PIL, path, bytes or
-    ``{"bytes"}``). At most ``concurrency`` edits and ``judge_concurrency`` judge calls run at once. Plans that fail
+    ``{"bytes"}``), optionally ``"planner_size"`` (W, H), the frame the policy saw the image in (default:
+    ``processor_frame`` of the image with ``planner_min_pixels``/``planner_max_pixels``); ``box_frame`` says how the
+    edit server reads the boxes (see the module docstring). At most ``concurrency`` edits and ``judge_concurrency``
+    judge calls run at once. Plans that fail
     ``should_execute`` are not sent (planning 0, editing part kept); a sample without image, instruction or
     referring expression scores its editing part only and is logged. ``last_details`` holds, per sample of the last
     batch, the gate reason and any edit or judge errors (text, for logs).
@@ -303,9 +330,13 @@ class Stage2Reward:
 
     def __init__(self, edit: EditClient, judge: JudgeClient, concurrency: int = 8, *,
                  judge_concurrency: int | None = None, sharp: int = 4, format_weight: float = 0.2,
-                 ready_timeout: float | None = 1800.0, ready_interval: float = 2.0):
+                 ready_timeout: float | None = 1800.0, ready_interval: float = 2.0, box_frame: str = "processor",
+                 planner_min_pixels: int = 4 * 28 * 28, planner_max_pixels: int = 16384 * 28 * 28):
         if int(concurrency) < 1 or (judge_concurrency is not None and int(judge_concurrency) < 1):
             raise ValueError("concurrency and judge_concurrency must be >= 1")
+        if box_frame not in BOX_FRAMES:
+            raise ValueError(f"box_frame must be one of {', '.join(BOX_FRAMES)}, got {box_frame!r}")
+        self.box_frame, self.planner_pixels = box_frame, (int(planner_min_pixels), int(planner_max_pixels))
         self.edit, self.judge, self.concurrency = edit, judge, int(concurrency)
         self.judge_concurrency = int(judge_concurrency or 3 * self.concurrency)
         self.sharp, self.format_weight = sharp, format_weight
@@ -348,6 +379,17 @@ class Stage2Reward:
         self.edit.close()
         self.judge.close()
 
+    def planner_size(self, image_size, given=None) -> tuple[int, int] | None:
+        """The frame the edit server reads the reply's boxes in: None for ``box_frame="original"``, else ``given``
+        (the trainer's, from ``image_grid_thw``) or ``smart_resize`` of the image."""
+        if self.box_frame == "original":
+            return None
+        if given is not None:
+            w, h = (int(v) for v in given)
+            if w > 0 and h > 0:
+                return (w, h)
+        return processor_frame(image_size, *self.planner_pixels)
+
     async def _one(self, i, sample, edit_sem, judge_sem) -> tuple[dict, dict]:
         details = {"index": i, "reason": "", "edit_error": None, "judge_errors": {}}
         editing = editing_score(None)
@@ -371,7 +413,7 @@ class Stage2Reward:
             image = _as_image(sample.get("image"))
         except (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             image, details["reason"] = None, f"image unreadable: {_one_line(str(e), 200)}"
-        editing.update(editing_score(response, image.size if image is not None else None))
+        editing.update(editing_score(response))
         instruction, referring = _text(sample.get("instruction")), _text(sample.get("referring_expression"))
         missing = [name for name, v in (("image", image), ("instruction", instruction),
                                         ("referring_expression", referring)) if not v]
@@ -379,13 +421,14 @@ class Stage2Reward:
             details["reason"] = details["reason"] or f"sample lacks {', '.join(missing)}"
             logger.warning("stage-2 reward, sample %d: %s; planning score 0", i, details["reason"])
             return result(executed=False, missing_input=True)
-        ok, details["reason"] = should_execute(response, image.size)
+        ok, details["reason"] = should_execute(response)
         if not ok:
             return result(executed=False)
         text = response if isinstance(response, str) else bytes(response).decode("utf-8", errors="replace")
+        planner_size = self.planner_size(image.size, sample.get("planner_size"))
         try:
             async with edit_sem:
-                edited = await self.edit.execute(image, text.strip(), instruction)
+                edited = await self.edit.execute(image, text.strip(), instruction, self.box_frame, planner_size)
         except EditError as e:
             details["edit_error"] = str(e)
             logger.warning("stage-2 reward, sample %d: %s", i, e)
@@ -421,13 +464,22 @@ class RewardConfig:
     judge_max_tokens: int = 1024
     judge_temperature: float = 0.0
     judge_max_pixels: int | None = None
-    prompts_dir: str | None = None
+    prompts_dir: str | None = None  # judge rubrics (None: replan's wording; the official files work as they are)
+    score_parse: str = "official"  # official: a numeric judge score counts as given | strict: off-scale fails
+    box_frame: str = "processor"  # processor: boxes read in the frame the policy saw | original: as official
+    planner_min_pixels: int = 4 * 28 * 28  # smart_resize bounds for samples without a planner_size (qwen_vl_utils)
+    planner_max_pixels: int = 16384 * 28 * 28
     sharp: int = 4
     format_weight: float = 0.2
 
     @classmethod
     def from_dict(cls, data: dict | None) -> RewardConfig:
-        return cls(**check_keys(dict(data or {}), cls, "reward config", "reward setting"))
+        cfg = cls(**check_keys(dict(data or {}), cls, "reward config", "reward setting"))
+        if cfg.box_frame not in BOX_FRAMES:
+            raise ValueError(f"reward box_frame must be one of {', '.join(BOX_FRAMES)}, got {cfg.box_frame!r}")
+        if cfg.score_parse not in SCORE_PARSE:
+            raise ValueError(f"reward score_parse must be one of {', '.join(SCORE_PARSE)}, got {cfg.score_parse!r}")
+        return cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path, section: str | None = "reward") -> RewardConfig:
@@ -445,7 +497,12 @@ class RewardConfig:
                             timeout=self.judge_timeout, max_retries=self.judge_retries, backoff=self.backoff,
                             max_backoff=self.max_backoff, max_tokens=self.judge_max_tokens,
                             temperature=self.judge_temperature, max_pixels=self.judge_max_pixels,
-                            prompts_dir=self.prompts_dir, max_workers=max(self.judge_concurrency, 1))
+                            prompts_dir=self.prompts_dir, max_workers=max(self.judge_concurrency, 1),
+                            score_parse=self.score_parse)
+        logger.info("stage-2 judge rubrics: %s; score_parse %s; box_frame %s",
+                    ", ".join(f"{d} {t['name']} ({t['sha256'][:12]})" for d, t in judge.rubrics.items()),
+                    self.score_parse, self.box_frame)
         return Stage2Reward(edit, judge, self.concurrency, judge_concurrency=self.judge_concurrency, sharp=self.sharp,
                             format_weight=self.format_weight, ready_timeout=self.ready_timeout,
-                            ready_interval=self.ready_interval)
+                            ready_interval=self.ready_interval, box_frame=self.box_frame,
+                            planner_min_pixels=self.planner_min_pixels, planner_max_pixels=self.planner_max_pixels)
