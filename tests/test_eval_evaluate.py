@@ -92,6 +92,7 @@ class JudgeServer:
 
     def __init__(self, delay: float = 0.0):
         self.delay, self.fail, self.hold_after, self.epoch = delay, set(), None, 0
+        self.override: dict[tuple[str, str], int] = {}  # (image_id, dimension) -> the score to answer instead
         self.received: list[tuple[str, str]] = []
         self.answered: list[tuple[str, str]] = []
         self.errors: list[str] = []
@@ -117,7 +118,7 @@ class JudgeServer:
                 time.sleep(server.delay)
                 if call in server.fail:
                     return self._send(400, {"error": {"message": "content policy"}})
-                score = SCORES[call[0]][DIMENSIONS.index(call[1])]
+                score = server.override.get(call, SCORES[call[0]][DIMENSIONS.index(call[1])])
                 text = json.dumps({"reasoning": f"{call[1]} of {call[0]}", SCORE_KEYS[call[1]]: score})
                 with server.lock:
                     server.answered.append(call)
@@ -252,6 +253,39 @@ def test_evaluate_end_to_end_with_cache_resume_and_corrupt_files(dataset, tmp_pa
     assert ev.main(args(dataset, results, server.url, out)) == 0
     assert sorted(server.answered[22:]) == sorted(("1002", d) for d in DIMENSIONS)
     assert close(json.loads(out.read_text())["aggregate"], EXPECTED)
+
+
+def test_off_scale_scores_count_as_given_are_counted_and_never_asked_again(dataset, tmp_path, server, capsys):
+    results, out = make_results(tmp_path / "out"), tmp_path / "eval.json"
+    server.override = {("1000", "effect"): 4, ("1001", "target_following"): 3}  # off 5|3|1 and off 5|1
+    assert ev.main(args(dataset, results, server.url, out, "--limit", "2")) == 0
+    assert len(server.answered) == 8  # one call each: an off-scale score is not retried
+    report = json.loads(out.read_text())
+    assert report["score_parse"] == "official"
+    assert report["off_scale"] == {"used": 2, "failed": 0, "by_dimension": {"quality": 0, "target_following": 1,
+                                                                          "effect": 1, "consistency": 0}}
+    s1000, s1001 = report["samples"]
+    assert s1000["scores"]["effect"] == 4 and s1000["off_scale"] == ["effect"] and s1000["status"] == "ok"
+    # by hand: (q, t, e, c) = (4, 5, 4, 5); w = 4/5; overall = 18/4; weighted = (4·.8 + 5 + 4 + 5·.8)/4
+    assert s1000["overall"] == pytest.approx(4.5) and s1000["weighted"] == pytest.approx(4.05)
+    assert s1001["scores"]["target_following"] == 3 and s1001["off_scale"] == ["target_following"]
+    assert s1001["overall"] == pytest.approx((5 + 3 + 1 + 3) / 4)
+    assert report["aggregate"]["overall"] == pytest.approx((4.5 + 3) / 2)
+    assert {d: t["name"] for d, t in report["templates"].items()} == {
+        d: f"replan:eval/prompts/{d}.txt" for d in DIMENSIONS}
+    assert report["templates"]["effect"]["sha256"] == report["templates_sha256"]["effect"]
+    assert "2 off-scale score(s) used" in capsys.readouterr().out
+    # strict reading re-reads the cached replies: the two off-scale calls fail, nothing is asked again
+    assert ev.main(args(dataset, results, server.url, out, "--limit", "2", "--score_parse", "strict")) == 0
+    assert len(server.answered) == 8
+    strict = json.loads(out.read_text())
+    assert strict["off_scale"]["used"] == 0 and strict["off_scale"]["failed"] == 2
+    s1000 = strict["samples"][0]
+    assert s1000["scores"]["effect"] is None and s1000["status"] == "failed"
+    assert s1000["errors"]["effect"].startswith("off-scale")
+    assert s1000["overall"] == pytest.approx((4 + 5 + 0 + 5) / 4) and strict["failed"] == 2
+    assert ev.main(args(dataset, results, server.url, out, "--limit", "2")) == 0  # and back, still without calls
+    assert len(server.answered) == 8 and json.loads(out.read_text())["samples"][0]["scores"]["effect"] == 4
 
 
 def test_a_failed_judge_call_counts_as_zero_and_is_asked_again_next_run(dataset, tmp_path, server):
