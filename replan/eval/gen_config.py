@@ -16,6 +16,7 @@ from pathlib import Path
 from replan import __version__
 from replan.config_io import apply_overrides, check_keys, read_yaml
 from replan.infer import write_atomically
+from replan.templates import describe
 
 logger = logging.getLogger("replan.eval.generate")
 
@@ -172,7 +173,9 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
     elif cfg.method == "rephrase":
         settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
                                "max_new_tokens": cfg.planner.max_new_tokens}
-        settings["rephrase_template_sha256"] = _sha256(_read(cfg.rephrase_template, REPHRASE_TEMPLATE))
+        text = _read(cfg.rephrase_template, REPHRASE_TEMPLATE)
+        rephrase = describe(text, cfg.rephrase_template or "replan:eval/prompts/rephrase.txt")
+        settings.update(rephrase_template=rephrase["name"], rephrase_template_sha256=rephrase["sha256"])
     return settings
 
 
