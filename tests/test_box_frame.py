@@ -58,10 +58,12 @@ def edit_server():
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "edit server did not start"
-        time.sleep(0.01)
+    deadline = time.time() + 120
+    # ready = its model is loaded: loading patches torch module construction process-wide (empty weights), so no
+    # other model may be built while it runs
+    while not server.started or app.state.service.status != "ready":
+        assert time.time() < deadline and thread.is_alive(), f"edit server not ready: {app.state.service.status}"
+        time.sleep(0.02)
     yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     server.should_exit = True
     thread.join(10)
@@ -73,8 +75,12 @@ def judge():
         yield s.judge_url
 
 
-def infer(editor_pipe, processor, box_frame: str):
-    model, _ = tiny_qwen25vl()
+@pytest.fixture(scope="module")
+def planner_model(edit_server):  # built once the server's model has loaded (see edit_server)
+    return tiny_qwen25vl()[0]
+
+
+def infer(editor_pipe, processor, model, box_frame: str):
     planner = FixedReplyPlanner(model, processor, box_frame=box_frame, max_new_tokens=4)
     pipe = RePlanPipeline(editor_pipe.editor, planner)
     out = pipe(DESK, "replace the cup that was used with a cactus", entry="server", steps=1)
@@ -101,8 +107,8 @@ def reward_path(edit_server, judge, processor, box_frame: str):
 
 @pytest.mark.parametrize("box_frame", ["processor", "original"])
 def test_one_reply_gives_the_same_pixel_boxes_at_inference_and_in_the_reward(box_frame, editor_pipe, processor,
-                                                                             edit_server, judge):
-    plan, boxes, frame = infer(editor_pipe, processor, box_frame)
+                                                                             planner_model, edit_server, judge):
+    plan, boxes, frame = infer(editor_pipe, processor, planner_model, box_frame)
     assert frame == planner_frame(processor, DESK) == (252, 168) != processor_frame(DESK.size)
     served_plan, served_boxes, executed = reward_path(edit_server, judge, processor, box_frame)
     assert served_plan.regions == plan.regions and len(plan.regions) == 2

@@ -135,8 +135,8 @@ def judge_sample(sample: EvalSample, results_dir: Path, judge: Judge, templates:
         digest = parts_digest(dim, parts)
         entry = entries.get(dim)
         cached = _reread(judge, dim, entry) if entry and entry.get("input_sha256") == digest else None
-        if cached is not None:
-            entry = {**entry, **cached.to_dict()}
+        if cached is not None:  # keep the call's own record (attempts, seconds); the reading may have changed
+            entry = {**entry, **{k: getattr(cached, k) for k in ("score", "reasoning", "error", "off_scale")}}
             record["cached"] += 1
         else:
             if entry and entry.get("score") is not None:
