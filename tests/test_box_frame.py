@@ -35,11 +35,18 @@ REPLY = ('<think>The cup with coffee stains was used; the clean one was not, so 
          '"hint": "keep this clean cup unchanged"}]</region>')
 
 
+# a third region entirely outside the image (x from 260 in the 252-wide frame): the official reading keeps it and runs
+# it clamped (it covers no patch); the reward asks the edit server for that reading (parse "official")
+OUTSIDE = REPLY.replace(']</region>', ', {"bbox_2d": [260, 20, 300, 60], "hint": "a red balloon"}]</region>')
+
+
 class FixedReplyPlanner(QwenVLPlanner):
-    """The tiny Qwen2.5-VL planner whose decoded reply is ``REPLY`` (prompt, processor and frame are the real ones)."""
+    """The tiny Qwen2.5-VL planner whose decoded reply is fixed (prompt, processor and frame are the real ones)."""
+
+    reply = REPLY
 
     def _decode(self, inputs):
-        return 0, REPLY
+        return 0, self.reply
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +87,21 @@ def planner_model(edit_server):  # built once the server's model has loaded (see
     return tiny_qwen25vl()[0]
 
 
-def infer(editor_pipe, processor, model, box_frame: str):
-    planner = FixedReplyPlanner(model, processor, box_frame=box_frame, max_new_tokens=4)
+def infer(editor_pipe, processor, model, box_frame: str, reply: str = REPLY, parse: str = "lenient"):
+    planner = FixedReplyPlanner(model, processor, box_frame=box_frame, parse=parse, max_new_tokens=4)
+    planner.reply = reply
     pipe = RePlanPipeline(editor_pipe.editor, planner)
     out = pipe(DESK, "replace the cup that was used with a cactus", entry="server", steps=1)
     return out.plan, [list(b) for b in out.edit.boxes], planner.last_reply.frame
 
 
-def reward_path(edit_server, judge, processor, box_frame: str):
+def reward_path(edit_server, judge, processor, box_frame: str, reply: str = REPLY):
     config = RewardConfig(edit_url=edit_server, judge_url=judge, judge_model=JUDGE_MODEL, box_frame=box_frame,
                           ready_timeout=120, ready_interval=0.05, backoff=0.1)
     reward = config.build()
     try:
         fn = Stage2RewardFn(reward, processor)  # as build_trainer wires it: the frame from image_grid_thw
-        rewards = fn(prompts=[None], completions=[[{"role": "assistant", "content": REPLY}]], image=[DESK],
+        rewards = fn(prompts=[None], completions=[[{"role": "assistant", "content": reply}]], image=[DESK],
                      instruction=["replace the cup that was used with a cactus"],
                      referring_expression=["the cup that was used"])
         (details,) = reward.last_details
@@ -120,3 +128,14 @@ def test_one_reply_gives_the_same_pixel_boxes_at_inference_and_in_the_reward(box
     else:
         assert executed["planner_size"] is None and executed["box_frame"] == "original"
         assert [r.bbox for r in plan.regions] == [(34, 69, 82, 111), (150, 60, 190, 100)]
+
+
+def test_a_box_entirely_outside_the_image_is_executed_as_official_on_both_paths(editor_pipe, processor, planner_model,
+                                                                               edit_server, judge):
+    plan, boxes, _ = infer(editor_pipe, processor, planner_model, "processor", OUTSIDE, parse="official")
+    served_plan, served_boxes, executed = reward_path(edit_server, judge, processor, "processor", OUTSIDE)
+    assert [r.hint for r in served_plan.regions] == [r.hint for r in plan.regions] == [
+        "a small green cactus in a terracotta pot", "keep this clean cup unchanged", "a red balloon"]
+    assert served_plan.regions == plan.regions and served_boxes == boxes
+    x1, _, x2, _ = boxes[2]
+    assert x1 >= 640 and x2 == 640  # expanded, then clamped to the 640-wide image: no patch, but the region runs

@@ -235,7 +235,8 @@ def test_requests_carry_the_image_plan_instruction_and_interleaved_images(edit_s
     response = "  \n" + reply(2) + "\n"
     make_reward(edit_server, judge_server)([sample("turn it blue", response, image)])
     (post,) = edit_server.posts()
-    assert set(post["body"]) == {"image_base64", "response", "instruction", "box_frame", "planner_size"}
+    assert set(post["body"]) == {"image_base64", "response", "instruction", "box_frame", "planner_size", "parse"}
+    assert post["body"]["parse"] == "official"  # read as the official reward server: boxes outside are executed
     # 80x48: smart_resize rounds each side to a multiple of 28 → 84x56, the frame the policy saw
     assert post["body"]["box_frame"] == "processor" and post["body"]["planner_size"] == [84, 56]
     assert same(unpng(post["body"]["image_base64"]), image)

@@ -24,7 +24,7 @@ from PIL import Image
 
 from replan.coords import BOX_FRAMES, Size
 from replan.images import to_rgb
-from replan.parse import parse_plan
+from replan.parse import parse_mode, parse_plan
 from replan.plan import RegionPlan
 from replan.templates import describe
 
@@ -82,11 +82,14 @@ class Planner:
 
     name = "planner"
 
-    def __init__(self, template: str | None = None, strict: bool = False, box_frame: str = "processor",
-                 template_name: str | None = None):
+    def __init__(self, template: str | None = None, strict: bool = False, parse: str | None = None,
+                 box_frame: str = "processor", template_name: str | None = None):
+        """``parse``: how replies are read, ``"lenient"`` (default), ``"strict"`` or ``"official"``
+        (``replan.parse``); ``strict=True`` is the same as ``parse="strict"``. ``box_frame``: see the module doc."""
         self.template = template if template is not None else load_template()
         self.template_info = describe_template(self.template, template_name)
-        self.strict = strict
+        self.parse = parse_mode(parse, strict)
+        self.strict = self.parse == "strict"
         self.box_frame = check_box_frame(box_frame)
         self.last_reply: PlannerReply | None = None  # the latest reply with its timing and backend details
 
@@ -103,18 +106,20 @@ class Planner:
         """A text-only reply (no image), e.g. for the rephrase baseline."""
         raise NotImplementedError
 
-    def plan(self, image: Image.Image, instruction: str, strict: bool | None = None) -> RegionPlan:
-        """Plan an edit. Lenient parsing (default) falls back to a global edit when the reply has no usable regions
-        and records why in ``plan.repairs``; ``strict=True`` raises ``PlanParseError`` instead."""
+    def plan(self, image: Image.Image, instruction: str, strict: bool | None = None,
+             parse: str | None = None) -> RegionPlan:
+        """Plan an edit, reading the reply in the planner's parse mode (or ``parse``; ``strict=True`` means
+        ``"strict"``). Lenient and official parsing fall back to a global edit when the reply has no usable regions
+        and record why in ``plan.repairs``; strict parsing raises ``PlanParseError`` instead."""
         image = to_rgb(image)
         prompt = build_prompt(self.template, instruction)
         start = time.perf_counter()
         reply = self.generate(image, prompt)
         reply.seconds = reply.seconds or time.perf_counter() - start
         self.last_reply = reply
-        strict = self.strict if strict is None else strict
+        mode = parse_mode(parse, bool(strict)) if parse is not None or strict else self.parse
         planner_size = reply.frame if self.box_frame == "processor" else None
-        plan = parse_plan(reply.text, image_size=image.size, strict=strict, planner_size=planner_size)
+        plan = parse_plan(reply.text, image_size=image.size, mode=mode, planner_size=planner_size)
         for repair in plan.repairs:
             logger.info("planner reply repaired: %s", repair)
         return plan

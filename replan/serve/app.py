@@ -131,7 +131,7 @@ def _install_routes(app, service: EditService) -> None:
         image = await asyncio.to_thread(decode_image, data, "image")
         plan = None
         if req["plan"] is not None:
-            plan = user_plan(req["plan"], image.size)
+            plan = user_plan(req["plan"], image.size, parse=config.parse)
         elif req["no_plan"]:
             plan = RegionPlan(req["prompt"], image_size=image.size)
         elif not service.has_planner:
@@ -173,7 +173,7 @@ def _install_routes(app, service: EditService) -> None:
                                         "image_base64")
         box_frame = req.box_frame or config.box_frame
         planner_size = reply_frame(box_frame, req.planner_size, image.size)
-        plan = planner_reply_plan(req.response, image.size, planner_size)
+        plan = planner_reply_plan(req.response, image.size, planner_size, req.parse or config.parse)
         if req.rules is not None:
             from replan.attention.rules import RuleSet
 

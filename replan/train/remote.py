@@ -8,12 +8,14 @@
 The clients (``replan.train.reward_clients``): the edit server's ``POST /v1/plans/execute`` and ``GET /health``, and
 an OpenAI-compatible judge (vLLM) with the eval rubrics (the official training judge uses the same files;
 ``prompts_dir`` takes the official ones) read with ``score_parse`` (``official``: a numeric score counts as given).
-``box_frame`` (``processor`` default, ``original`` as official) makes the edit server read a reply's boxes exactly as
-inference does: with ``processor`` each sample's ``planner_size`` (the frame the policy saw: the TRL trainer takes it
-from ``image_grid_thw``) or else ``smart_resize`` of the image with ``planner_min_pixels``/``planner_max_pixels`` is
-sent along. Before the first batch both servers are polled until ready (the official client scored 0 while the
-models were loading). A wrong judge key, URL or model (401/403/404) and a server that never becomes ready raise,
-since every later call would fail too.
+``parse`` (``official`` default) asks the edit server to read each reply as the official reward server does (no
+repairs; a box partly or entirely outside the image is clamped after expanding and executed; what it cannot run is a
+global edit). ``box_frame`` (``processor`` default, ``original`` as official) makes the edit server read a reply's
+boxes exactly as inference does: with ``processor`` each sample's ``planner_size`` (the frame the policy saw: the
+TRL trainer takes it from ``image_grid_thw``) or else ``smart_resize`` of the image with
+``planner_min_pixels``/``planner_max_pixels`` is sent along. Before the first batch both servers are polled until
+ready (the official client scored 0 while the models were loading). A wrong judge key, URL or model (401/403/404) and
+a server that never becomes ready raise, since every later call would fail too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from replan.config_io import check_keys, read_yaml
 from replan.coords import BOX_FRAMES, processor_frame
 from replan.eval.judges import SCORE_PARSE, JudgeConfigError
 from replan.images import load_image, to_rgb
+from replan.parse import PARSE_MODES
 from replan.planner.openai_backend import _one_line
 from replan.train.reward_clients import (  # noqa: F401  (re-exported: the reward's public names in one place)
     EditClient,
@@ -83,12 +86,16 @@ class Stage2Reward:
     def __init__(self, edit: EditClient, judge: JudgeClient, concurrency: int = 8, *,
                  judge_concurrency: int | None = None, sharp: int = 4, format_weight: float = 0.2,
                  ready_timeout: float | None = 1800.0, ready_interval: float = 2.0, box_frame: str = "processor",
-                 planner_min_pixels: int = 4 * 28 * 28, planner_max_pixels: int = 16384 * 28 * 28):
+                 planner_min_pixels: int = 4 * 28 * 28, planner_max_pixels: int = 16384 * 28 * 28,
+                 parse: str = "official"):
         if int(concurrency) < 1 or (judge_concurrency is not None and int(judge_concurrency) < 1):
             raise ValueError("concurrency and judge_concurrency must be >= 1")
         if box_frame not in BOX_FRAMES:
             raise ValueError(f"box_frame must be one of {', '.join(BOX_FRAMES)}, got {box_frame!r}")
+        if parse not in PARSE_MODES:
+            raise ValueError(f"parse must be one of {', '.join(PARSE_MODES)}, got {parse!r}")
         self.box_frame, self.planner_pixels = box_frame, (int(planner_min_pixels), int(planner_max_pixels))
+        self.parse = parse
         self.edit, self.judge, self.concurrency = edit, judge, int(concurrency)
         self.judge_concurrency = int(judge_concurrency or 3 * self.concurrency)
         self.sharp, self.format_weight = sharp, format_weight
@@ -181,7 +188,7 @@ class Stage2Reward:
         try:
             async with edit_sem:
                 edited, executed = await self.edit.execute_reply(image, text.strip(), instruction, self.box_frame,
-                                                                 planner_size)
+                                                                 planner_size, self.parse)
             details["executed"] = {k: executed.get(k) for k in ("boxes", "plan", "box_frame", "planner_size")}
         except EditError as e:
             details["edit_error"] = str(e)
@@ -221,6 +228,7 @@ class RewardConfig:
     prompts_dir: str | None = None  # judge rubrics (None: replan's wording; the official files work as they are)
     score_parse: str = "official"  # official: a numeric judge score counts as given | strict: off-scale fails
     box_frame: str = "processor"  # processor: boxes read in the frame the policy saw | original: as official
+    parse: str = "official"  # how the edit server reads a reply: official (as the official server) | lenient | strict
     planner_min_pixels: int = 4 * 28 * 28  # smart_resize bounds for samples without a planner_size (qwen_vl_utils)
     planner_max_pixels: int = 16384 * 28 * 28
     sharp: int = 4
@@ -231,6 +239,8 @@ class RewardConfig:
         cfg = cls(**check_keys(dict(data or {}), cls, "reward config", "reward setting"))
         if cfg.box_frame not in BOX_FRAMES:
             raise ValueError(f"reward box_frame must be one of {', '.join(BOX_FRAMES)}, got {cfg.box_frame!r}")
+        if cfg.parse not in PARSE_MODES:
+            raise ValueError(f"reward parse must be one of {', '.join(PARSE_MODES)}, got {cfg.parse!r}")
         if cfg.score_parse not in SCORE_PARSE:
             raise ValueError(f"reward score_parse must be one of {', '.join(SCORE_PARSE)}, got {cfg.score_parse!r}")
         return cfg
@@ -258,5 +268,5 @@ class RewardConfig:
                     self.score_parse, self.box_frame)
         return Stage2Reward(edit, judge, self.concurrency, judge_concurrency=self.judge_concurrency, sharp=self.sharp,
                             format_weight=self.format_weight, ready_timeout=self.ready_timeout,
-                            ready_interval=self.ready_interval, box_frame=self.box_frame,
+                            ready_interval=self.ready_interval, box_frame=self.box_frame, parse=self.parse,
                             planner_min_pixels=self.planner_min_pixels, planner_max_pixels=self.planner_max_pixels)

@@ -137,21 +137,24 @@ class EditClient(_Pooled):
         return f"EditClient({self.base_url!r})"
 
     async def execute(self, image: Image.Image, response: str, instruction: str, box_frame: str | None = None,
-                      planner_size: tuple[int, int] | None = None) -> Image.Image:
+                      planner_size: tuple[int, int] | None = None, parse: str | None = None) -> Image.Image:
         """The edited image (see ``execute_reply``)."""
-        return (await self.execute_reply(image, response, instruction, box_frame, planner_size))[0]
+        return (await self.execute_reply(image, response, instruction, box_frame, planner_size, parse))[0]
 
     async def execute_reply(self, image: Image.Image, response: str, instruction: str, box_frame: str | None = None,
-                            planner_size: tuple[int, int] | None = None) -> tuple[Image.Image, dict]:
+                            planner_size: tuple[int, int] | None = None,
+                            parse: str | None = None) -> tuple[Image.Image, dict]:
         """Execute ``response`` on ``image``: the edited image and what the server says it ran (``plan``, ``boxes``,
         ``box_frame``, ``planner_size``). ``box_frame``/``planner_size`` tell the server how to read the reply's
-        boxes (omitted: the server's default)."""
+        boxes and ``parse`` how to read the reply (omitted: the server's defaults)."""
         url = self.base_url + "/v1/plans/execute"
         body = {"image_base64": await self._run(png_base64, image), "response": response, "instruction": instruction}
         if box_frame is not None:
             body["box_frame"] = box_frame
         if planner_size is not None:
             body["planner_size"] = [int(v) for v in planner_size]
+        if parse is not None:
+            body["parse"] = parse
         last, attempts = "no attempt made", self.max_retries + 1
         for attempt in range(1, attempts + 1):
             try:
