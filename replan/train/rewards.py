@@ -40,7 +40,7 @@ import re
 from collections.abc import Sequence
 
 from replan.eval.judge_prompts import JudgeParseError, is_off_scale, parse_judgement
-from replan.parse import _find_block
+from replan.parse_official import find_block
 
 BONUS_REGIONS = 5  # Rg gets +0.2 for 1 to 5 regions
 MAX_REGIONS = 6  # the most regions the official edit server executes (31 attention groups for FLUX.1 Kontext)
@@ -106,7 +106,7 @@ def _tag_sequence(text: str, tags: Sequence[str]) -> bool:
 
 
 def _block(text: str, tag: str) -> str | None:
-    found = _find_block(text, tag)  # the first <tag> and the first </tag> after it, as re.search("<tag>(.*?)</tag>")
+    found = find_block(text, tag)  # the first <tag> and the first </tag> after it, as re.search("<tag>(.*?)</tag>")
     return None if found is None else found[0].strip()
 
 
@@ -147,7 +147,7 @@ class _Analysis:
         if self.text is None:
             return
         text = normalise(self.text).strip()
-        self.has_region = _find_block(text, "region") is not None
+        self.has_region = find_block(text, "region") is not None
         self.format = float(_tag_sequence(text, ("think", "gen_image", "region") if self.has_region
                                           else ("think", "gen_image")))
         think, gen, region = _block(text, "think") or "", _block(text, "gen_image") or "", _block(text, "region")
