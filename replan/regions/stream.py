@@ -141,7 +141,11 @@ class HFShards:
 
     def rows(self, i: int, skip: int):
         shard = self.ds.shard(num_shards=self.num_shards, index=i, contiguous=True)
-        yield from (shard.skip(skip) if skip else shard)
+        if skip:
+            shard = shard.skip(skip)
+        # .iter, not iter(): inside a DataLoader worker, iter() would split the shard again between the workers
+        for batch in shard.iter(batch_size=1):
+            yield {k: v[0] for k, v in batch.items()}
 
     def columns(self, row: dict) -> tuple[str, str]:
         return pick_columns(row, self.image_col, self.caption_col)

@@ -58,7 +58,7 @@ def prepare(cfg: TrainConfig, describer=None) -> dict:
     from replan.regions.data import open_data
     from replan.regions.descriptions import Describer
     from replan.regions.losses import RunningBaseline
-    from replan.regions.model import RegionGenerator, check_same_config
+    from replan.regions.model import RegionGenerator, check_same_config, resolve_backbone
     from replan.regions.objective import ProxyGenerator
 
     out = Path(cfg.output_dir)
@@ -75,7 +75,9 @@ def prepare(cfg: TrainConfig, describer=None) -> dict:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not (cfg.loss.alpha and cfg.loss.beta))
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu", kwargs_handlers=[ddp])
     trainer_state, rank_state = ckpt.load(resume, acc.process_index, acc.num_processes) if resume else ({}, {})
-    data = open_data(cfg.data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+    with acc.main_process_first():  # offline "tiny" parts are built once, by the main process
+        data = open_data(cfg.data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+        resolve_backbone(cfg.model.clip, "clip"), resolve_backbone(cfg.model.t5, "t5")
 
     torch.manual_seed(cfg.seed)
     model = RegionGenerator.from_pretrained(config=cfg.model, torch_dtype=getattr(torch, cfg.frozen_dtype))
@@ -281,7 +283,8 @@ def main(argv=None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     result = loop(run)
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    if run["acc"].is_main_process:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
     return 0
 
 
