@@ -117,3 +117,39 @@ def test_training_runs_report_cache_reuse(train_setup, inpaint_dir, tmp_path):
     assert second["cache"] == {"descriptions": {"reused": 4, "generated": 0, "stale": 0},
                                "generated_images": {"reused": 4, "generated": 0}}
     assert second["losses"] == first["losses"]
+
+
+def test_describe_pass_fills_the_cache_the_trainer_reuses(tmp_path, capsys):
+    from replan.regions.describe import main as describe_main
+    from replan.regions.train import main as train_main
+
+    cache = tmp_path / "desc.jsonl"
+    args = ["--config", "configs/regions/tiny.yaml", f"descriptions.cache={cache}", "descriptions.concurrency=4"]
+    assert describe_main([*args, "--part", "0/2"]) == 0 and describe_main([*args, "--part", "1/2"]) == 0
+    keys = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 24   # the tiny set's 32 pairs repeat after 24; split over two parts
+    assert describe_main(args) == 0
+    capsys.readouterr()
+    assert train_main([*args, f"output_dir={tmp_path / 'run'}", "max_steps=1", "progress=false"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache"]["descriptions"] == {"reused": 4, "generated": 0, "stale": 0}
+    assert describe_main(["--config", "configs/regions/tiny.yaml"]) == 2   # no cache file named: one line
+    assert "descriptions.cache is not set" in capsys.readouterr().err
+
+
+def test_concurrent_requests_keep_the_order_and_isolate_failures():
+    import threading
+
+    seen = set()
+
+    def reply(prompt):
+        seen.add(threading.get_ident())
+        if "broken" in prompt:
+            return "no json"
+        return json.dumps({"instruction": "edit", "edited_caption": prompt.split("Caption: ")[1].split("\n")[0]})
+
+    d = Describer(DescriptionConfig(concurrency=4), llm=reply)
+    samples = [{"image": shape_image("red", "square"), "caption": c, "bytes": c.encode()}
+               for c in ("one", "two", "broken three", "four", "five")]
+    rows = d.many(samples)
+    assert [r if isinstance(r, Exception) else r["t_e"] for r in rows][:2] == ["one", "two"]
+    assert isinstance(rows[2], ValueError) and rows[4]["t_e"] == "five" and d.generated == 4

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class DescriptionConfig:
     base_url: str | None = None   # openai: endpoint (or REPLAN_PLANNER_BASE_URL / OPENAI_BASE_URL)
     max_new_tokens: int = 128
     cache: str | None = None      # JSONL path; None = in memory only
+    concurrency: int = 1          # LLM requests in flight per process (a vLLM server batches them)
 
 
 def sample_key(image, caption: str) -> str:
@@ -94,6 +96,7 @@ class Describer:
         self.custom = llm is not None
         self.cache: dict[str, dict] = {}
         self.reused = self.generated = self.stale = 0
+        self._lock = threading.Lock()
         self.path = Path(self.cfg.cache) if self.cfg.cache else None
         wanted = {self.fingerprint("pair"), self.fingerprint("target")}
         if self.path and self.path.is_file():
@@ -175,7 +178,8 @@ class Describer:
         key = sample_key(image_bytes if image_bytes is not None else image, caption)
         fp = self.fingerprint("pair")
         if self._slot(fp, key) in self.cache:
-            self.reused += 1
+            with self._lock:
+                self.reused += 1
             return self.cache[self._slot(fp, key)]
         t_o = self.source_caption(image, caption)
         if self.generator_name == "offline":
@@ -202,13 +206,34 @@ class Describer:
                      "fingerprint": fp, "producer": self.producer("target")})
         return t_e
 
+    def many(self, samples) -> list:
+        """``training_texts`` for ``[{"image", "caption", "bytes"}, ...]`` with up to ``cfg.concurrency`` LLM requests
+        in flight; each entry is the row or the exception that sample raised (the caller skips and counts it)."""
+        def one(s):
+            try:
+                return self.training_texts(s["image"], s["caption"], s.get("bytes"))
+            except (ValueError, RuntimeError, OSError) as e:
+                return e
+
+        if self.cfg.concurrency <= 1 or len(samples) <= 1:
+            return [one(s) for s in samples]
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = [sample_key(s["bytes"] if s.get("bytes") is not None else s["image"], s["caption"]) for s in samples]
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # one request per distinct sample
+        with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(first))) as pool:
+            done = dict(zip(first, pool.map(one, [samples[i] for i in first.values()])))
+        return [done[k] for k in keys]
+
     def _store(self, row: dict) -> None:
-        self.generated += 1
-        self.cache[self._slot(row["fingerprint"], row["key"])] = row
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        with self._lock:  # rows come from several threads (``many``); each lands as one whole line
+            self.generated += 1
+            self.cache[self._slot(row["fingerprint"], row["key"])] = row
+            if self.path:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(line)
 
 
 class _TransformersLLM:

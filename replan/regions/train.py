@@ -129,14 +129,14 @@ def _gather_sum(acc, values: list[float]) -> list[float]:
 
 def _texts(describer, samples, skipped_local: dict) -> tuple[list, list]:
     texts, kept = [], []
-    for s in samples:  # an unparsable LLM reply or a failed request skips the sample, never the epoch
-        try:
-            texts.append(describer.training_texts(s["image"], s["caption"], s["bytes"]))
-            kept.append(s)
-        except (ValueError, RuntimeError, OSError) as e:
+    for s, row in zip(samples, describer.many(samples)):  # a bad LLM reply skips the sample, never the epoch
+        if isinstance(row, Exception):
             skipped_local["bad_description"] += 1
             if skipped_local["bad_description"] <= 3:
-                logger.warning("skipping a sample: no description (%s)", str(e)[:200])
+                logger.warning("skipping a sample: no description (%s)", str(row)[:200])
+        else:
+            texts.append(row)
+            kept.append(s)
     return texts, kept
 
 
