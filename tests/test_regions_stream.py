@@ -175,3 +175,29 @@ def test_two_process_training_killed_and_resumed_matches_an_uninterrupted_run(sh
     a = load_file(tmp_path / "full" / "final" / "region_head.safetensors")
     b = load_file(tmp_path / "cut" / "final" / "region_head.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_webdataset_repo_streamed_through_datasets_like_the_recipe(shards):
+    """The 8-GPU recipe streams a hub webdataset repo by id with a shard pattern; a local folder of tars takes the
+    same path (datasets' webdataset builder): jpg/png and txt become the image and caption columns."""
+    good, empty, bad = expected()
+    cfg = DataConfig(path=str(shards), data_files="shard-000[0-5].tar", streaming=True, num_workers=2)
+    per_rank = [list(StreamData(cfg, 8, seed=0, rank=r, world=2).items(0, None)) for r in range(2)]
+    seen = ids(per_rank[0]) + ids(per_rank[1])
+    assert len(seen) == len(set(seen)) and set(seen) <= set(range(SHARDS * PER_SHARD))
+    skipped = totals(per_rank[0] + per_rank[1])
+    assert skipped == {"empty_caption": empty, "bad_image": bad, "bad_shard": 1} and set(seen) == good
+
+
+def test_the_8_gpu_recipe_is_the_papers_setup():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from replan.regions.config import load_config
+
+    cfg = load_config(ROOT / "configs/regions/cc12m_8gpu.yaml")
+    launch = load_config_from_file(str(ROOT / "configs/regions/accelerate_8gpu.yaml"))
+    assert launch.num_processes * cfg.batch_size == 256 and launch.mixed_precision == cfg.mixed_precision == "bf16"
+    assert (cfg.model.clip, cfg.model.t5) == ("openai/clip-vit-large-patch14", "google/flan-t5-base")
+    assert cfg.data.streaming and cfg.data.path == "pixparse/cc12m-wds" and cfg.resume == "auto"
+    assert cfg.descriptions.llm_model.startswith("Qwen/Qwen2.5-") and cfg.descriptions.cache
+    assert cfg.generator.kind == "inpaint" and "xl" in cfg.generator.path
