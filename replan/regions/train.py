@@ -62,6 +62,9 @@ def prepare(cfg: TrainConfig, describer=None) -> dict:
     from replan.regions.objective import ProxyGenerator
 
     out = Path(cfg.output_dir)
+    if not cfg.loss.beta:
+        logger.warning("loss.beta=0: the mask head gets no gradient (L_sa does not reach it); only the fusion layers "
+                       "and g train")
     settings = run_settings(cfg)
     recorded = check_run_settings(out, settings, way_out="resume it with its own config, or use another output_dir")
     resume = None
