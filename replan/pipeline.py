@@ -57,6 +57,7 @@ class RePlanPipeline:
         model: str | None = None,
         vlm_ckpt_path: str | None = None,
         lora_path: str | None = None,
+        vlm_lora_path: str | None = None,
         device=None,
         torch_dtype=None,
         stage_offload: str = "none",
@@ -67,7 +68,9 @@ class RePlanPipeline:
         """Load an editor (``backbone`` name or alias; ``model`` overrides its weights) and a planner (``"local"``,
         ``"openai"``, a ``Planner`` instance, or ``None`` for plan-only-from-file use).
 
-        ``stage_offload="cpu"``: the inactive stage waits on the CPU. ``offload="model" | "sequential"``: diffusers'
+        ``lora_path``: a LoRA for the editor (diffusers ``load_lora_weights``, as the official ``--lora_path``);
+        ``vlm_lora_path``: a PEFT adapter merged into the local planner. ``stage_offload="cpu"``: the inactive stage
+        waits on the CPU. ``offload="model" | "sequential"``: diffusers'
         model / sequential CPU offload inside the editor (lower peak memory, slower); it manages the editor's
         devices itself, so it excludes ``stage_offload``.
         """
@@ -77,9 +80,9 @@ class RePlanPipeline:
             raise ValueError(f"stage_offload must be one of {STAGE_OFFLOAD}, got {stage_offload!r}")
         first_device = "cpu" if stage_offload == "cpu" else device
         editor = load_editor(backbone, model, device=device if offload != "none" else first_device,
-                             torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs)
+                             torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs, lora_path=lora_path)
         if isinstance(planner, str):
-            planner = load_planner(planner, vlm_ckpt_path, lora_path=lora_path, device=first_device,
+            planner = load_planner(planner, vlm_ckpt_path, lora_path=vlm_lora_path, device=first_device,
                                    torch_dtype=torch_dtype, **(planner_kwargs or {}))
         return cls(editor, planner, stage_offload, device)
 
