@@ -55,9 +55,10 @@ def test_training_reduces_loss_and_moves_mask_head(setup, tmp_path):
     assert {"sa", "sa_e", "sa_o", "clip", "dir", "struct", "mask_frac", "loss_total", "lr"} <= set(rows[0])
 
 
-@pytest.mark.parametrize("mask_grad, batch", [("ste", 4), ("reinforce", 4), ("reinforce", 1)])
+@pytest.mark.parametrize("mask_grad, batch", [("ste", 4), ("reinforce", 1)])
 def test_resume_gives_identical_next_step_losses(setup, tmp_path, mask_grad, batch):
-    """Batch 1 with reinforce runs on the running baseline, whose state the checkpoint must carry."""
+    """Batch 1 with reinforce runs on the running baseline and the sampler's RNG, whose states the checkpoint must
+    carry (the leave-one-out baseline of larger batches has no state)."""
     extra = {"loss.mask_grad": mask_grad, "batch_size": batch}
     full = train(cfg_for(setup, tmp_path / "full", **extra))
     assert (tmp_path / "full" / "checkpoints" / "step-3" / "trainer.pt").is_file()
