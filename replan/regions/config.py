@@ -2,8 +2,8 @@
 
 ``load_config(path, overrides)`` reads the YAML, applies ``key=value`` overrides and checks everything that can be
 checked without loading a model (unknown keys, enums, a data source), so a bad config is one line in the first
-second. ``run_settings(cfg)`` is what a run directory records in ``run_config.json``: a run is resumed only with the
-same settings (``replan.config_io.check_run_settings``).
+second (this module imports no torch). ``run_settings(cfg)`` is what a run directory records in
+``run_config.json``: a run is resumed only with the same settings (``replan.config_io.check_run_settings``).
 """
 
 from __future__ import annotations
@@ -12,12 +12,48 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from replan.config_io import apply_overrides, check_keys, read_yaml
-from replan.regions.data import DataConfig
 from replan.regions.descriptions import DescriptionConfig
-from replan.regions.model import RegionModelConfig
 
+TINY_DATA = "tiny"  # data.path of the offline fixture: coloured shapes with captions (replan.testing.regions)
 MASK_GRADS = ("ste", "reinforce")
 BASELINES = ("auto", "running", "none")
+
+
+@dataclass
+class RegionModelConfig:
+    """Sizes and choices of the trainable head. Paper-silent choices ([gap] in the spec) are marked *deviation*."""
+
+    clip: str = "openai/clip-vit-large-patch14"  # vision + text towers (one CLIPModel checkpoint or dir)
+    t5: str = "google/flan-t5-base"              # encoder only
+    image_size: int = 224                        # deviation: input size not stated; ViT-L/14 → 16×16 patches
+    # deviation: ViT-L/14 tokens are 1024-wide; "clip" applies post-LN + the visual projection to every patch
+    # (dense-CLIP trick, gives d = 768 as the paper says); "linear" learns a width→d map; "none" keeps the raw width
+    patch_proj: str = "clip"
+    heads: int = 12                              # deviation: 12 × 64 for d = 768
+    cross_layers: int = 1                        # deviation: one pre-LN residual layer each
+    self_layers: int = 1
+    mlp_hidden: int = 256                        # deviation: MLP d→256→1, GELU
+    dropout: float = 0.0
+    theta: float = 0.5                           # deviation: threshold not given
+    upsample: str = "nearest"                    # deviation: nearest | bilinear (then re-thresholded at 0.5)
+    g_pool: str = "attn"                         # deviation: g = attn pooling (learned query) | mean; + 2-layer MLP
+    g_hidden: int = 1024
+    max_ins_tokens: int = 77
+    max_text_tokens: int = 77
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None          # HF dataset id / save_to_disk dir / loader name (with data_files) / tiny
+    data_files: str | list | dict | None = None
+    split: str = "train"
+    streaming: bool = False          # read data.path as an HF streaming dataset (shard by shard), never in memory
+    webdataset: str | list | None = None  # tar shards (always streamed): glob, {000..099} range, list; local or URL
+    shuffle_shards: bool = True      # streaming: a seeded shard order per epoch (rows keep their order in a shard)
+    image_column: str = "image"      # the default picks jpg/jpeg/png/webp when there is no "image" column
+    caption_column: str = "caption"  # the default picks txt/text when there is no "caption" column
+    max_samples: int | None = None   # map-style: the first N rows; streaming: ≈ N rows per epoch (split over readers)
+    num_workers: int = 0             # DataLoader workers decoding images (streaming: each reads its own shards)
 
 
 @dataclass

@@ -15,29 +15,16 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from replan.regions.config import TINY_DATA as TINY
+from replan.regions.config import DataConfig  # noqa: F401  (re-exported: the data section of the config)
+
 logger = logging.getLogger("replan.regions.train")
 
-TINY = "tiny"  # the offline fixture: coloured shapes with captions (replan.testing.regions)
 SKIPS = ("empty_caption", "bad_image", "bad_shard")
-
-
-@dataclass
-class DataConfig:
-    path: str | None = None          # HF dataset id / save_to_disk dir / loader name (with data_files) / tiny
-    data_files: str | list | dict | None = None
-    split: str = "train"
-    streaming: bool = False          # read data.path as an HF streaming dataset (shard by shard), never in memory
-    webdataset: str | list | None = None  # tar shards (always streamed): glob, {000..099} range, list; local or URL
-    shuffle_shards: bool = True      # streaming: a seeded shard order per epoch (rows keep their order in a shard)
-    image_column: str = "image"      # the default picks jpg/jpeg/png/webp when there is no "image" column
-    caption_column: str = "caption"  # the default picks txt/text when there is no "caption" column
-    max_samples: int | None = None   # map-style: the first N rows; streaming: ≈ N rows per epoch (split over readers)
-    num_workers: int = 0             # DataLoader workers decoding images (streaming: each reads its own shards)
 
 
 def skip_counts() -> dict:

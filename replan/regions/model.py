@@ -21,34 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# the config lives in a torch-free module (a CLI checks its config before importing torch); re-exported here
+from replan.regions.config import RegionModelConfig
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HEAD_FILE = "region_head.safetensors"
 TINY = "tiny"  # offline random stand-ins (tests, smoke runs)
 CONFIG_FILE = "region_config.json"
-
-
-@dataclass
-class RegionModelConfig:
-    """Sizes and choices of the trainable head. Paper-silent choices ([gap] in the spec) are marked *deviation*."""
-
-    clip: str = "openai/clip-vit-large-patch14"  # vision + text towers (one CLIPModel checkpoint or dir)
-    t5: str = "google/flan-t5-base"              # encoder only
-    image_size: int = 224                        # deviation: input size not stated; ViT-L/14 → 16×16 patches
-    # deviation: ViT-L/14 tokens are 1024-wide; "clip" applies post-LN + the visual projection to every patch
-    # (dense-CLIP trick, gives d = 768 as the paper says); "linear" learns a width→d map; "none" keeps the raw width
-    patch_proj: str = "clip"
-    heads: int = 12                              # deviation: 12 × 64 for d = 768
-    cross_layers: int = 1                        # deviation: one pre-LN residual layer each
-    self_layers: int = 1
-    mlp_hidden: int = 256                        # deviation: MLP d→256→1, GELU
-    dropout: float = 0.0
-    theta: float = 0.5                           # deviation: threshold not given
-    upsample: str = "nearest"                    # deviation: nearest | bilinear (then re-thresholded at 0.5)
-    g_pool: str = "attn"                         # deviation: g = attn pooling (learned query) | mean; + 2-layer MLP
-    g_hidden: int = 1024
-    max_ins_tokens: int = 77
-    max_text_tokens: int = 77
 
 
 @dataclass
