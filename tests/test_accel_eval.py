@@ -52,3 +52,19 @@ def test_bad_accel_in_a_config_exits_2_before_loading(tmp_path, capsys):
     assert gen(tmp_path / "o", "accel=regione", "steps=4") == 2
     assert "do not fit in 4 steps" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_regione_rows_are_their_rows_plus_accel():
+    """Each RegionE row is its unaccelerated row with accel: regione and its own output_dir (nothing else differs,
+    so fidelity compares like with like)."""
+    import yaml
+
+    rows = sorted((ROOT / "configs/eval").glob("*_regione.yaml"))
+    assert len(rows) == 10
+    for path in rows:
+        fast = yaml.safe_load(path.read_text())
+        base = yaml.safe_load(path.with_name(path.name.replace("_regione", "")).read_text())
+        assert fast.pop("accel") == "regione" and base.pop("accel") == "none"
+        assert fast.pop("output_dir") == f"outputs/eval/{path.stem}"
+        base.pop("output_dir")
+        assert fast == base, path.name
