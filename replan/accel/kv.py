@@ -47,7 +47,7 @@ class AccelCall:
 
 
 class KVStore:
-    """Image-stream keys and values per (layer, CFG branch) for one edit."""
+    """Keys and values of the joint sequence per (layer, CFG branch) for one edit."""
 
     def __init__(self):
         self.entries: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -75,20 +75,20 @@ class KVStore:
 
 def cached_attention(attn, query, key, value, text_len: int, call: AccelCall, mask, backend, parallel_config):
     """Attention of the joint ``[text; image]`` sequence (``(B, S, H, D)`` after norm and rotary embedding) with the
-    K/V cache: ``store`` keeps the image rows; ``cached`` writes the fresh image rows at ``call.ids`` and attends to
-    the whole cached image stream. ``mask``: None, a bool/additive mask over the full key length, or a region mask
-    ``(…, L, L)`` whose rows are restricted here."""
+    K/V cache: ``store`` keeps the whole sequence's keys and values; ``cached`` writes the fresh text rows and the
+    fresh image rows at ``call.ids`` into them (in place, no copy of the cache) and attends to all of it. ``mask``:
+    None, a bool/additive mask over the full key length, or a region mask ``(…, L, L)`` whose rows are restricted
+    here."""
     if call.mode == STORE:
-        call.store.put(attn, call.branch, key[:, text_len:].clone(), value[:, text_len:].clone())
+        call.store.put(attn, call.branch, key.clone(), value.clone())
     elif call.mode == CACHED:
         cache_k, cache_v = call.store.get(attn, call.branch)
         ids = call.ids
-        cache_k.index_copy_(1, ids, key[:, text_len:].to(cache_k.dtype))
-        cache_v.index_copy_(1, ids, value[:, text_len:].to(cache_v.dtype))
-        key = torch.cat([key[:, :text_len], cache_k], dim=1)
-        value = torch.cat([value[:, :text_len], cache_v], dim=1)
+        rows = torch.cat([torch.arange(text_len, device=ids.device), ids + text_len])
+        cache_k.index_copy_(1, rows, key.to(cache_k.dtype))
+        cache_v.index_copy_(1, rows, value.to(cache_v.dtype))
+        key, value = cache_k, cache_v
         if mask is not None and mask.ndim == 4 and mask.shape[-2] > 1:  # a region mask: keep the rows that run
-            rows = torch.cat([torch.arange(text_len, device=ids.device), ids + text_len])
             mask = mask.index_select(-2, rows.to(mask.device))
     else:
         raise ValueError(f"unknown K/V cache mode {call.mode!r}")
@@ -245,7 +245,7 @@ class AccelQwenProcessor(AccelWrapper):
         if region is None and encoder_hidden_states_mask is not None:  # the stock joint padding mask, full keys
             image_len = hidden_states.shape[1]
             if accel.mode == CACHED:
-                image_len = accel.store.get(attn, accel.branch)[0].shape[1]
+                image_len = accel.store.get(attn, accel.branch)[0].shape[1] - text_len
             keep = torch.ones(hidden_states.shape[0], image_len, dtype=torch.bool, device=hidden_states.device)
             mask = torch.cat([encoder_hidden_states_mask, keep], dim=1)[:, None, None, :]
         out = cached_attention(attn, torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1),
