@@ -201,3 +201,11 @@ def test_ai_plan_names_the_prompt_template_that_made_the_plan(tiny_pipe, tmp_pat
     digest = hashlib.sha256(template.read_bytes()).hexdigest()
     assert f"Prompt template {template} (sha256 {digest[:12]})" in status and "original frame" in status
     assert [b["label"] for b in value["boxes"]] == ["a cat"] and prompt == "warm"
+
+
+def test_app_cli_refuses_a_missing_lora_before_loading(capsys):
+    pytest.importorskip("gradio")
+    from replan.app.__main__ import main
+
+    assert main(["--backbone", "tiny", "--no_planner", "--lora_path", "/no/such/lora"]) == 2
+    assert "editor LoRA /no/such/lora does not exist" in capsys.readouterr().err
