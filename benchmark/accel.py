@@ -143,7 +143,7 @@ def square_mask(grid: int, share: float) -> torch.Tensor:
 def bench_shapes(device, shapes: str, size: int, repeats: int, shares) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, config = shaped_pipeline(shapes, device, dtype)
-    runtime = AccelRuntime(pipe)
+    runtime = AccelRuntime.install(pipe.transformer)
     g = torch.Generator(device).manual_seed(0)
     text = torch.randn(1, 512, config["joint_attention_dim"], generator=g, device=device, dtype=dtype)
     pooled = torch.randn(1, config["pooled_projection_dim"], generator=g, device=device, dtype=dtype)

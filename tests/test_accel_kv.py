@@ -85,10 +85,10 @@ def family(request):
 def test_store_pass_is_stock_and_edited_pass_matches_full_rows(family):
     tr, inputs, _ = family
     stock = tr(**inputs)[0]
-    runtime = AccelRuntime(SimpleNamespace(transformer=tr, scheduler=None))
+    runtime = AccelRuntime.install(tr)
     assert torch.equal(tr(**inputs)[0], stock)  # installed but inactive: the stock transformer
     probe = Probe((None, "store", 0), (IDS, "cached", 0), (IDS, "cached", 0))
-    with runtime.activate(probe):
+    with runtime.activate(probe, None):
         full = tr(**inputs)[0]
         assert runtime.store.nbytes > 0
         short = tr(**inputs)[0]
@@ -107,9 +107,9 @@ def test_cache_is_kept_per_cfg_branch():
     tr, inputs, _ = kontext()
     negative = dict(inputs, encoder_hidden_states=torch.randn(1, T + 3, 32), txt_ids=torch.zeros(T + 3, 3))
     stock_pos, stock_neg = tr(**inputs)[0], tr(**negative)[0]
-    runtime = AccelRuntime(SimpleNamespace(transformer=tr, scheduler=None))
+    runtime = AccelRuntime.install(tr)
     probe = Probe((None, "store", 0), (None, "store", 1), (IDS, "cached", 0), (IDS, "cached", 1))
-    with runtime.activate(probe):
+    with runtime.activate(probe, None):
         tr(**inputs), tr(**negative)
         pos, neg = tr(**inputs)[0], tr(**negative)[0]
     assert torch.allclose(pos, stock_pos[:, IDS], atol=1e-5, rtol=0)
@@ -143,9 +143,9 @@ def test_region_mask_is_restricted_to_the_edited_rows():
     region = SimpleNamespace(mask=region_mask(T + 2 * L), kind="dense")
     masked = tr(**inputs, **{kwarg: {"region": region}})[0]
     assert not torch.allclose(masked, tr(**inputs)[0], atol=1e-3)  # the mask matters
-    runtime = AccelRuntime(SimpleNamespace(transformer=tr, scheduler=None))
+    runtime = AccelRuntime.install(tr)
     assert all(isinstance(p, AccelFluxProcessor) for p in tr.attn_processors.values())
-    with runtime.activate(Probe((None, "store", 0), (IDS, "cached", 0))):
+    with runtime.activate(Probe((None, "store", 0), (IDS, "cached", 0)), None):
         full = tr(**inputs, **{kwarg: {"region": region}})[0]
         short = tr(**inputs, **{kwarg: {"region": region}})[0]
     assert torch.allclose(full, masked, atol=1e-6, rtol=0)
@@ -155,10 +155,10 @@ def test_region_mask_is_restricted_to_the_edited_rows():
 @torch.no_grad()
 def test_qwen_region_mask_with_the_cache():
     tr, inputs, kwarg = qwen()
-    runtime = AccelRuntime(SimpleNamespace(transformer=tr, scheduler=None))
+    runtime = AccelRuntime.install(tr)
     assert all(isinstance(p, AccelQwenProcessor) for p in tr.attn_processors.values())
     region = SimpleNamespace(mask=region_mask(T + 2 * L, seed=1), kind="dense")
-    with runtime.activate(Probe((None, "store", 0), (IDS, "cached", 0), (None, "store", 0))):
+    with runtime.activate(Probe((None, "store", 0), (IDS, "cached", 0), (None, "store", 0)), None):
         full = tr(**inputs, **{kwarg: {"region": region}})[0]
         short = tr(**inputs, **{kwarg: {"region": region}})[0]
         unmasked = tr(**inputs)[0]
@@ -168,7 +168,18 @@ def test_qwen_region_mask_with_the_cache():
 
 def test_edited_pass_without_a_store_pass_says_so():
     tr, inputs, _ = kontext()
-    runtime = AccelRuntime(SimpleNamespace(transformer=tr, scheduler=None))
-    with runtime.activate(Probe((IDS, "cached", 0))), pytest.raises(RuntimeError, match="needs a full store pass"):
+    runtime = AccelRuntime.install(tr)
+    probe = Probe((IDS, "cached", 0))
+    with runtime.activate(probe, None), pytest.raises(RuntimeError, match="needs a full store pass"):
         tr(**inputs)
     assert KVStore().nbytes == 0
+
+
+def test_one_runtime_per_transformer():
+    tr, _, _ = kontext()
+    runtime = AccelRuntime.install(tr)
+    assert AccelRuntime.install(tr) is runtime  # a second editor over the same transformer shares it
+    wrapped = dict(tr.attn_processors)
+    runtime.remove()
+    assert all(not isinstance(p, AccelFluxProcessor) for p in tr.attn_processors.values())
+    assert AccelRuntime.install(tr) is not runtime and len(wrapped) == len(tr.attn_processors)

@@ -1,11 +1,11 @@
 """Region acceleration on a stock diffusers pipeline: a transformer hook, K/V-cache processors and a step callback.
 
-    runtime = AccelRuntime(pipe)                       # once per pipeline; inactive, the pipeline is the stock one
-    with runtime.activate(controller):                 # one edit
+    runtime = AccelRuntime.install(pipe.transformer)   # once per transformer; inactive, it is the stock one
+    with runtime.activate(controller, pipe.scheduler): # one edit
         pipe(..., callback_on_step_end=runtime.callback)
 
 Nothing else is changed: no copied denoising loop, no class swap, no module-level state (two pipelines in one
-process each have their own runtime). The pieces:
+process each have their own runtime; two editors over one transformer share its runtime). The pieces:
 
 * a diffusers ``ModelHook`` on the transformer (``new_forward``) hands every transformer call to the active
   ``RegionController``; the controller calls back ``run(ids, kv)``, which runs the real forward either unchanged
@@ -46,11 +46,10 @@ class _TransformerHook(ModelHook):
 
 
 class AccelRuntime:
-    """Region acceleration installed on ``pipe.transformer`` (persistent; inactive until ``activate``)."""
+    """Region acceleration installed on a transformer (persistent; inactive until ``activate``). Use ``install``."""
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-        transformer = pipe.transformer
+    def __init__(self, transformer):
+        self.transformer = transformer
         params = inspect.signature(transformer.forward).parameters
         self.signature = inspect.signature(transformer.forward)
         self.kwarg = "joint_attention_kwargs" if "joint_attention_kwargs" in params else "attention_kwargs"
@@ -63,20 +62,30 @@ class AccelRuntime:
             for block in transformer.transformer_blocks:
                 self.block_hooks.append(block.register_forward_pre_hook(self._gather_modulation, with_kwargs=True))
         self.controller: RegionController | None = None
+        self.scheduler = None
         self.store = KVStore()
         self.ids: torch.Tensor | None = None  # edited rows of the pass in flight
+        transformer._replan_accel_runtime = self
+
+    @classmethod
+    def install(cls, transformer) -> AccelRuntime:
+        """The transformer's runtime: installed now, or the one already installed (a second editor over the same
+        transformer shares it)."""
+        existing = getattr(transformer, "_replan_accel_runtime", None)
+        return existing if existing is not None else cls(transformer)
 
     # ------------------------------------------------------------------------------------------------ activation
     @contextmanager
-    def activate(self, controller: RegionController):
-        """Run one edit with ``controller``; the K/V cache is freed afterwards."""
+    def activate(self, controller: RegionController, scheduler):
+        """Run one edit with ``controller``; ``scheduler`` is the pipeline's (its sigmas fix the step plan). The K/V
+        cache is freed afterwards."""
         if self.controller is not None:
-            raise RuntimeError("another accelerated edit is running on this pipeline")
-        self.controller = controller
+            raise RuntimeError("another accelerated edit is running on this transformer")
+        self.controller, self.scheduler = controller, scheduler
         try:
             yield self
         finally:
-            self.controller = None
+            self.controller = self.scheduler = None
             self.store.clear()
             self.ids = None
 
@@ -88,10 +97,11 @@ class AccelRuntime:
 
     def remove(self) -> None:
         """Restore the processors installed before and remove the hooks."""
-        HookRegistry.check_if_exists_or_initialize(self.pipe.transformer).remove_hook(HOOK_NAME, recurse=False)
+        HookRegistry.check_if_exists_or_initialize(self.transformer).remove_hook(HOOK_NAME, recurse=False)
         for handle in self.block_hooks:
             handle.remove()
-        self.pipe.transformer.set_attn_processor(self.original)
+        self.transformer.set_attn_processor(self.original)
+        self.transformer._replan_accel_runtime = None
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, original, args, kwargs):
@@ -100,7 +110,7 @@ class AccelRuntime:
         controller = self.controller
         tokens = controller.tokens
         if controller.plan is None:
-            controller.start(self.pipe.scheduler.sigmas)
+            controller.start(self.scheduler.sigmas)
         noise = hidden[:, :tokens]
         reference = hidden[:, tokens: 2 * tokens] if hidden.shape[1] >= 2 * tokens else None
         text = bound.get("encoder_hidden_states")

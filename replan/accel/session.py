@@ -7,7 +7,7 @@
 ``none`` changes nothing (``session.callback`` is None). ``cache-dit`` enables cache-dit's DBCache on the pipeline
 for the call (full passes only) and disables it afterwards. The region modes run a ``RegionController`` through the
 pipeline's ``AccelRuntime`` (``runtime``: a zero-argument function returning the pipeline's runtime, created once
-by its owner — the editor — so two pipelines never share one).
+on the pipeline's transformer — so two pipelines never share one).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def accelerate(config: AccelConfig, pipe, *, steps: int, grid: tuple[int, int],
         return
     controller = RegionController(config, steps, grid, plan_mask, combine=combine)
     active = runtime()
-    with active.activate(controller):
+    with active.activate(controller, pipe.scheduler):
         session.callback = active.callback
         try:
             yield session

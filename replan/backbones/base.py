@@ -96,7 +96,6 @@ class RegionEditor:
     def __init__(self, pipe, spec: BackboneSpec):
         self.pipe = pipe
         self.spec = spec
-        self._accel_runtime: AccelRuntime | None = None
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -266,9 +265,7 @@ class RegionEditor:
 
     def accel_runtime(self) -> AccelRuntime:
         """This editor's region-acceleration runtime, installed on its transformer on first use."""
-        if self._accel_runtime is None:
-            self._accel_runtime = AccelRuntime(self.pipe)
-        return self._accel_runtime
+        return AccelRuntime.install(self.pipe.transformer)
 
     def cfg_combine(self, options: dict):
         """How the pipeline combines a step's transformer calls under true CFG (``replan.accel.controller``), or
