@@ -100,8 +100,12 @@ def test_edit_with_regions_output_and_trace(editor):
     assert result.attention.steps == {0: "default", 1: "default", 2: "default"}
     assert dict(result.attention.builds) == {"default": 1}  # one mask per rule set, not per block or step
     assert result.boxes == [(1, 2, 79, 67), (98, 59, 200, 150)]  # expanded 0.15 (ratio), int-truncated, clamped
-    # the processors are restored afterwards
-    assert {type(p).__name__ for p in editor.pipe.transformer.attn_processors.values()} == {"FluxAttnProcessor"}
+    assert (result.attention.masked_passes, result.attention.unmasked_passes) == (3, 0)
+    # region processors stay installed (once per editor), wrapping the stock ones; no edit is active afterwards
+    processors = editor.pipe.transformer.attn_processors.values()
+    assert {type(p).__name__ for p in processors} == {"RegionAttnProcessor"}
+    assert {type(p.base).__name__ for p in processors} == {"FluxAttnProcessor"}
+    assert editor.processors.active is None
 
 
 def test_regions_change_the_result(editor):
@@ -196,8 +200,7 @@ def test_delete_main_prompt_drops_main_tokens(editor):
 
 def test_true_cfg_negative_pass_runs_unmasked(editor):
     result = editor.edit(make_image(), TWO_REGIONS, steps=2, true_cfg=2.0, negative_prompt="blurry", **FAST)
-    # 2 steps x (1 double + 1 single block) on the negative pass
-    assert result.attention.unmasked_calls == 4
+    assert result.attention.unmasked_passes == 2  # the negative pass of each of the 2 steps
     assert result.attention.steps == {0: "default", 1: "default"}
 
 
@@ -215,7 +218,7 @@ def test_layout_mismatch_raises_instead_of_silently_unmasking(editor):
     wrong = TokenLayout.build(5, [3], (2, 2), [(2, 2)]).with_box_regions([(0, 0, 16, 16)], (32, 32))
     region = RegionAttention(wrong, default_schedule(1, 1))
     plan = RegionPlan("x")
-    with region.installed(editor.pipe.transformer), pytest.raises(RuntimeError, match="layout does not match"):
+    with editor.processors.activate(region), pytest.raises(RuntimeError, match="layout does not match"):
         editor.pipe(image=make_image((64, 64)), prompt=plan.prompt_text, height=64, width=64, max_area=64 * 64,
                     _auto_resize=False, num_inference_steps=1, max_sequence_length=8)
 

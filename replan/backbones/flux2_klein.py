@@ -10,7 +10,8 @@
 * Text: the Qwen3 chat-template prompt, hidden states of ``text_encoder_out_layers`` stacked (``pipe.encode_prompt``),
   padded to ``max_sequence_length`` (512). Each hint goes through the same path and is a padded span of its own;
   ``trim_hint_padding=True`` keeps only each hint's real tokens (the same states: the LM is causal and the padding
-  is masked). ``prompt_embeds = cat([main, hint 1, …])``; the pipeline builds the text position ids for the whole
+  is masked); by default (None) only when the padded layout would not fit the attention memory budget.
+  ``prompt_embeds = cat([main, hint 1, …])``; the pipeline builds the text position ids for the whole
   concatenation (L axis 0…T-1), as it does for any prompt.
 * Guidance: a base checkpoint (``pipe.config.is_distilled`` False) uses true CFG with the pipeline's empty negative
   prompt when ``guidance`` (alias ``true_cfg``; default: the spec's ``true_cfg``, 4.0) is > 1; the negative pass has
@@ -34,7 +35,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from replan.backbones.base import EncodedPrompt, RegionEditor
+from replan.backbones.base import EncodedPrompt, RegionEditor, TextTokens
 from replan.coords import Size
 from replan.plan import RegionPlan
 
@@ -142,16 +143,25 @@ class Flux2KleinEditor(RegionEditor):
         ids = tok(chat, return_tensors="pt", padding="max_length", truncation=True, max_length=max_len)
         return ids["attention_mask"][0].bool()
 
-    def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> EncodedPrompt:
+    def text_tokens(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> TextTokens:
+        """Every span is padded to ``max_sequence_length``; a trimmed hint keeps its real (chat-template) tokens."""
+        max_len = self._max_len(options)
+        trimmed = [int(self._real_tokens(h, max_len).sum()) for h in plan.hints]
+        main = None if options["delete_main_prompt"] else max_len
+        return TextTokens(main, [max_len] * len(plan.hints), trimmed)
+
+    def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict,
+               tokens: TextTokens | None = None) -> EncodedPrompt:
         max_len = self._max_len(options)
         guidance = self._guidance(options)
+        trim = options.get("trim_hint_padding")
         with torch.no_grad():
             main = self._encode(plan.prompt_text, max_len)
             spans = [] if options["delete_main_prompt"] else [main]
             hint_lens = []
             for hint in plan.hints:
                 emb = self._encode(hint, max_len)
-                if options.get("trim_hint_padding", False):
+                if trim:
                     emb = emb[:, self._real_tokens(hint, max_len).to(emb.device)]
                 spans.append(emb)
                 hint_lens.append(emb.shape[1])
