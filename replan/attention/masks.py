@@ -43,7 +43,16 @@ class GroupMembership:
         return self.token_class.numel()
 
     def class_mask(self, rules: RuleSet) -> torch.Tensor:
-        """``(C, C)`` bool: may a token of class a attend to a token of class b under ``rules``."""
+        """``(C, C)`` bool: may a token of class a attend to a token of class b under ``rules`` (cached per rule
+        set: a schedule asks for each of its rule sets when it is checked and again when its mask is built)."""
+        cache = self.__dict__.setdefault("_class_masks", {})
+        if rules not in cache:
+            if len(cache) >= 4:
+                cache.clear()
+            cache[rules] = self._class_mask(rules)
+        return cache[rules]
+
+    def _class_mask(self, rules: RuleSet) -> torch.Tensor:
         r = rules.matrix(self.names).float()
         g = self.class_groups.float()
         allowed = (g @ r @ g.T) > 0
