@@ -27,8 +27,9 @@ from pathlib import Path
 
 from replan import __version__
 from replan.backbones import names
+from replan.backbones.base import lora_source
 from replan.images import load_image
-from replan.parse import PlanParseError
+from replan.parse import PARSE_MODES, PlanParseError, parse_mode
 from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline
 from replan.plan import RegionPlan
 from replan.planner import KINDS, PlannerError, load_template
@@ -46,15 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", "--diffusion_model_name", dest="model", help="editor weights: hub id or local dir")
     ap.add_argument("--planner", choices=KINDS, default="local", help="local Qwen2.5-VL or an OpenAI-compatible API")
     ap.add_argument("--vlm_ckpt_path", help="planner checkpoint (hub id or local dir; 'tiny' = offline random)")
-    ap.add_argument("--lora_path", help="LoRA adapter for the local planner (needs peft)")
+    ap.add_argument("--lora_path", help="LoRA for the diffusion editor (diffusers format; a dir, a .safetensors file "
+                    "or a hub id), loaded with load_lora_weights as official")
+    ap.add_argument("--vlm_lora_path", help="LoRA adapter for the local planner (PEFT format; needs peft)")
     ap.add_argument("--base_url", help="OpenAI-compatible endpoint (or REPLAN_PLANNER_BASE_URL)")
     ap.add_argument("--api_key", help="endpoint key (or REPLAN_PLANNER_API_KEY)")
     ap.add_argument("--planner_retries", type=int, default=4, help="endpoint retries on 5xx/timeouts")
     ap.add_argument("--vlm_prompt_template_path", help="planner prompt template file (default: replan's)")
     ap.add_argument("--plan", help="a plan JSON to execute instead of planning")
     ap.add_argument("--no_plan", action="store_true", help="baseline: the instruction as the global prompt, no regions")
-    ap.add_argument("--strict_plan", action="store_true", help="fail on a malformed planner reply instead of "
-                    "falling back to a global edit")
+    ap.add_argument("--parse", choices=PARSE_MODES, default=None,
+                    help="how planner replies are read: lenient (default; repairs and records), strict (fail on a "
+                    "malformed reply) or official (as the official code: no repairs, else a global edit)")
+    ap.add_argument("--strict_plan", action="store_true", help="the same as --parse strict")
     ap.add_argument("--stage_offload", choices=STAGE_OFFLOAD, default="none",
                     help="cpu: keep only the active stage (planner or editor) on the GPU")
     ap.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
@@ -101,9 +106,11 @@ def load_pipeline(args, device: str) -> RePlanPipeline:
         planner_kwargs["max_retries"] = args.planner_retries
     if args.vlm_prompt_template_path:
         planner_kwargs["template"] = load_template(args.vlm_prompt_template_path)
+    planner_kwargs["parse"] = parse_mode(args.parse, args.strict_plan)
     return RePlanPipeline.from_pretrained(
         backbone=args.backbone, planner=args.planner if needs_planner else None, model=args.model,
-        vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, device=device, torch_dtype=args.dtype,
+        vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path,
+        device=device, torch_dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, planner_kwargs=planner_kwargs,
         compile=args.compile, attention_budget=args.attention_budget,
     )
@@ -122,7 +129,7 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
         plan = RegionPlan(instruction.strip(), image_size=image.size)
     elif not instruction or not instruction.strip():
         raise ValueError("the instruction is empty: pass --instruction (or --plan to execute a saved plan)")
-    out = pipe(image, instruction, plan=plan, strict_plan=args.strict_plan, **edit_options(args))
+    out = pipe(image, instruction, plan=plan, **edit_options(args))
     if out.planner_text and not out.plan.regions and out.plan.repairs:
         why = next((r for r in out.plan.repairs if "region" in r), out.plan.repairs[0])
         print(f"warning: the planner reply gave no usable regions ({why}); ran a global edit", file=sys.stderr)
@@ -130,7 +137,9 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
         "replan_version": __version__, "image": str(image_path), "instruction": instruction,
         "backbone": pipe.editor.spec.name, "model": args.model or pipe.editor.spec.model_id,
         "planner": None if plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
-        "lora_path": args.lora_path, "plan_file": args.plan, "no_plan": args.no_plan,
+        "lora_path": args.lora_path, "vlm_lora_path": args.vlm_lora_path,
+        "parse": None if plan is not None else parse_mode(args.parse, args.strict_plan),
+        "plan_file": args.plan, "no_plan": args.no_plan,
         "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
         "compile": args.compile, "attention_budget": args.attention_budget,
         "resolved": {"steps": pipe.editor.spec.steps if args.steps is None else args.steps,
@@ -160,6 +169,8 @@ def replay_command(args, image_path, backbone: str, trimmed: bool = False) -> st
              "--backbone", backbone]
     if args.model:
         parts += ["--model", args.model]
+    if args.lora_path:
+        parts += ["--lora_path", args.lora_path]
     flags = {"steps": "--steps", "seed": "--seed", "expand": "--expand", "expand_mode": "--expand_mode",
              "switch": "--switch_ratio", "attention": "--attention", "guidance": "--guidance"}
     options = edit_options(args)
@@ -226,6 +237,9 @@ def main(argv=None) -> int:
         return 2
     device = args.device or _default_device()
     try:
+        parse_mode(args.parse, args.strict_plan)
+        if args.lora_path:
+            lora_source(args.lora_path)  # a missing LoRA is reported before any model loads
         pipe = load_pipeline(args, device)
         if args.image is None:
             return interactive(pipe, args, Path(args.output_dir))

@@ -65,7 +65,7 @@ def test_no_plan_is_the_stock_backbone(tmp_path):
     stock = editor.pipe(image=editor.pipe.image_processor.resize(image, h, w), prompt="make it snowy", height=h,
                         width=w, max_area=w * h, _auto_resize=False, num_inference_steps=3, guidance_scale=2.5,
                         generator=__import__("torch").Generator().manual_seed(0)).images[0]
-    stock = stock.resize(image.size, Image.LANCZOS)
+    stock = stock.resize(image.size, Image.BICUBIC)
     assert np.array_equal(pixels(out / "result.png"), np.asarray(stock))
 
 
@@ -173,6 +173,33 @@ def test_cli_with_an_openai_compatible_planner(tmp_path):
     assert (out / "planner_response.txt").read_text() == reply
     (region,) = plan.regions
     assert region.bbox == pytest.approx((87 * 640 / 644, 197 * 480 / 476, 208 * 640 / 644, 311 * 480 / 476))
+
+
+def test_cli_parse_modes(tmp_path, capsys):
+    # a reply with one box whose corners are swapped: lenient repairs it, official (as the official code, which
+    # raises on it) runs a global edit and says why, strict (and --strict_plan) refuses the reply
+    reply = ('<think>t</think><gen_image>make it warm</gen_image><region>[{"bbox_2d": [208, 311, 87, 197], '
+             '"hint": "a small cactus in a pot"}]</region>')
+    server = _PlannerServer(reply)
+    common = ["--image", DESK, "--instruction", "replace the used cup", "--planner", "openai", "--base_url",
+              server.url, "--backbone", "tiny", "--steps", "1", "--device", "cpu"]
+    try:
+        assert main(common + ["--output_dir", str(tmp_path / "lenient")]) == 0
+        assert main(common + ["--output_dir", str(tmp_path / "official"), "--parse", "official"]) == 0
+        capsys.readouterr()
+        for flags in (["--parse", "strict"], ["--strict_plan"]):
+            assert main(common + ["--output_dir", str(tmp_path / "strict"), *flags]) == 2
+            assert "swapped corners" in capsys.readouterr().err
+        assert main(common + ["--output_dir", str(tmp_path / "x"), "--parse", "lenient", "--strict_plan"]) == 2
+        assert "contradicts parse mode 'lenient'" in capsys.readouterr().err
+    finally:
+        server.close()
+    lenient, official = (RegionPlan.load(tmp_path / d / "plan.json") for d in ("lenient", "official"))
+    assert len(lenient.regions) == 1 and "swapped corners" in lenient.repairs[0]
+    assert official.regions == () and official.global_prompt == "make it warm"
+    assert "x2 <= x1" in official.repairs[0] and "global edit" in official.repairs[0]
+    assert json.loads((tmp_path / "official" / "config.json").read_text())["parse"] == "official"
+    assert not (tmp_path / "strict").exists()
 
 
 def test_cli_unreachable_endpoint_exits_3(tmp_path, capsys):

@@ -210,7 +210,7 @@ def test_models(server):
     ({}, {"image": ("x.png", png_bytes(Image.new("RGB", (32, 32))), "image/png")}, "image", "at least 64"),
     ({"plan": '{"global_prompt": "x", "regions": [{"bbox": [90, 90, 20, 20], "hint": "h"}]}'}, {}, "plan",
      "zero area"),
-    ({"plan": '{"global_prompt": "x", "regions": [{"bbox": [0, 0, 900, 100], "hint": "h"}]}'}, {}, "plan",
+    ({"plan": '{"global_prompt": "x", "regions": [{"bbox": [700, 0, 900, 100], "hint": "h"}]}'}, {}, "plan",
      "outside"),
     ({"plan": '{"regions": []}'}, {}, "plan", "no 'global_prompt'"),
     ({"plan": '{"global_prompt": '}, {}, "plan", "not valid JSON"),
@@ -307,6 +307,24 @@ def test_execute_garbage_is_a_global_edit(server, direct):
     assert plan.regions == () and plan.repairs
     expected = direct(Image.open(DESK), plan=RegionPlan("", image_size=(640, 480)), seed=1, steps=2, entry="server")
     assert np.array_equal(pixels(r.json()["image_base64"]), np.asarray(expected.image))
+
+
+def test_execute_reads_the_reply_in_the_requested_parse_mode(server, direct):
+    # official (GRPO reward parity): a box entirely outside the image is kept and executed (it covers no patch);
+    # lenient drops it; strict refuses a reply it cannot read
+    response = ('<think>t</think><gen_image>g</gen_image><region>[{"bbox_2d": [87, 197, 208, 311], "hint": "cactus"}, '
+                '{"bbox_2d": [700, 10, 800, 50], "hint": "gone"}]</region>')
+    r = execute(server, response=response, seed=2, parse="official", delete_main_prompt=True)
+    assert r.status_code == 200, r.text
+    plan = RegionPlan.from_dict(r.json()["plan"])
+    assert [reg.hint for reg in plan.regions] == ["cactus", "gone"] and plan.repairs == ()
+    assert r.json()["boxes"][1] == [685, 4, 640, 56]
+    expected = direct(Image.open(DESK), plan=plan, seed=2, steps=2, entry="server", delete_main_prompt=True)
+    assert np.array_equal(pixels(r.json()["image_base64"]), np.asarray(expected.image))
+    lenient = RegionPlan.from_dict(execute(server, response=response, seed=2).json()["plan"])  # the server default
+    assert [reg.hint for reg in lenient.regions] == ["cactus"] and "lies outside" in lenient.repairs[0]
+    assert_error(execute(server, response="no plan here", parse="strict"), 400, "response", "plan grammar")
+    assert_error(execute(server, response=response, parse="exact"), 400, "parse")
 
 
 @pytest.mark.parametrize("body, param, text", [

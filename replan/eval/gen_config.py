@@ -16,6 +16,7 @@ from pathlib import Path
 from replan import __version__
 from replan.config_io import apply_overrides, check_keys, read_yaml
 from replan.infer import write_atomically
+from replan.parse import parse_mode
 
 logger = logging.getLogger("replan.eval.generate")
 
@@ -32,7 +33,7 @@ class PlannerConfig:
     kind: str = "local"  # local (Qwen2.5-VL through transformers) | openai (an OpenAI-compatible endpoint)
     ckpt: str | None = None  # local: hub id / dir / "tiny"; openai: the served model name; None: the RePlan planner
     base_url: str | None = None  # openai: e.g. http://localhost:8000/v1 (else $REPLAN_PLANNER_BASE_URL); key from env
-    lora_path: str | None = None
+    vlm_lora_path: str | None = None  # a PEFT adapter merged into the local planner
     template: str | None = None  # planner prompt template file (None: replan's wording of the official one)
     max_new_tokens: int | None = None  # None: the planner's default (2048; 64 for the tiny planner)
     max_retries: int = 4  # openai: retries on 5xx / timeouts
@@ -43,6 +44,7 @@ class GenerateConfig:
     method: str = "replan"
     backbone: str = "flux_kontext"
     model: str | None = None  # editor weights (hub id or local dir); None: the backbone's default
+    lora_path: str | None = None  # a LoRA for the editor (diffusers format), as the official --lora_path
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     dataset: str = "TainU/IV-Edit"  # hub id, local copy, data file, or "tiny" (offline fixture)
     split: str = "test"
@@ -57,7 +59,7 @@ class GenerateConfig:
     attention: str = "dense"  # dense | flex
     compile: bool = False  # compile the editor's transformer blocks once (use with attention: flex on a GPU)
     attention_budget: str | None = None  # e.g. "8GB"; None: half the device's free memory (larger plans fail)
-    strict_plan: bool = False  # True: a reply that breaks the plan grammar fails the sample (official: global edit)
+    parse: str = "official"  # how planner replies are read: official (the paper rows) | lenient | strict
     rephrase_template: str | None = None  # rephrase: template file; None: REPHRASE_TEMPLATE
     device: str | None = None  # None: cuda (cuda:$LOCAL_RANK under torchrun) when available, else cpu
     dtype: str | None = None  # None: the backbone's on GPU, fp32 on CPU
@@ -69,10 +71,15 @@ class GenerateConfig:
 
 def config_from_dict(data: dict, source: str = "config") -> GenerateConfig:
     """Build a config from a mapping with exactly the dataclass keys (unknown keys are an error)."""
+    if isinstance(data, dict) and "strict_plan" in data:
+        raise ValueError(f"{source}: strict_plan is now parse: strict (parse: official | lenient | strict)")
     data = check_keys(data, GenerateConfig, source)
     planner = data.pop("planner", None) or {}
     if isinstance(planner, str):  # shorthand: "planner: tiny"
         planner = {"ckpt": planner}
+    if isinstance(planner, dict) and "lora_path" in planner:
+        raise ValueError(f"{source}: planner.lora_path is now planner.vlm_lora_path (the top-level lora_path is the "
+                         "editor's LoRA, as the official --lora_path)")
     cfg = GenerateConfig(**data, planner=PlannerConfig(**check_keys(planner, PlannerConfig, source, "planner")))
     validate(cfg)
     return cfg
@@ -99,6 +106,7 @@ def validate(cfg: GenerateConfig) -> None:
     parse_bytes(cfg.attention_budget)
     if cfg.expand_mode not in (None, "ratio", "pixels"):
         raise ValueError(f"expand_mode must be ratio or pixels, got {cfg.expand_mode!r}")
+    parse_mode(cfg.parse)
     if cfg.stage_offload not in ("none", "cpu"):
         raise ValueError(f"stage_offload must be none or cpu, got {cfg.stage_offload!r}")
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
@@ -112,6 +120,11 @@ def validate(cfg: GenerateConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def planner_parse(cfg: GenerateConfig) -> str:
+    """How the planner's replies are read (``cfg.parse``: official, lenient or strict)."""
+    return parse_mode(cfg.parse)
+
+
 def sample_seed(seed: int, image_id: str) -> int:
     """``seed + int(image_id)`` for numeric ids, else ``seed + crc32(image_id)``: stable across runs and shards."""
     image_id = str(image_id)
@@ -165,7 +178,7 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
         "expand": entry.expand if cfg.expand is None else float(cfg.expand),
         "expand_mode": cfg.expand_mode or spec.expand_mode,
         "switch": entry.switch if cfg.switch is None else float(cfg.switch),
-        "attention": cfg.attention, "dtype": cfg.dtype,
+        "attention": cfg.attention, "dtype": cfg.dtype, "lora_path": cfg.lora_path,
     }
     # only when set, so run folders made before these options existed keep matching
     if cfg.compile:
@@ -173,13 +186,13 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
     if cfg.attention_budget is not None:
         settings["attention_budget"] = cfg.attention_budget  # may trim hint padding
     if cfg.method == "replan":
-        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
-                               "max_new_tokens": cfg.planner.max_new_tokens,
+        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt,
+                               "vlm_lora_path": cfg.planner.vlm_lora_path, "max_new_tokens": cfg.planner.max_new_tokens,
                                "template_sha256": _sha256(load_template(cfg.planner.template))}
-        settings["strict_plan"] = cfg.strict_plan
+        settings["parse"] = planner_parse(cfg)
     elif cfg.method == "rephrase":
-        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
-                               "max_new_tokens": cfg.planner.max_new_tokens}
+        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt,
+                               "vlm_lora_path": cfg.planner.vlm_lora_path, "max_new_tokens": cfg.planner.max_new_tokens}
         settings["rephrase_template_sha256"] = _sha256(_read(cfg.rephrase_template, REPHRASE_TEMPLATE))
     return settings
 

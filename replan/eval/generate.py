@@ -61,6 +61,7 @@ from replan.eval.gen_config import (  # noqa: F401  (re-exported: the public nam
     default_device,
     dist_env,
     load_config,
+    planner_parse,
     resolved_settings,
     sample_seed,
     validate,
@@ -135,7 +136,7 @@ class Generator:
         stage = "plan"
         try:
             if cfg.method == "replan":
-                plan, planner_text = self.pipe.plan(image, sample.instruction, strict=cfg.strict_plan)
+                plan, planner_text = self.pipe.plan(image, sample.instruction)  # the planner's parse mode
                 timings["plan"] = time.perf_counter() - start
                 reply = getattr(self.pipe.planner, "last_reply", None)
                 if reply is not None:
@@ -214,10 +215,13 @@ def load_pipeline(cfg: GenerateConfig, device: str):
             kwargs["max_new_tokens"] = cfg.planner.max_new_tokens
         if cfg.method == "replan" and cfg.planner.template:
             kwargs["template"] = load_template(cfg.planner.template)
+        if cfg.method == "replan":
+            kwargs["parse"] = planner_parse(cfg)
     pipe = RePlanPipeline.from_pretrained(
         backbone=cfg.backbone, planner=planner, model=cfg.model, vlm_ckpt_path=cfg.planner.ckpt,
-        lora_path=cfg.planner.lora_path, device=device, torch_dtype=cfg.dtype, stage_offload=cfg.stage_offload,
-        planner_kwargs=kwargs, compile=cfg.compile, attention_budget=cfg.attention_budget,
+        lora_path=cfg.lora_path, vlm_lora_path=cfg.planner.vlm_lora_path, device=device, torch_dtype=cfg.dtype,
+        stage_offload=cfg.stage_offload, planner_kwargs=kwargs, compile=cfg.compile,
+        attention_budget=cfg.attention_budget,
     )
     if hasattr(pipe.editor.pipe, "set_progress_bar_config"):
         pipe.editor.pipe.set_progress_bar_config(disable=True)  # one bar per run, not one per sample

@@ -16,7 +16,7 @@ from PIL import Image
 
 from replan.coords import Size
 from replan.images import to_rgb
-from replan.parse import parse_plan
+from replan.parse import parse_mode, parse_plan
 from replan.plan import RegionPlan
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,12 @@ class Planner:
 
     name = "planner"
 
-    def __init__(self, template: str | None = None, strict: bool = False):
+    def __init__(self, template: str | None = None, strict: bool = False, parse: str | None = None):
+        """``parse``: how replies are read, ``"lenient"`` (default), ``"strict"`` or ``"official"``
+        (``replan.parse``); ``strict=True`` is the same as ``parse="strict"``."""
         self.template = template if template is not None else load_template()
-        self.strict = strict
+        self.parse = parse_mode(parse, strict)
+        self.strict = self.parse == "strict"
         self.last_reply: PlannerReply | None = None  # the latest reply with its timing and backend details
 
     def generate(self, image: Image.Image, prompt: str) -> PlannerReply:
@@ -68,17 +71,19 @@ class Planner:
         """A text-only reply (no image), e.g. for the rephrase baseline."""
         raise NotImplementedError
 
-    def plan(self, image: Image.Image, instruction: str, strict: bool | None = None) -> RegionPlan:
-        """Plan an edit. Lenient parsing (default) falls back to a global edit when the reply has no usable regions
-        and records why in ``plan.repairs``; ``strict=True`` raises ``PlanParseError`` instead."""
+    def plan(self, image: Image.Image, instruction: str, strict: bool | None = None,
+             parse: str | None = None) -> RegionPlan:
+        """Plan an edit, reading the reply in the planner's parse mode (or ``parse``; ``strict=True`` means
+        ``"strict"``). Lenient and official parsing fall back to a global edit when the reply has no usable regions
+        and record why in ``plan.repairs``; strict parsing raises ``PlanParseError`` instead."""
         image = to_rgb(image)
         prompt = build_prompt(self.template, instruction)
         start = time.perf_counter()
         reply = self.generate(image, prompt)
         reply.seconds = reply.seconds or time.perf_counter() - start
         self.last_reply = reply
-        strict = self.strict if strict is None else strict
-        plan = parse_plan(reply.text, image_size=image.size, strict=strict, planner_size=reply.frame)
+        mode = parse_mode(parse, bool(strict)) if parse is not None or strict else self.parse
+        plan = parse_plan(reply.text, image_size=image.size, mode=mode, planner_size=reply.frame)
         for repair in plan.repairs:
             logger.info("planner reply repaired: %s", repair)
         return plan

@@ -63,8 +63,8 @@ class QwenVLPlanner(Planner):
     name = "local"
 
     def __init__(self, model, processor, *, max_new_tokens: int = 2048, do_sample: bool = False,
-                 template: str | None = None, strict: bool = False):
-        super().__init__(template, strict)
+                 template: str | None = None, strict: bool = False, parse: str | None = None):
+        super().__init__(template, strict, parse)
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
@@ -91,7 +91,7 @@ class QwenVLPlanner(Planner):
             try:
                 from peft import PeftModel
             except ImportError as e:
-                raise ImportError("--lora_path needs peft: pip install 'replan[train]'") from e
+                raise ImportError("--vlm_lora_path needs peft: pip install 'replan[train]'") from e
             model = PeftModel.from_pretrained(model, lora_path).merge_and_unload()
         if device is not None:
             model.to(device)

@@ -18,6 +18,7 @@ import logging
 import sys
 
 from replan.backbones import names
+from replan.parse import PARSE_MODES
 
 PLANNERS = ("local", "openai", "none")
 
@@ -30,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--planner", choices=PLANNERS, default="local",
                     help="planner for edits sent without a plan; 'none' serves plans and no_plan edits only")
     ap.add_argument("--vlm_ckpt_path", help="planner checkpoint ('tiny' = offline random); for openai: the model")
-    ap.add_argument("--lora_path", help="LoRA adapter for the local planner (needs peft)")
+    ap.add_argument("--lora_path", help="LoRA for the diffusion editor (diffusers format), as official")
+    ap.add_argument("--vlm_lora_path", help="LoRA adapter for the local planner (PEFT format; needs peft)")
+    ap.add_argument("--parse", choices=PARSE_MODES, default="lenient",
+                    help="how planner replies (planned here or posted) are read; official: as the official code, "
+                    "no repairs (GRPO reward parity); a request may override it")
     ap.add_argument("--base_url", help="OpenAI-compatible planner endpoint (or REPLAN_PLANNER_BASE_URL)")
     ap.add_argument("--api_key", help="planner endpoint key (or REPLAN_PLANNER_API_KEY)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -62,7 +67,8 @@ def config_from_args(args):
 
     return ServeConfig(
         backbone=args.backbone, model=args.model, planner=args.planner, vlm_ckpt_path=args.vlm_ckpt_path,
-        lora_path=args.lora_path, base_url=args.base_url, api_key=args.api_key, device=args.device, dtype=args.dtype,
+        lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path, parse=args.parse, base_url=args.base_url,
+        api_key=args.api_key, device=args.device, dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, attention=args.attention, queue=args.queue,
         max_image_mb=args.max_image_mb, compile=args.compile, attention_budget=args.attention_budget,
     )

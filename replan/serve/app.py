@@ -130,7 +130,7 @@ def _install_routes(app, service: EditService) -> None:
         image = await asyncio.to_thread(decode_image, data, "image")
         plan = None
         if req["plan"] is not None:
-            plan = user_plan(req["plan"], image.size)
+            plan = user_plan(req["plan"], image.size, parse=config.parse)
         elif req["no_plan"]:
             plan = RegionPlan(req["prompt"], image_size=image.size)
         elif not service.has_planner:
@@ -169,7 +169,7 @@ def _install_routes(app, service: EditService) -> None:
             raise validation_error(e.errors()) from None
         image = await asyncio.to_thread(decode_image, decode_base64(req.image_base64, "image_base64", limit),
                                         "image_base64")
-        plan = planner_reply_plan(req.response, image.size, req.planner_size)
+        plan = planner_reply_plan(req.response, image.size, req.planner_size, req.parse or config.parse)
         if req.rules is not None:
             from replan.attention.rules import RuleSet
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from replan.parse import PARSE_MODES
+
 logger = logging.getLogger("replan.serve")
 
 
@@ -31,7 +33,9 @@ class ServeConfig:
     model: str | None = None
     planner: str = "local"  # local | openai | none
     vlm_ckpt_path: str | None = None
-    lora_path: str | None = None
+    lora_path: str | None = None  # editor LoRA (diffusers format), as the official --lora_path
+    vlm_lora_path: str | None = None  # planner LoRA (PEFT adapter)
+    parse: str = "lenient"  # how planner replies are read: lenient | strict | official
     base_url: str | None = None  # openai planner endpoint
     api_key: str | None = None
     device: str | None = None  # default: cuda when available, else cpu
@@ -47,6 +51,8 @@ class ServeConfig:
     def __post_init__(self):
         if self.planner not in PLANNERS:
             raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
+        if self.parse not in PARSE_MODES:
+            raise ValueError(f"parse must be one of {', '.join(PARSE_MODES)}, got {self.parse!r}")
         if self.queue < 0:
             raise ValueError(f"queue must be >= 0, got {self.queue}")
         if not self.max_image_mb > 0:
@@ -66,12 +72,12 @@ def load_pipeline(config: ServeConfig):
 
     from replan.pipeline import RePlanPipeline
 
-    planner_kwargs = {}
+    planner_kwargs = {"parse": config.parse}
     if config.planner == "openai":
-        planner_kwargs = {k: v for k, v in (("base_url", config.base_url), ("api_key", config.api_key)) if v}
+        planner_kwargs.update({k: v for k, v in (("base_url", config.base_url), ("api_key", config.api_key)) if v})
     pipe = RePlanPipeline.from_pretrained(
         backbone=config.backbone, planner=None if config.planner == "none" else config.planner, model=config.model,
-        vlm_ckpt_path=config.vlm_ckpt_path, lora_path=config.lora_path,
+        vlm_ckpt_path=config.vlm_ckpt_path, lora_path=config.lora_path, vlm_lora_path=config.vlm_lora_path,
         device=config.device or ("cuda" if torch.cuda.is_available() else "cpu"), torch_dtype=config.dtype,
         stage_offload=config.stage_offload, offload=config.offload, planner_kwargs=planner_kwargs,
         compile=config.compile, attention_budget=config.attention_budget,
