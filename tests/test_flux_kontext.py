@@ -373,3 +373,17 @@ def test_locality_with_a_single_stream_block_is_exact_when_the_rules_confine_the
     assert noise_box1.any() and (~noise_box1).any()
     assert torch.equal(out_a[~noise_box1], out_b[~noise_box1])
     assert ((out_a - out_b).abs().amax(-1)[noise_box1] > 1e-6).all()
+
+
+def test_a_second_editor_on_the_same_pipeline_does_not_wrap_twice(editor):
+    from replan.backbones.flux_kontext import FluxKontextEditor
+
+    before = editor.edit(make_image(), TWO_REGIONS, steps=1, **FAST).image
+    second = FluxKontextEditor(editor.pipe, editor.spec, max_area=editor.max_area)
+    processors = editor.pipe.transformer.attn_processors.values()
+    assert {type(p.base).__name__ for p in processors} == {"FluxAttnProcessor"}  # stock processors underneath
+    assert second.processors is editor.processors and len(editor.pipe.transformer._forward_pre_hooks) == 1
+    after = second.edit(make_image(), TWO_REGIONS, steps=1, **FAST).image
+    again = editor.edit(make_image(), TWO_REGIONS, steps=1, **FAST).image  # the first editor still works
+    assert np.array_equal(np.asarray(before), np.asarray(after))
+    assert np.array_equal(np.asarray(before), np.asarray(again))

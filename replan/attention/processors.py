@@ -153,6 +153,14 @@ class RegionProcessors:
         transformer.set_attn_processor({name: wrap(proc) for name, proc in self.original.items()})
         self.active: RegionAttention | None = None
         self._hook = transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        transformer._replan_region_processors = self
+
+    @classmethod
+    def install(cls, transformer, wrap: Callable | None = None) -> RegionProcessors:
+        """The transformer's region processors: installed now, or the ones already installed (a second editor over
+        the same pipeline shares them instead of wrapping the wrappers)."""
+        existing = getattr(transformer, "_replan_region_processors", None)
+        return existing if existing is not None else cls(transformer, wrap)
 
     @contextmanager
     def activate(self, region: RegionAttention):
@@ -184,6 +192,7 @@ class RegionProcessors:
     def remove(self) -> None:
         self._hook.remove()
         self.transformer.set_attn_processor(self.original)
+        self.transformer._replan_region_processors = None
 
 
 def wrap_processor(base):

@@ -111,7 +111,7 @@ class RegionEditor:
         self.attention_budget: int | None = None
         self.compiled = False
         self._warned_eager_flex = False
-        self.processors = RegionProcessors(pipe.transformer, self.wrap_processor)
+        self.processors = RegionProcessors.install(pipe.transformer, self.wrap_processor)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
