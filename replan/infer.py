@@ -32,7 +32,7 @@ from replan.images import load_image
 from replan.parse import PARSE_MODES, PlanParseError, parse_mode
 from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline
 from replan.plan import RegionPlan
-from replan.planner import KINDS, PlannerError, load_template
+from replan.planner import BOX_FRAMES, KINDS, PlannerError, load_template
 
 logger = logging.getLogger("replan.infer")
 
@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--base_url", help="OpenAI-compatible endpoint (or REPLAN_PLANNER_BASE_URL)")
     ap.add_argument("--api_key", help="endpoint key (or REPLAN_PLANNER_API_KEY)")
     ap.add_argument("--planner_retries", type=int, default=4, help="endpoint retries on 5xx/timeouts")
-    ap.add_argument("--vlm_prompt_template_path", help="planner prompt template file (default: replan's)")
+    ap.add_argument("--prompt_template", "--vlm_prompt_template_path", dest="prompt_template",
+                    help="planner prompt template file, e.g. the official one from 'python -m replan.templates "
+                    "fetch' (default: replan's wording of it)")
+    ap.add_argument("--box_frame", choices=BOX_FRAMES, default="processor",
+                    help="how planner boxes are read: processor = in the frame the VLM saw, mapped to the image "
+                    "(default); original = as image pixels, as official")
     ap.add_argument("--plan", help="a plan JSON to execute instead of planning")
     ap.add_argument("--no_plan", action="store_true", help="baseline: the instruction as the global prompt, no regions")
     ap.add_argument("--parse", choices=PARSE_MODES, default=None,
@@ -104,8 +109,10 @@ def load_pipeline(args, device: str) -> RePlanPipeline:
     if args.planner == "openai":
         planner_kwargs = {k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v}
         planner_kwargs["max_retries"] = args.planner_retries
-    if args.vlm_prompt_template_path:
-        planner_kwargs["template"] = load_template(args.vlm_prompt_template_path)
+    if args.prompt_template:
+        planner_kwargs["template"] = load_template(args.prompt_template)
+        planner_kwargs["template_name"] = args.prompt_template
+    planner_kwargs["box_frame"] = args.box_frame
     planner_kwargs["parse"] = parse_mode(args.parse, args.strict_plan)
     return RePlanPipeline.from_pretrained(
         backbone=args.backbone, planner=args.planner if needs_planner else None, model=args.model,
@@ -133,13 +140,14 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
     if out.planner_text and not out.plan.regions and out.plan.repairs:
         why = next((r for r in out.plan.repairs if "region" in r), out.plan.repairs[0])
         print(f"warning: the planner reply gave no usable regions ({why}); ran a global edit", file=sys.stderr)
+    planner = pipe.planner.provenance() if out.planner_text and pipe.planner is not None else None
     config = {
         "replan_version": __version__, "image": str(image_path), "instruction": instruction,
         "backbone": pipe.editor.spec.name, "model": args.model or pipe.editor.spec.model_id,
         "planner": None if plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
         "lora_path": args.lora_path, "vlm_lora_path": args.vlm_lora_path,
         "parse": None if plan is not None else parse_mode(args.parse, args.strict_plan),
-        "plan_file": args.plan, "no_plan": args.no_plan,
+        "plan_file": args.plan, "no_plan": args.no_plan, "planner_provenance": planner,
         "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
         "compile": args.compile, "attention_budget": args.attention_budget,
         "resolved": {"steps": pipe.editor.spec.steps if args.steps is None else args.steps,
@@ -153,13 +161,20 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
     files = {"result.png": lambda p: out.image.save(p)}
     if not args.only_save_image:
         files.update({
-            "plan.json": lambda p: out.plan.save(p),
+            "plan.json": lambda p: p.write_text(plan_json(out.plan, planner), encoding="utf-8"),
             "planner_response.txt": lambda p: p.write_text(out.planner_text, encoding="utf-8"),
             "overlay.png": lambda p: out.overlay.save(p),
             "config.json": lambda p: p.write_text(json.dumps(config, indent=2, default=str) + "\n"),
         })
     write_atomically(out_dir, files)
     return out_dir
+
+
+def plan_json(plan: RegionPlan, planner: dict | None = None) -> str:
+    """The plan file: the plan, plus under ``"planner"`` what produced it (template name and SHA-256, box frame,
+    planner frame) when a planner did; ``RegionPlan.load`` reads it back either way."""
+    data = plan.to_dict() | ({"planner": planner} if planner else {})
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
 def replay_command(args, image_path, backbone: str, trimmed: bool = False) -> str:

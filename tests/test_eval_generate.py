@@ -1,5 +1,6 @@
 """python -m replan.eval.generate on the offline IV-Edit fixture with the tiny backbone and the tiny planner."""
 
+import hashlib
 import json
 import socket
 from pathlib import Path
@@ -21,6 +22,7 @@ from replan.eval.generate import (
     sample_seed,
 )
 from replan.pipeline import RePlanPipeline
+from replan.planner import load_template
 from replan.testing.ivedit import tiny_ivedit_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +133,14 @@ def test_replan_writes_every_file_per_sample(tmp_path, dataset, capsys):
         assert config["settings"]["switch"] == 0.0 and config["settings"]["expand"] == 0.15  # the eval entry point
         plan = json.loads((out / image_id / "plan.json").read_text())
         assert plan["raw_text"] == (out / image_id / "planner_response.txt").read_text()
+        # which template made the plan, and how its boxes were read
+        assert plan["planner"] == config["planner_provenance"] and plan["planner"]["box_frame"] == "processor"
+        assert plan["planner"]["template"] == "replan:planner/prompt.txt"
+        assert plan["planner"]["template_sha256"] == hashlib.sha256(load_template().encode()).hexdigest()
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["settings"]["method"] == "replan" and run_config["settings"]["steps"] == 2
+    assert run_config["settings"]["planner"]["template"] == "replan:planner/prompt.txt"
+    assert run_config["settings"]["planner"]["box_frame"] == "processor"
     # the paper rows read replies as the official code; the tiny planner's noise becomes a global edit, said so
     assert run_config["settings"]["parse"] == "official" and run_config["settings"]["lora_path"] is None
     assert all("official" in json.loads((out / i / "plan.json").read_text())["repairs"][-1] for i in IDS)

@@ -14,7 +14,7 @@ import sys
 
 from replan.backbones import names
 from replan.parse import PARSE_MODES
-from replan.planner import KINDS
+from replan.planner import BOX_FRAMES, KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--base_url", help="OpenAI-compatible planner endpoint")
     ap.add_argument("--api_key")
     ap.add_argument("--no_planner", action="store_true", help="start without a planner (draw plans by hand)")
+    ap.add_argument("--prompt_template", "--vlm_prompt_template_path", dest="prompt_template",
+                    help="planner prompt template file (default: replan's wording of the official one)")
+    ap.add_argument("--box_frame", choices=BOX_FRAMES, default="processor",
+                    help="how planner boxes are read: processor (default) or original (as official)")
     ap.add_argument("--stage_offload", choices=["none", "cpu"], default="none")
     ap.add_argument("--attention", choices=["dense", "flex"], default="dense",
                     help="mask implementation (flex: use with --compile)")
@@ -49,10 +53,13 @@ def load(args):
     import torch
 
     from replan.pipeline import RePlanPipeline
+    from replan.planner import load_template
 
-    planner_kwargs = {"parse": args.parse}
+    planner_kwargs = {"parse": args.parse, "box_frame": args.box_frame}
     if args.planner == "openai":
         planner_kwargs.update({k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v})
+    if args.prompt_template:
+        planner_kwargs.update(template=load_template(args.prompt_template), template_name=args.prompt_template)
     return RePlanPipeline.from_pretrained(
         backbone=args.backbone, planner=None if args.no_planner else args.planner, model=args.model,
         vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path,

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from replan import __version__
-from replan.config_io import apply_overrides, check_keys, read_yaml
+from replan.config_io import apply_overrides, check_keys, check_run_settings, read_yaml, recorded_settings
 from replan.infer import write_atomically
 from replan.parse import parse_mode
+from replan.templates import describe
 
 logger = logging.getLogger("replan.eval.generate")
 
@@ -35,6 +36,7 @@ class PlannerConfig:
     base_url: str | None = None  # openai: e.g. http://localhost:8000/v1 (else $REPLAN_PLANNER_BASE_URL); key from env
     vlm_lora_path: str | None = None  # a PEFT adapter merged into the local planner
     template: str | None = None  # planner prompt template file (None: replan's wording of the official one)
+    box_frame: str = "processor"  # how planner boxes are read: processor (the frame the VLM saw) | original (official)
     max_new_tokens: int | None = None  # None: the planner's default (2048; 64 for the tiny planner)
     max_retries: int = 4  # openai: retries on 5xx / timeouts
 
@@ -97,6 +99,8 @@ def validate(cfg: GenerateConfig) -> None:
     resolve(cfg.backbone)
     if cfg.planner.kind not in ("local", "openai"):
         raise ValueError(f"planner.kind must be local or openai, got {cfg.planner.kind!r}")
+    if cfg.planner.box_frame not in ("processor", "original"):
+        raise ValueError(f"planner.box_frame must be processor or original, got {cfg.planner.box_frame!r}")
     if cfg.attention not in ("dense", "flex"):
         raise ValueError(f"attention must be dense or flex, got {cfg.attention!r}")
     if not isinstance(cfg.compile, bool):
@@ -167,7 +171,7 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
     """Everything that decides a sample's image, with defaults filled in: two runs whose settings are equal write
     the same images. Excluded: rank/world/limit/output_dir/device/stage_offload (they do not change the pixels)."""
     from replan.backbones.registry import resolve
-    from replan.planner import load_template
+    from replan.planner import describe_template, load_template
 
     spec = resolve(cfg.backbone)
     entry = spec.defaults("eval")
@@ -188,38 +192,29 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
     if cfg.method == "replan":
         settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt,
                                "vlm_lora_path": cfg.planner.vlm_lora_path, "max_new_tokens": cfg.planner.max_new_tokens,
-                               "template_sha256": _sha256(load_template(cfg.planner.template))}
+                               "box_frame": cfg.planner.box_frame}
+        template = describe_template(load_template(cfg.planner.template), cfg.planner.template)
+        settings["planner"].update(template=template["name"], template_sha256=template["sha256"])
         settings["parse"] = planner_parse(cfg)
     elif cfg.method == "rephrase":
         settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt,
                                "vlm_lora_path": cfg.planner.vlm_lora_path, "max_new_tokens": cfg.planner.max_new_tokens}
-        settings["rephrase_template_sha256"] = _sha256(_read(cfg.rephrase_template, REPHRASE_TEMPLATE))
+        text = _read(cfg.rephrase_template, REPHRASE_TEMPLATE)
+        rephrase = describe(text, cfg.rephrase_template or "replan:eval/prompts/rephrase.txt")
+        settings.update(rephrase_template=rephrase["name"], rephrase_template_sha256=rephrase["sha256"])
     return settings
 
 
 def check_run_config(out: Path, cfg: GenerateConfig, settings: dict, force: bool) -> None:
-    """Write ``run_config.json`` once; refuse (``ValueError``) when it records other generation settings."""
-    path = out / RUN_CONFIG
+    """Write ``run_config.json`` once; refuse (``ValueError``) when it records other generation settings
+    (the run guard of ``replan.config_io``, shared with the trainers)."""
+    way_out = "use another output_dir, or --force to regenerate every sample with the new settings"
+    if check_run_settings(out, settings, force=force, way_out=way_out):
+        return
+    if force and recorded_settings(out) is not None:
+        logger.warning("--force: %s is overwritten with the new settings", out / RUN_CONFIG)
     record = {"replan_version": __version__, "settings": settings, "config": cfg.to_dict()}
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("settings")
-        except (ValueError, AttributeError):
-            old = None
-        if old == settings:
-            return
-        if not force:
-            diff = _diff(old or {}, settings)
-            raise ValueError(f"{out} holds a run made with other settings ({diff}); use another output_dir, or "
-                             "--force to regenerate every sample with the new settings")
-        logger.warning("--force: %s is overwritten with the new settings", path)
     write_atomically(out, {RUN_CONFIG: lambda p: p.write_text(json.dumps(record, indent=2) + "\n")})
-
-
-def _diff(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    parts = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    return "; ".join(parts) or "unreadable run_config.json"
 
 
 def _clean_stale_tmp(out: Path, image_id: str) -> None:

@@ -66,7 +66,7 @@ from replan.eval.gen_config import (  # noqa: F401  (re-exported: the public nam
     sample_seed,
     validate,
 )
-from replan.infer import write_atomically
+from replan.infer import plan_json, write_atomically
 
 logger = logging.getLogger("replan.eval.generate")
 
@@ -141,7 +141,9 @@ class Generator:
                 reply = getattr(self.pipe.planner, "last_reply", None)
                 if reply is not None:
                     record["planner_reply"] = {"frame": list(reply.frame), **reply.extras}
-                files["plan.json"] = lambda p, plan=plan: plan.save(p)
+                record["planner_provenance"] = self.pipe.planner.provenance()
+                files["plan.json"] = lambda p, plan=plan: p.write_text(
+                    plan_json(plan, record["planner_provenance"]), encoding="utf-8")
             elif cfg.method == "rephrase":
                 stage = "rephrase"
                 prompt, planner_text, record["rephrase"] = self.rephrase(sample.instruction)
@@ -171,7 +173,8 @@ class Generator:
         if "hint_padding" in out.edit.extras:  # trimmed to fit the attention budget
             record["edit"]["hint_padding"] = out.edit.extras["hint_padding"]
         record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        files["plan.json"] = lambda p, plan=out.plan: plan.save(p)
+        files["plan.json"] = lambda p, plan=out.plan: p.write_text(plan_json(plan, record.get("planner_provenance")),
+                                                                    encoding="utf-8")
         files["config.json"] = lambda p: p.write_text(json.dumps(record, indent=2, default=str) + "\n")
         files[RESULT] = lambda p: out.image.save(p)  # last: its presence means the sample is complete
         write_atomically(sample_dir, files)
@@ -213,10 +216,12 @@ def load_pipeline(cfg: GenerateConfig, device: str):
                 kwargs["max_tokens"] = cfg.planner.max_new_tokens
         elif cfg.planner.max_new_tokens:
             kwargs["max_new_tokens"] = cfg.planner.max_new_tokens
-        if cfg.method == "replan" and cfg.planner.template:
-            kwargs["template"] = load_template(cfg.planner.template)
         if cfg.method == "replan":
+            kwargs["box_frame"] = cfg.planner.box_frame
             kwargs["parse"] = planner_parse(cfg)
+            if cfg.planner.template:
+                kwargs["template"] = load_template(cfg.planner.template)
+                kwargs["template_name"] = cfg.planner.template
     pipe = RePlanPipeline.from_pretrained(
         backbone=cfg.backbone, planner=planner, model=cfg.model, vlm_ckpt_path=cfg.planner.ckpt,
         lora_path=cfg.lora_path, vlm_lora_path=cfg.planner.vlm_lora_path, device=device, torch_dtype=cfg.dtype,

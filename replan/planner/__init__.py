@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from replan.planner.base import Planner, PlannerError, PlannerReply, build_prompt, load_template
+from replan.coords import BOX_FRAMES
+from replan.planner.base import (
+    Planner,
+    PlannerError,
+    PlannerReply,
+    build_prompt,
+    check_box_frame,
+    describe_template,
+    load_template,
+)
 
 TINY = "tiny"  # --vlm_ckpt_path tiny: a tiny random Qwen2.5-VL built offline (smoke runs; replies are noise)
 KINDS = ("local", "openai")
@@ -14,7 +23,8 @@ def load_planner(kind: str = "local", path: str | None = None, *, lora_path: str
     """``kind="local"``: Qwen2.5-VL from ``path`` (hub id, local dir, or ``"tiny"``) with an optional LoRA adapter
     (``lora_path``, the CLI's ``--vlm_lora_path``); ``kind="openai"``: an OpenAI-compatible endpoint
     (``base_url``/``api_key``/``model`` in kwargs or the environment). ``parse``: how replies are read
-    (``lenient``, ``strict``, ``official``)."""
+    (``lenient``, ``strict``, ``official``). ``template``: the prompt text (``template_name``: its file, for the
+    record); ``box_frame`` in kwargs: see ``Planner``."""
     if kind == "local":
         from replan.backbones.registry import build_offline
         from replan.planner.qwen_vl import DEFAULT_PLANNER, QwenVLPlanner
@@ -37,4 +47,5 @@ def load_planner(kind: str = "local", path: str | None = None, *, lora_path: str
     raise ValueError(f"unknown planner {kind!r}; choose one of {', '.join(KINDS)}")
 
 
-__all__ = ["KINDS", "Planner", "PlannerError", "PlannerReply", "TINY", "build_prompt", "load_planner", "load_template"]
+__all__ = ["BOX_FRAMES", "KINDS", "Planner", "PlannerError", "PlannerReply", "TINY", "build_prompt", "check_box_frame",
+           "describe_template", "load_planner", "load_template"]

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "no repairs (GRPO reward parity); a request may override it")
     ap.add_argument("--base_url", help="OpenAI-compatible planner endpoint (or REPLAN_PLANNER_BASE_URL)")
     ap.add_argument("--api_key", help="planner endpoint key (or REPLAN_PLANNER_API_KEY)")
+    ap.add_argument("--prompt_template", "--vlm_prompt_template_path", dest="prompt_template",
+                    help="planner prompt template file (default: replan's wording of the official one)")
+    ap.add_argument("--box_frame", choices=["processor", "original"], default="processor",
+                    help="how planner boxes are read, by this server's planner and by /v1/plans/execute unless a "
+                    "request says otherwise: processor (default) or original (as the official edit server)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--stage_offload", choices=["none", "cpu"], default="none",
@@ -68,7 +73,8 @@ def config_from_args(args):
     return ServeConfig(
         backbone=args.backbone, model=args.model, planner=args.planner, vlm_ckpt_path=args.vlm_ckpt_path,
         lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path, parse=args.parse, base_url=args.base_url,
-        api_key=args.api_key, device=args.device, dtype=args.dtype,
+        api_key=args.api_key, prompt_template=args.prompt_template, box_frame=args.box_frame, device=args.device,
+        dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, attention=args.attention, queue=args.queue,
         max_image_mb=args.max_image_mb, compile=args.compile, attention_budget=args.attention_budget,
     )

@@ -115,6 +115,21 @@ def planner_reply_plan(text: str, image_size, planner_size=None, parse: str = "l
                           repairs=(f"{e}; ran a global edit",))
 
 
+def reply_frame(box_frame: str, planner_size, image_size) -> tuple[int, int] | None:
+    """The planner frame to read a reply's boxes in: ``planner_size`` (default: Qwen2.5-VL's ``smart_resize`` of
+    the image) for ``box_frame="processor"``; None (original pixels) for ``"original"``."""
+    from replan.coords import processor_frame
+
+    if box_frame == "original":
+        if planner_size is not None:
+            raise bad("'planner_size' is only used with box_frame 'processor'; drop it, or send box_frame "
+                      "'processor'", "planner_size")
+        return None
+    if planner_size is not None and not all(isinstance(v, int) and v > 0 for v in planner_size):
+        raise bad(f"'planner_size' must be two positive integers [W, H], got {list(planner_size)}", "planner_size")
+    return tuple(planner_size) if planner_size is not None else processor_frame(image_size)
+
+
 def parse_size(value: str | None) -> tuple[int, int] | None:
     if value is None or value.strip().lower() in ("", "auto"):
         return None
@@ -157,7 +172,8 @@ class ExecuteRequest(BaseModel):
     switch: float | None = Field(None, ge=0)
     rules: dict[str, bool] | None = Field(None, validation_alias=AliasChoices("rules", "attention_rules"))
     guidance: float | None = None
-    planner_size: tuple[int, int] | None = None
+    box_frame: Literal["processor", "original"] | None = None  # None: the server's --box_frame
+    planner_size: tuple[int, int] | None = None  # processor frame (W, H); None: smart_resize of the image
     parse: Literal["lenient", "strict", "official"] | None = None  # None: the server's --parse
     delete_main_prompt: bool = False
     bboxes_attend_to_each_other: bool = True
