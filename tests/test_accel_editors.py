@@ -120,6 +120,56 @@ def test_pinned_background_follows_the_reference_trajectory(kontext):
         assert torch.equal(rec.latents[i][:, pinned], expected[:, pinned])
 
 
+TWO = RegionPlan("warm", (Region((10, 10, 70, 60), "a red cat"), Region((110, 70, 190, 140), "a dog")))
+
+
+def test_region_plan_every_token_edited_equals_region_attention(kontext):
+    base = edit(kontext, plan=TWO)
+    fast = edit(kontext, {"mode": "regione", "threshold": 1.0, "cache_threshold": 0}, plan=TWO)
+    assert fast.extras["accel"]["edited_tokens"] == tokens(kontext) and same(fast, base)
+    assert fast.attention.masked_passes == base.attention.masked_passes == STEPS  # every pass got its mask
+
+
+def test_region_plan_edited_only_passes_with_pinned_background(kontext):
+    """plan mode on a two-region plan: edited-only passes run with the region mask restricted to their rows (the
+    edit runs, and the mask is restricted once per rule set, not per layer), the rest stays on the reference
+    trajectory."""
+    n = tokens(kontext)
+    rec = Recorder(kontext.pipe.transformer, n)
+    runtime = kontext.accel_runtime()
+    built = []
+    restrict = runtime._restricted
+
+    def spy(region, ids, text_len):
+        out = restrict(region, ids, text_len)
+        if not built or built[-1] is not out:
+            built.append(out)
+        return out
+
+    runtime._restricted = spy
+    try:
+        fast = edit(kontext, {"mode": "plan", "cache_threshold": 0}, plan=TWO, callback=rec)
+    finally:
+        rec.close()
+        del runtime._restricted
+    summary = fast.extras["accel"]
+    assert 0 < summary["edited_tokens"] < n and summary["edited_passes"] == 4
+    assert fast.attention.masked_passes == STEPS
+    switches = len(set(fast.attention.steps.values()))  # rule sets used; each gets its restricted mask once
+    assert 1 <= len(built) <= switches
+    assert built[0].mask.shape[-2] == fast.layout.text_len + summary["edited_tokens"]  # text + edited rows …
+    assert built[0].mask.shape[-1] == fast.layout.total_len  # … against every key
+    noise, ref = rec.first[:, :n], rec.first[:, n: 2 * n]
+    sigmas = kontext.pipe.scheduler.sigmas.tolist()
+    final = rec.latents[-1]
+    pinned = (final - ref).abs().sum(-1)[0] == 0
+    assert int(pinned.sum()) == n - summary["edited_tokens"]
+    for i in range(1, STEPS):
+        s = sigmas[i + 1]
+        expected = ((1 - s) * ref.float() + s * noise.float()).to(final.dtype)
+        assert torch.equal(rec.latents[i][:, pinned], expected[:, pinned])
+
+
 def test_bad_parameters_fail_before_any_model_work(kontext, monkeypatch):
     calls = []
     monkeypatch.setattr(kontext, "encode", lambda *a, **k: calls.append(1))
@@ -183,6 +233,14 @@ def test_qwen_true_cfg_keeps_one_cache_per_branch(qwen_dirs, name, monkeypatch):
     assert 0 < summary["edited_tokens"] < summary["tokens"]
     assert summary["edited_passes"] == 2 * 4 and summary["full_passes"] == 2 * 4  # cond + uncond per step
     assert fast.image.size == make_image().size
+    if name == "qwen":  # with region attention: the masked cond pass and the unmasked negative pass, each cached
+        base = ed.edit(make_image(), TWO, steps=STEPS, seed=1)
+        same_plan = ed.edit(make_image(), TWO, steps=STEPS, seed=1,
+                            accel={"mode": "regione", "threshold": 1.0, "cache_threshold": 0})
+        assert same(same_plan, base)
+        planned = ed.edit(make_image(), TWO, steps=STEPS, seed=1, accel={"mode": "plan", "cache_threshold": 0})
+        assert planned.extras["accel"]["edited_passes"] == 2 * 4
+        assert planned.attention.masked_passes == STEPS and planned.attention.unmasked_passes == STEPS
 
 
 @pytest.fixture(scope="module")

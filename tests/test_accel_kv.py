@@ -1,14 +1,14 @@
 """The region-instruction K/V cache on stock tiny transformers of every family: a store pass is the stock pass, and an
 edited-only pass against a fresh cache equals the full pass on the edited rows (with and without a region mask)."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel
 
-from replan.accel.kv import AccelFluxProcessor, AccelQwenProcessor, KVStore
+from replan.accel.kv import AccelFluxProcessor, AccelQwenProcessor, KVStore, restrict_region
 from replan.accel.runtime import AccelRuntime
+from replan.attention import RegionCall, wrap_processor
+from replan.backbones.qwen_image_edit import RegionQwenAttnProcessor
 
 H = W = 4
 L = H * W
@@ -118,36 +118,42 @@ def test_cache_is_kept_per_cfg_branch():
 
 
 def region_mask(seq, seed=0):
+    """An additive region mask as ``replan.attention.additive_mask`` lays it out: rows 8-aligned in memory."""
     g = torch.Generator().manual_seed(seed)
     allowed = torch.rand(seq, seq, generator=g) < 0.6
     allowed |= torch.eye(seq, dtype=torch.bool)
-    return torch.zeros(1, 1, seq, seq).masked_fill(~allowed, float("-inf"))
+    pitch = -(-seq // 8) * 8
+    buffer = torch.zeros(seq, pitch)
+    buffer[:, :seq].masked_fill_(~allowed, float("-inf"))
+    return buffer[:, :seq][None, None]
 
 
-class MaskedFlux:
-    """A region wrapper as region attention installs one: hands the ``region`` kwarg's mask to the stock processor."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 region=None):
-        mask = attention_mask if region is None else region.mask
-        return self.base(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+def test_restricted_rows_keep_the_row_pitch():
+    mask = region_mask(T + 2 * L)
+    rows = torch.cat([torch.arange(T), IDS + T])
+    region = restrict_region(RegionCall(mask), rows)
+    assert region.kind == "dense" and region.mask.shape == (1, 1, len(rows), T + 2 * L)
+    assert region.mask.stride(-2) == mask.stride(-2) == 40  # 37 keys, rows 40 apart: SDPA takes it as is
+    assert torch.equal(region.mask, mask[:, :, rows])
+    with pytest.raises(ValueError, match="attention dense"):
+        restrict_region(RegionCall(object(), kind="flex"), rows)
 
 
 @torch.no_grad()
 def test_region_mask_is_restricted_to_the_edited_rows():
     tr, inputs, kwarg = kontext()
-    tr.set_attn_processor({name: MaskedFlux(p) for name, p in tr.attn_processors.items()})
-    region = SimpleNamespace(mask=region_mask(T + 2 * L), kind="dense")
+    tr.set_attn_processor({name: wrap_processor(p) for name, p in tr.attn_processors.items()})
+    region = RegionCall(region_mask(T + 2 * L))
     masked = tr(**inputs, **{kwarg: {"region": region}})[0]
     assert not torch.allclose(masked, tr(**inputs)[0], atol=1e-3)  # the mask matters
     runtime = AccelRuntime.install(tr)
     assert all(isinstance(p, AccelFluxProcessor) for p in tr.attn_processors.values())
-    with runtime.activate(Probe((None, "store", 0), (IDS, "cached", 0)), None):
+    with runtime.activate(Probe((None, "store", 0), (IDS, "cached", 0), (IDS, "cached", 0)), None):
         full = tr(**inputs, **{kwarg: {"region": region}})[0]
         short = tr(**inputs, **{kwarg: {"region": region}})[0]
+        restricted = runtime._restriction[2]
+        tr(**inputs, **{kwarg: {"region": region}})
+        assert runtime._restriction[2] is restricted  # built once for the mask and edited set, not per pass
     assert torch.allclose(full, masked, atol=1e-6, rtol=0)
     assert torch.allclose(short, masked[:, IDS], atol=1e-5, rtol=0)
 
@@ -155,13 +161,16 @@ def test_region_mask_is_restricted_to_the_edited_rows():
 @torch.no_grad()
 def test_qwen_region_mask_with_the_cache():
     tr, inputs, kwarg = qwen()
+    tr.set_attn_processor({name: RegionQwenAttnProcessor(p) for name, p in tr.attn_processors.items()})
+    region = RegionCall(region_mask(T + 2 * L, seed=1))
+    masked = tr(**inputs, **{kwarg: {"region": region}})[0]
     runtime = AccelRuntime.install(tr)
     assert all(isinstance(p, AccelQwenProcessor) for p in tr.attn_processors.values())
-    region = SimpleNamespace(mask=region_mask(T + 2 * L, seed=1), kind="dense")
     with runtime.activate(Probe((None, "store", 0), (IDS, "cached", 0), (None, "store", 0)), None):
         full = tr(**inputs, **{kwarg: {"region": region}})[0]
         short = tr(**inputs, **{kwarg: {"region": region}})[0]
         unmasked = tr(**inputs)[0]
+    assert torch.allclose(full, masked, atol=1e-6, rtol=0)  # the store pass is region attention's masked pass
     assert torch.allclose(short, full[:, IDS], atol=1e-5, rtol=0)
     assert not torch.allclose(full, unmasked, atol=1e-3)
 
@@ -183,3 +192,12 @@ def test_one_runtime_per_transformer():
     runtime.remove()
     assert all(not isinstance(p, AccelFluxProcessor) for p in tr.attn_processors.values())
     assert AccelRuntime.install(tr) is not runtime and len(wrapped) == len(tr.attn_processors)
+
+
+def test_processors_replaced_after_install_are_refused():
+    tr, _, _ = kontext()
+    runtime = AccelRuntime.install(tr)
+    tr.set_attn_processor(dict(runtime.original))  # e.g. region processors installed on top of the K/V wrappers
+    with pytest.raises(RuntimeError, match="install region processors first"):
+        with runtime.activate(Probe(), None):
+            pass

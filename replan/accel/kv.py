@@ -15,12 +15,15 @@ unless the transformer pass carries an ``accel`` attention kwarg (an ``AccelCall
 and keeps the image rows of K and V (after QK-norm and rotary embedding, which act per token, so frozen rows are
 equal to RegionE's recomputed ones); ``"cached"`` runs on ``[text; edited tokens]``, writes their fresh K/V rows into
 the cache and attends to the full cached keys. Caches are keyed by layer and CFG branch (the call index in the step)
-and live in the edit's ``KVStore``, never in the processors. A region-attention mask (the ``region`` kwarg, an
-additive ``(1, 1, L, L)`` tensor) is restricted to the query rows that run.
+and live in the edit's ``KVStore``, never in the processors. A region-attention mask (the ``region`` kwarg of
+``replan.attention``'s ``RegionProcessors``, an additive ``(1, 1, L, L)`` tensor) reaches an edited-only pass
+restricted to the query rows that run (text + edited image rows) against the full keys: the runtime restricts it
+once per pass (``restrict_region``), not once per layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -88,11 +91,29 @@ def cached_attention(attn, query, key, value, text_len: int, call: AccelCall, ma
         cache_k.index_copy_(1, rows, key.to(cache_k.dtype))
         cache_v.index_copy_(1, rows, value.to(cache_v.dtype))
         key, value = cache_k, cache_v
-        if mask is not None and mask.ndim == 4 and mask.shape[-2] > 1:  # a region mask: keep the rows that run
-            mask = mask.index_select(-2, rows.to(mask.device))
+        if mask is not None and mask.ndim == 4 and mask.shape[-2] not in (1, query.shape[1]):
+            mask = restrict_rows(mask, rows)  # a full region mask not restricted by the runtime
     else:
         raise ValueError(f"unknown K/V cache mode {call.mode!r}")
     return dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend, parallel_config=parallel_config)
+
+
+def restrict_rows(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The query rows ``rows`` of a ``(…, L, L)`` mask against all ``L`` keys. The rows keep the row pitch of
+    ``mask`` (a region mask's rows are 8-aligned in memory so SDPA takes it without a copy)."""
+    length = mask.shape[-1]
+    pitch = max(mask.stride(-2), length) if mask.stride(-1) == 1 else length
+    out = mask.new_empty(*mask.shape[:-2], rows.numel(), pitch)[..., :length]
+    return torch.index_select(mask, -2, rows.to(mask.device), out=out)
+
+
+def restrict_region(region, rows: torch.Tensor):
+    """``region`` (the ``region`` attention kwarg, a dense ``RegionCall``) with its mask restricted to the query
+    rows ``rows`` (text rows, then the edited image rows) of an edited-only pass; the keys stay full."""
+    if getattr(region, "kind", "dense") != "dense":
+        raise ValueError(f"edited-only passes restrict a dense region mask; got a {region.kind!r} mask: use "
+                         "attention dense")
+    return dataclasses.replace(region, mask=restrict_rows(region.mask, rows))
 
 
 class AccelWrapper:

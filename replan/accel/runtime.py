@@ -12,8 +12,10 @@ process each have their own runtime; two editors over one transformer share its 
   (full passes), or on the edited noisy tokens only — their rows of ``hidden_states`` and, for the FLUX families, of
   ``img_ids`` (Qwen-Image builds its rotary table from ``img_shapes``; the processors take its rows) — with an
   ``accel`` attention kwarg telling the processors to store or use the K/V cache;
-* the K/V-cache processors of ``replan.accel.kv``, wrapped around whatever processors are installed (stock or region
-  attention), so region masks reach them;
+* the K/V-cache processors of ``replan.accel.kv``, wrapped around whatever processors are installed — the stock
+  ones or region attention's (``RegionProcessors``, which every editor installs first). Region attention's
+  transformer pre-hook runs before this hook, sees the full sequence and adds its ``region`` kwarg; edited-only
+  passes get that mask restricted to their query rows (once per pass);
 * for Qwen-Image-Edit-2511 (``zero_cond_t``) a forward pre-hook per block takes the edited rows of the per-token
   ``modulate_index`` on edited-only passes;
 * ``callback`` (``callback_on_step_end``): the controller's partition and background pinning.
@@ -29,7 +31,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from replan.accel.controller import RegionController
-from replan.accel.kv import AccelCall, KVStore, wrap_processors
+from replan.accel.kv import AccelCall, AccelWrapper, KVStore, restrict_region, wrap_processors
 
 HOOK_NAME = "replan_region_accel"
 
@@ -65,6 +67,7 @@ class AccelRuntime:
         self.scheduler = None
         self.store = KVStore()
         self.ids: torch.Tensor | None = None  # edited rows of the pass in flight
+        self._restriction: tuple | None = None  # (region call, edited ids, restricted call) of the last pass
         transformer._replan_accel_runtime = self
 
     @classmethod
@@ -81,13 +84,16 @@ class AccelRuntime:
         cache is freed afterwards."""
         if self.controller is not None:
             raise RuntimeError("another accelerated edit is running on this transformer")
+        if not all(isinstance(p, AccelWrapper) for p in self.transformer.attn_processors.values()):
+            raise RuntimeError("the transformer's attention processors were replaced after region acceleration was "
+                               "installed (install region processors first, then AccelRuntime.install)")
         self.controller, self.scheduler = controller, scheduler
         try:
             yield self
         finally:
             self.controller = self.scheduler = None
             self.store.clear()
-            self.ids = None
+            self.ids = self._restriction = None
 
     def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """``callback_on_step_end``: the controller's partition and pinning on the step's latents."""
@@ -125,7 +131,10 @@ class AccelRuntime:
                     call[self.ids_kwarg] = img_ids.index_select(img_ids.ndim - 2, ids.to(img_ids.device))
             if kv != "normal":
                 accel = AccelCall(kv, self.store, branch=controller.branch, ids=ids, text_len=text_len)
-                call[self.kwarg] = {**(call.get(self.kwarg) or {}), "accel": accel}
+                attention_kwargs = {**(call.get(self.kwarg) or {}), "accel": accel}
+                if ids is not None and attention_kwargs.get("region") is not None:
+                    attention_kwargs["region"] = self._restricted(attention_kwargs["region"], ids, text_len)
+                call[self.kwarg] = attention_kwargs
             self.ids = ids
             try:
                 out = original(**call)
@@ -137,6 +146,17 @@ class AccelRuntime:
         if bound.get("return_dict", True):
             return Transformer2DModelOutput(sample=velocity)
         return (velocity,)
+
+    def _restricted(self, region, ids: torch.Tensor, text_len: int):
+        """The region mask of an edited-only pass: its text and edited query rows against every key, built once per
+        (mask, edited set) — the partition changes the set at refresh steps, the rule switch changes the mask."""
+        cached = self._restriction
+        if cached is not None and cached[0] is region and cached[1] is ids:
+            return cached[2]
+        rows = torch.cat([torch.arange(text_len, device=ids.device), ids + text_len])
+        restricted = restrict_region(region, rows)
+        self._restriction = (region, ids, restricted)
+        return restricted
 
     def _gather_modulation(self, module, args, kwargs):
         index = kwargs.get("modulate_index")

@@ -1,9 +1,13 @@
 """The editor interface shared by every backbone: execute a ``RegionPlan`` on a stock diffusers pipeline.
 
-A family adapter (``flux_kontext.py``, …) supplies three things: the generation size for an input size, the
-prompt encoding (main prompt followed by one span per hint) and the pipeline call. Everything else — expanding
-boxes, the token layout, the rule schedule, installing region attention, resizing the output back — lives here,
-once, for all backbones.
+A family adapter (``flux_kontext.py``, …) supplies four things: the generation size for an input size, the text
+token counts (tokenizer only), the prompt encoding (main prompt followed by one span per hint) and the pipeline
+call. Everything else — expanding boxes, the memory check, the token layout, the rule schedule, region attention,
+compilation, resizing the output back — lives here, once, for all backbones.
+
+Region attention is installed once per editor (``RegionProcessors``): with no regions the processors call the stock
+ones and the edit is the stock pipeline's, bit for bit. ``compile()`` compiles the transformer's repeated blocks
+once; masks reach them as data, so later edits of the same shape reuse the compiled graphs.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from replan.accel.runtime import AccelRuntime
 from replan.accel.session import accelerate
 from replan.attention import (
     RegionAttention,
+    RegionProcessors,
     RuleSchedule,
     RuleSet,
     TokenLayout,
@@ -30,6 +35,7 @@ from replan.attention import (
     default_schedule,
     wrap_processor,
 )
+from replan.attention.budget import LayoutSize, default_budget, fit_hint_padding, parse_bytes
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
 from replan.images import check_image_size, to_rgb
@@ -41,9 +47,6 @@ RESIZE_BACK = Image.BICUBIC  # the official pipelines call ``image.resize((W, H)
 # a hub repository id as the hub spells it: owner/name, letters, digits, "-", "_", "." (not first or last)
 _HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?/[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-# Region-attention processors that take their mask as the ``region`` attention kwarg compose with the K/V-cache
-# processors of replan.accel (edited-only passes restrict the mask to their rows). This build's wrappers do not.
-REGION_KWARG_PROCESSORS = False
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -67,6 +70,19 @@ def resolve_dtype(dtype, device, default: str = "bfloat16") -> torch.dtype:
 
 
 @dataclass
+class TextTokens:
+    """Token counts of the text side from tokenisation alone (no model runs): what the memory check needs.
+
+    ``hint_lens`` are the spans as official (padded where the family pads); ``trimmed_hint_lens`` the spans without
+    padding (None when the hints carry none). ``prepared`` holds family data the encoder reuses (token ids, …)."""
+
+    main_len: int | None
+    hint_lens: list[int]
+    trimmed_hint_lens: list[int] | None = None
+    prepared: dict = field(default_factory=dict)
+
+
+@dataclass
 class EncodedPrompt:
     """The text side of one edit: pipeline keyword arguments plus the token spans the layout needs."""
 
@@ -85,17 +101,23 @@ class EditResult:
     layout: TokenLayout | None = None
     schedule: RuleSchedule | None = None
     attention: RegionAttention | None = None  # trace: steps → rules, mask builds, unmasked passes
-    extras: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # e.g. "hint_padding": why the hint padding was trimmed
 
 
 class RegionEditor:
-    """Base class. Subclasses implement ``generation_size``, ``encode`` and ``run_pipeline``."""
+    """Base class. Subclasses implement ``generation_size``, ``text_tokens``, ``encode`` and ``run_pipeline``.
+
+    ``attention_budget``: bytes the region attention of one edit may use (None: half the device's free memory at
+    edit time); an edit's own ``attention_budget`` overrides it."""
 
     patch = 16
 
     def __init__(self, pipe, spec: BackboneSpec):
         self.pipe = pipe
         self.spec = spec
+        self.attention_budget: int | None = None
+        self._warned_eager_flex = False
+        self.processors = RegionProcessors.install(pipe.transformer, self.wrap_processor)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -133,11 +155,39 @@ class RegionEditor:
     def device(self) -> torch.device:
         return self.pipe._execution_device
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the transformer's blocks were compiled by this editor or another one over the same pipeline (the
+        flag lives on the transformer's one ``RegionProcessors``, so editors sharing it agree)."""
+        return self.processors.compiled
+
+    def compile(self, **compile_kwargs) -> None:
+        """Compile the transformer's repeated blocks (diffusers ``compile_repeated_blocks``, inductor by default).
+
+        The first edit of each shape (and mask kind: dense, flex, none) pays the compile; later edits of that shape —
+        other steps, the rule switch, other hints or boxes with the same token count — reuse the graphs. Graphs are
+        static (``dynamic=False``: one per shape, no dynamic-shape kernels) and whole (``fullgraph=True``); both can
+        be overridden. Dynamo's per-function recompile limit is raised to 64 (from 8), because every compiled block
+        class shares one function (``Module._call_impl``)."""
+        if self.compiled:
+            return
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.pipe.transformer.compile_repeated_blocks(**{"fullgraph": True, "dynamic": False, **compile_kwargs})
+        self.processors.compiled = True
+
     # ------------------------------------------------------------------------------------------------ family hooks
     def generation_size(self, image_size: Size) -> Size:
         raise NotImplementedError
 
-    def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> EncodedPrompt:
+    def text_tokens(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> TextTokens:
+        """Token counts of the main prompt and each hint, from the tokenizer alone."""
+        raise NotImplementedError
+
+    def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict,
+               tokens: TextTokens | None = None) -> EncodedPrompt:
+        """Run the text encoder(s); ``tokens`` (from ``text_tokens``) saves tokenising twice."""
         raise NotImplementedError
 
     def run_pipeline(self, image: Image.Image, gen_size: Size, encoded: EncodedPrompt, options: dict,
@@ -148,9 +198,9 @@ class RegionEditor:
         """Patch grids (h, w) of the reference copies in the joint sequence; default: one, same as the output."""
         return [(gen_size[1] // self.patch, gen_size[0] // self.patch)]
 
-    def wrap_processor(self, base, region: RegionAttention):
+    def wrap_processor(self, base):
         """The region wrapper for one of this family's stock attention processors."""
-        return wrap_processor(base, region)
+        return wrap_processor(base)
 
     def allows_unmasked_passes(self, options: dict) -> bool:
         """Whether some transformer passes legitimately lack the hint tokens (a true-CFG negative pass)."""
@@ -170,6 +220,7 @@ class RegionEditor:
         seed: int = 0,
         generator: torch.Generator | None = None,
         attention: str = "dense",
+        attention_budget: int | str | None = None,
         entry: str = "cli",
         delete_main_prompt: bool = False,
         symmetric_masking: bool = False,
@@ -183,9 +234,10 @@ class RegionEditor:
         ``steps``/``expand``/``switch`` default to the spec's values for ``entry``. ``rules``: a ``RuleSet`` or
         ``{"Query, Key": bool}`` dict (used for every step, or before the switch step when ``switch`` is given), or a
         full ``RuleSchedule``; ``None`` gives the official default schedule. ``options`` are family options
-        (e.g. ``guidance``). ``callback`` is a diffusers ``callback_on_step_end`` run after ours. ``accel``: an
-        acceleration mode (``"regione"``, ``"plan"``, …) or ``AccelConfig`` (``replan.accel``); None/"none" runs the
-        stock pipeline exactly as without it.
+        (e.g. ``guidance``, ``trim_hint_padding``: None = only when the padded layout is over the memory budget).
+        ``attention_budget``: bytes (or "8GB") for the region attention; default the editor's. ``callback`` is a
+        diffusers ``callback_on_step_end`` run after ours. ``accel``: an acceleration mode (``"regione"``,
+        ``"plan"``, …) or ``AccelConfig`` (``replan.accel``); None/"none" runs the stock pipeline exactly as without it.
         """
         image = to_rgb(image)
         check_image_size(image.size)
@@ -205,18 +257,19 @@ class RegionEditor:
             logger.info("delete_main_prompt ignored: the plan has no regions (a plain global edit, as official)")
             delete_main_prompt = options["delete_main_prompt"] = False
 
-        if accel.regional and plan.regions and not REGION_KWARG_PROCESSORS:
-            raise ValueError(f"accel {accel.mode} on a plan with regions needs region attention that passes its "
-                             "masks as data (not in this build yet); use accel on a global edit, or cache-dit")
+        if attention not in ("dense", "flex"):
+            raise ValueError(f"attention backend must be one of ('dense', 'flex'), got {attention!r}")
+        budget = parse_bytes(attention_budget)
+
         gen_size = self.generation_size(image.size)
-        encoded = self.encode(plan, image, gen_size, options)
         boxes = executed_boxes(plan, expand, expand_mode, image.size)
         for i, (x1, y1, x2, y2) in enumerate(boxes, 1):
             if x2 <= x1 or y2 <= y1:
                 logger.warning("region %d box %s lies outside the image: no patch sees its hint (as official)",
                                i, list(plan.regions[i - 1].bbox))
         result = EditResult(image=image, plan=plan, generation_size=gen_size, boxes=boxes)
-        if not plan.regions:  # plain global edit: the stock pipeline, nothing installed
+        if not plan.regions:  # plain global edit: the stock pipeline, nothing active
+            encoded = self.encode(plan, image, gen_size, options)
             with self._accelerate(accel, plan, boxes, image.size, gen_size, options) as acc:
                 out = self.run_pipeline(image, gen_size, encoded, options, _chain(acc.callback, callback))
             result.image = self._resize_back(out, image.size)
@@ -224,6 +277,13 @@ class RegionEditor:
                 result.extras["accel"] = acc.summary
             return result
 
+        tokens = self.text_tokens(plan, image, gen_size, options)
+        options["trim_hint_padding"] = self._fit_budget(plan, tokens, gen_size, options, attention, budget, result)
+        if attention == "flex" and not self.compiled and not self._warned_eager_flex:
+            self._warned_eager_flex = True
+            logger.warning("--attention flex without --compile runs FlexAttention eagerly, which materialises the "
+                           "scores: slower than dense; add --compile (compile=True)")
+        encoded = self.encode(plan, image, gen_size, options, tokens)
         grid = (gen_size[1] // self.patch, gen_size[0] // self.patch)
         layout = TokenLayout.build(
             encoded.main_len, encoded.hint_lens, grid, self.reference_grids(gen_size), encoded.image_prompt, self.patch
@@ -239,9 +299,9 @@ class RegionEditor:
             symmetric_masking=symmetric_masking,
         )
         schedule = self._schedule(rules, len(plan.regions), steps, switch, defaults.switch, rule_options)
-        region = RegionAttention(layout, schedule, backend=attention,
+        region = RegionAttention(layout, schedule, backend=attention, dtype=self.pipe.transformer.dtype,
                                  allow_unmasked=self.allows_unmasked_passes(options))
-        with region.installed(self.pipe.transformer, self.wrap_processor), \
+        with self.processors.activate(region), \
                 self._accelerate(accel, plan, boxes, image.size, gen_size, options) as acc:
             out = self.run_pipeline(image, gen_size, encoded, options,
                                     _chain(region.callback, _chain(acc.callback, callback)))
@@ -251,13 +311,37 @@ class RegionEditor:
             result.extras["accel"] = acc.summary
         return result
 
+    def _fit_budget(self, plan, tokens: TextTokens, gen_size: Size, options: dict, attention: str,
+                    budget: int | None, result: EditResult) -> bool:
+        """Check the plan's attention memory against the budget before any model work; returns whether the hints
+        run without their padding (asked for, or the only layout that fits — then recorded in ``result.extras``)."""
+        grids = [(gen_size[1] // self.patch, gen_size[0] // self.patch)] + self.reference_grids(gen_size)
+        main = tokens.main_len or 0
+        fixed = (1 + int(self.spec.has_image_prompt)) if main else 0  # Main (and Qwen's Image Prompt)
+        padded = LayoutSize(len(plan.regions), main, sum(tokens.hint_lens), sum(h * w for h, w in grids),
+                            fixed + 3 * len(plan.regions) + 2)
+        trimmed = None
+        if tokens.trimmed_hint_lens is not None:
+            trimmed = replace(padded, hints=sum(tokens.trimmed_hint_lens))
+        if budget is None:
+            budget = self.attention_budget if self.attention_budget is not None else default_budget(self.device)
+        transformer = self.pipe.transformer
+        trim, note = fit_hint_padding(
+            padded, trimmed, budget, options.get("trim_hint_padding"), backend=attention, dtype=transformer.dtype,
+            heads=int(getattr(transformer.config, "num_attention_heads", 1)), compiled=self.compiled)
+        if note:
+            logger.warning("hint padding %s", note)
+            result.extras["hint_padding"] = note
+        return trim
+
     # ------------------------------------------------------------------------------------------------ acceleration
     def resolve_accel(self, accel, steps: int, attention: str = "dense") -> AccelConfig:
         """``accel`` (mode name, mapping or ``AccelConfig``) resolved for this backbone and step count; every
         parameter is checked here, before any model work."""
         config = AccelConfig.from_options(accel).resolved(self.spec.name, self.spec.family, steps)
-        if config.regional and getattr(self, "compiled", False):
-            raise ValueError(f"accel {config.mode} runs edited-only passes eagerly: do not combine it with compile")
+        if config.regional and self.compiled:
+            raise ValueError(f"accel {config.mode} runs edited-only passes eagerly: drop --compile (compile=True), "
+                             "or use accel none or cache-dit")
         if config.regional and attention == "flex":
             raise ValueError(f"accel {config.mode} restricts region masks to the edited rows, which a FlexAttention "
                              "BlockMask cannot do: use attention dense")
