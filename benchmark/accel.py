@@ -11,7 +11,9 @@ full / edited-only / skipped passes, image-stream query tokens, FLOPs (``torch.u
 acceleration saves; wall times on 2 shared cores are indicative only. The GPU rows need no checkpoint: the real
 transformer and VAE shapes are built with random weights, prompts are random embeddings, and the edited set is a
 centred square covering a given share of the image (``plan`` mode: the share decides the cost; RegionE's own
-partition on random weights would be arbitrary), plus one ``regione`` row as it partitions random weights. The GPU
+partition on random weights would be arbitrary), plus one ``regione`` row as it partitions random weights, and
+RePlan's own case: a two-region plan (512-token hints, official default rules, dense region mask) under region
+attention, without and with ``plan`` acceleration (that speed-up is against the region edit without it). The GPU
 run finishes in under 8 minutes on an H200. Goal (never asserted): Kontext ≥ 2.5× faster than vanilla at a 25 %
 edited share; with real weights RegionE reports 2.41× at PSNR 32.1 dB against vanilla.
 
@@ -21,6 +23,7 @@ Reports go to ``outputs/benchmarks/accel-<device>.{json,md}``; ``--save`` writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -35,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from attention_masks import environment, timed  # noqa: E402
 from backbones import REAL, random_weights  # noqa: E402
 
-from replan.accel import AccelConfig  # noqa: E402
+from replan.accel import AccelConfig, plan_token_mask  # noqa: E402
 from replan.accel.runtime import AccelRuntime  # noqa: E402
 from replan.accel.session import accelerate  # noqa: E402
+from replan.attention import RegionAttention, RegionProcessors, TokenLayout, default_schedule  # noqa: E402
 from replan.plan import RegionPlan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,47 +144,83 @@ def square_mask(grid: int, share: float) -> torch.Tensor:
     return mask.reshape(-1)
 
 
+REGION_SHARE = 0.25  # the region rows: two boxes splitting a centred square of this share, 512-token hints
+
+
+def region_boxes(size: int, share: float = REGION_SHARE) -> list[tuple[int, int, int, int]]:
+    """Two boxes (pixels) that split a centred square covering ``share`` of a ``size``² image in halves."""
+    side = round(size * share**0.5 / 32) * 32
+    lo = (size - side) // 2
+    return [(lo, lo, lo + side // 2, lo + side), (lo + side // 2, lo, lo + side, lo + side)]
+
+
+def region_attention(size: int, dtype) -> RegionAttention:
+    """Region attention as the Kontext editor runs it for a two-region plan: main prompt and two hints of 512
+    tokens each (official padding), the noise grid and the reference grid, the official default schedule."""
+    grid = size // 16
+    layout = TokenLayout.build(512, [512, 512], (grid, grid), [(grid, grid)], None, 16)
+    layout = layout.with_box_regions(region_boxes(size), (size, size))
+    return RegionAttention(layout, default_schedule(2, STEPS, 0.0), backend="dense", dtype=dtype)
+
+
 def bench_shapes(device, shapes: str, size: int, repeats: int, shares) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, config = shaped_pipeline(shapes, device, dtype)
+    processors = RegionProcessors.install(pipe.transformer)  # region processors first, as every editor does
     runtime = AccelRuntime.install(pipe.transformer)
     g = torch.Generator(device).manual_seed(0)
-    text = torch.randn(1, 512, config["joint_attention_dim"], generator=g, device=device, dtype=dtype)
+    text = torch.randn(1, 3 * 512, config["joint_attention_dim"], generator=g, device=device, dtype=dtype)
     pooled = torch.randn(1, config["pooled_projection_dim"], generator=g, device=device, dtype=dtype)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
     grid = size // 16
 
-    def call(accel: AccelConfig, mask=None):
-        with accelerate(accel, pipe, steps=STEPS, grid=(grid, grid), plan_mask=mask, runtime=lambda: runtime) as s:
+    def call(accel: AccelConfig, mask=None, regions=False):
+        region = region_attention(size, dtype) if regions else None
+        prompt = text if regions else text[:, :512]
+        with contextlib.ExitStack() as stack:
+            if region is not None:
+                stack.enter_context(processors.activate(region))
+            s = stack.enter_context(accelerate(accel, pipe, steps=STEPS, grid=(grid, grid), plan_mask=mask,
+                                               runtime=lambda: runtime))
+
+            def callback(p, step, timestep, kwargs):
+                for fn in (region.callback if region else None, s.callback):
+                    kwargs = fn(p, step, timestep, kwargs) if fn else kwargs
+                return kwargs
+
             pipe(image=image, height=size, width=size, max_area=size * size, _auto_resize=False,
-                 num_inference_steps=STEPS, guidance_scale=2.5, prompt_embeds=text, pooled_prompt_embeds=pooled,
-                 generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
-                 callback_on_step_end=s.callback)
-        return s.summary
+                 num_inference_steps=STEPS, guidance_scale=2.5, prompt_embeds=prompt, pooled_prompt_embeds=pooled,
+                 generator=torch.Generator("cpu").manual_seed(0), output_type="latent", callback_on_step_end=callback)
+        return {**s.summary, "masked_passes": region.masked_passes if region else 0}
 
     rows = []
-    cases = [("vanilla", AccelConfig(), None)]
-    cases += [(f"plan, {int(100 * s)}% edited", AccelConfig.from_options("plan"), square_mask(grid, s))
+    cases = [("vanilla", AccelConfig(), None, False)]
+    cases += [(f"plan, {int(100 * s)}% edited", AccelConfig.from_options("plan"), square_mask(grid, s), False)
               for s in shares]
-    cases += [("regione (its own partition)", AccelConfig.from_options("regione"), None)]
-    vanilla_ms = None
-    for label, accel, mask in cases:
+    cases += [("regione (its own partition)", AccelConfig.from_options("regione"), None, False)]
+    # RePlan's case: a two-region plan under region attention, without and with plan-guided acceleration
+    region_mask = plan_token_mask(region_boxes(size), None, (size, size), (grid, grid), 16, 1)
+    cases += [("2 regions, region attention", AccelConfig(), None, True),
+              ("2 regions + plan accel", AccelConfig.from_options("plan"), region_mask, True)]
+    baseline_ms = {}
+    for label, accel, mask, regions in cases:
         accel = accel.resolved("flux_kontext", "flux_kontext", STEPS)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         summary = {}
 
-        def run(accel=accel, mask=mask):
-            summary.update(call(accel, mask))
+        def run(accel=accel, mask=mask, regions=regions):
+            summary.update(call(accel, mask, regions))
 
         ms = timed(run, device, repeats)
-        vanilla_ms = vanilla_ms or ms
-        row = {"mode": label, "ms": round(ms, 1), "speedup": round(vanilla_ms / ms, 2),
+        baseline_ms.setdefault(regions, ms)  # speed-up against the same kind of edit without acceleration
+        row = {"mode": label, "ms": round(ms, 1), "speedup": round(baseline_ms[regions] / ms, 2),
                "pattern": summary.get("pattern", "F" * STEPS),
                "edited_share": (round(summary["edited_tokens"] / summary["tokens"], 3)
                                 if summary.get("tokens") else None),
                "kv_cache_gb": round(summary.get("kv_cache_bytes", 0) / 2**30, 2),
+               "masked_passes": summary.get("masked_passes", 0),
                "bench_s": round(time.perf_counter() - start, 1)}
         if device.type == "cuda":
             row["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
