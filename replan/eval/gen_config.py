@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from replan import __version__
-from replan.config_io import apply_overrides, check_keys, read_yaml
+from replan.config_io import apply_overrides, check_keys, check_run_settings, read_yaml, recorded_settings
 from replan.infer import write_atomically
 from replan.parse import parse_mode
 from replan.templates import describe
@@ -194,28 +194,15 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
 
 
 def check_run_config(out: Path, cfg: GenerateConfig, settings: dict, force: bool) -> None:
-    """Write ``run_config.json`` once; refuse (``ValueError``) when it records other generation settings."""
-    path = out / RUN_CONFIG
+    """Write ``run_config.json`` once; refuse (``ValueError``) when it records other generation settings
+    (the run guard of ``replan.config_io``, shared with the trainers)."""
+    way_out = "use another output_dir, or --force to regenerate every sample with the new settings"
+    if check_run_settings(out, settings, force=force, way_out=way_out):
+        return
+    if force and recorded_settings(out) is not None:
+        logger.warning("--force: %s is overwritten with the new settings", out / RUN_CONFIG)
     record = {"replan_version": __version__, "settings": settings, "config": cfg.to_dict()}
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("settings")
-        except (ValueError, AttributeError):
-            old = None
-        if old == settings:
-            return
-        if not force:
-            diff = _diff(old or {}, settings)
-            raise ValueError(f"{out} holds a run made with other settings ({diff}); use another output_dir, or "
-                             "--force to regenerate every sample with the new settings")
-        logger.warning("--force: %s is overwritten with the new settings", path)
     write_atomically(out, {RUN_CONFIG: lambda p: p.write_text(json.dumps(record, indent=2) + "\n")})
-
-
-def _diff(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    parts = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    return "; ".join(parts) or "unreadable run_config.json"
 
 
 def _clean_stale_tmp(out: Path, image_id: str) -> None:
