@@ -30,7 +30,7 @@ from dataclasses import replace
 
 from replan.coords import Size, box_area, clip_box, planner_to_original
 from replan.parse_official import find_block, parse_official
-from replan.plan import Region, RegionPlan, _fmt_box
+from replan.plan import Region, RegionPlan, format_box
 
 PARSE_MODES = ("lenient", "strict", "official")
 _find_block = find_block  # the former private name, still imported by replan.train.rewards
@@ -264,14 +264,14 @@ class _Parser:
                 point = planner_to_original([*point, *point], self.planner_size, self.image_size)[:2]
         x1, y1, x2, y2 = box
         if x1 > x2 or y1 > y2:
-            self.fail_or_repair(f"region {i} box {_fmt_box(box)} has swapped corners", "corners swapped back")
+            self.fail_or_repair(f"region {i} box {format_box(box)} has swapped corners", "corners swapped back")
             box = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
         if self.image_size and box_area(clip_box(box, self.image_size)) <= 0 < box_area(box):
             w, h = self.image_size  # partly outside is fine: the editor expands the raw box, then clamps
-            self.fail_or_repair(f"region {i} box {_fmt_box(box)} lies outside the {w}x{h} image", "dropped")
+            self.fail_or_repair(f"region {i} box {format_box(box)} lies outside the {w}x{h} image", "dropped")
             return None
         if box_area(box) <= 0:
-            self.fail_or_repair(f"region {i} box {_fmt_box(box)} has zero area", "dropped")
+            self.fail_or_repair(f"region {i} box {format_box(box)} has zero area", "dropped")
             return None
         return Region(bbox=tuple(box), hint=hint.strip(), point=tuple(point) if point is not None else None)
 
