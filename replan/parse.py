@@ -16,7 +16,7 @@ Three modes (``mode=``; ``strict=True`` is the same as ``mode="strict"``):
 In every mode a box is kept as the planner wrote it (mapped from ``planner_size`` when given), even when it sticks
 out of the image: the editor expands the raw box and clamps it afterwards, as official. A reply without
 ``<region>`` is a plain global edit, as official. Whatever the input, the result is a plan or a
-``PlanParseError``; never another exception.
+``PlanParseError``; never another exception. (One idea, the reply grammar read in three modes: one file.)
 """  # noqa: E501 (the grammar line is quoted verbatim)
 
 from __future__ import annotations
