@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx2
 from PIL import Image, UnidentifiedImageError
 
-from replan.clients import PerLoop, Refused, Transient, alist_models, error_message, one_line
+from replan.clients import PerLoop, Refused, RetryBudget, Transient, alist_models, error_message, one_line
 from replan.eval.judges import (
     JudgeConfigError,
     JudgeResult,
@@ -87,11 +87,6 @@ def _retry_after(response: httpx2.Response) -> float | None:
     return seconds if seconds >= 0 else None
 
 
-def _delay(backoff: float, max_backoff: float, attempt: int, retry_after: float | None = None) -> float:
-    delay = min(backoff * 2 ** (attempt - 1), max_backoff)
-    return min(max(delay, retry_after), max_backoff) if retry_after is not None else delay
-
-
 async def _get(client: httpx2.AsyncClient, url: str, timeout: float) -> tuple[int, bytes]:
     """One GET: ``(status, body)`` for any HTTP status; ``Transient`` when no HTTP answer came."""
     try:
@@ -147,19 +142,21 @@ class EditClient:
             body["planner_size"] = [int(v) for v in planner_size]
         if parse is not None:
             body["parse"] = parse
-        last, attempts = "no attempt made", self.max_retries + 1
-        for attempt in range(1, attempts + 1):
+        budget, last = RetryBudget(self.max_retries, self.backoff, self.max_backoff), "no attempt made"
+        while budget.left > 0:
+            budget.spend(1)
             try:
                 return await self._execute_once(url, body)
             except Refused as e:
                 raise EditError(f"edit server refused the plan ({e})", e.status) from None
             except Transient as e:
                 last, retry_after = str(e), e.retry_after
-            if attempt < attempts:
-                delay = _delay(self.backoff, self.max_backoff, attempt, retry_after)
-                logger.warning("edit at %s: %s; retry %d/%d in %.3g s", url, last, attempt, self.max_retries, delay)
+            if budget.left > 0:
+                delay = budget.delay(retry_after)
+                logger.warning("edit at %s: %s; retry %d/%d in %.3g s", url, last, budget.used, self.max_retries,
+                               delay)
                 await asyncio.sleep(delay)
-        raise EditError(f"edit at {url} failed after {attempts} attempt(s): {last}")
+        raise EditError(f"edit at {url} failed after {budget.used} attempt(s): {last}")
 
     async def _execute_once(self, url: str, body: dict) -> tuple[Image.Image, dict]:
         """One POST: the decoded reply; ``Transient`` (5xx, 408/409/429, timeout, connection, unusable reply) or
