@@ -258,8 +258,18 @@ def test_413_for_a_plan_over_the_attention_budget():
                 "response": "<think>t</think><gen_image>x</gen_image><region>" + json.dumps(
                     [{"bbox_2d": r["bbox"], "hint": r["hint"]} for r in regions]) + "</region>"}
         assert s.http.post("/v1/plans/execute", json=body).status_code == 413
-        assert edit(s, {"plan": DESK_PLAN.to_json()}).status_code == 200
+        ok = edit(s, {"plan": DESK_PLAN.to_json()})
+        assert ok.status_code == 200 and ok.json()["replan"]["hint_padding"] is None  # fits padded, as official
         assert s.http.get("/health").json()["status"] == "ready"
+        # 8 regions: padded (9 x 512 text tokens) over 64 MB, trimmed far under it: run trimmed, and said so
+        eight = json.dumps({"global_prompt": "x", "regions": regions[:8]})
+        trimmed = edit(s, {"plan": eight, "steps": "1"})
+        assert trimmed.status_code == 200, trimmed.text
+        assert trimmed.json()["replan"]["hint_padding"].startswith("trimmed: the padded layout")
+        body["response"] = body["response"].split("<region>")[0] + "<region>" + json.dumps(
+            [{"bbox_2d": r["bbox"], "hint": r["hint"]} for r in regions[:8]]) + "</region>"
+        executed = s.http.post("/v1/plans/execute", json=body)
+        assert executed.status_code == 200 and executed.json()["hint_padding"].startswith("trimmed:")
 
 
 def test_429_when_the_queue_is_full(server):

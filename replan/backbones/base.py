@@ -113,7 +113,6 @@ class RegionEditor:
         self.pipe = pipe
         self.spec = spec
         self.attention_budget: int | None = None
-        self.compiled = False
         self._warned_eager_flex = False
         self.processors = RegionProcessors.install(pipe.transformer, self.wrap_processor)
 
@@ -153,6 +152,12 @@ class RegionEditor:
     def device(self) -> torch.device:
         return self.pipe._execution_device
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the transformer's blocks were compiled by this editor or another one over the same pipeline (the
+        flag lives on the transformer's one ``RegionProcessors``, so editors sharing it agree)."""
+        return self.processors.compiled
+
     def compile(self, **compile_kwargs) -> None:
         """Compile the transformer's repeated blocks (diffusers ``compile_repeated_blocks``, inductor by default).
 
@@ -167,7 +172,7 @@ class RegionEditor:
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.pipe.transformer.compile_repeated_blocks(**{"fullgraph": True, "dynamic": False, **compile_kwargs})
-        self.compiled = True
+        self.processors.compiled = True
 
     # ------------------------------------------------------------------------------------------------ family hooks
     def generation_size(self, image_size: Size) -> Size:
