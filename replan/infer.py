@@ -111,7 +111,8 @@ def edit_options(args) -> dict:
 def check_accel(args) -> None:
     """The acceleration settings against the backbone and step count, before any model loads."""
     spec = resolve(args.backbone)
-    accel_from_args(args).resolved(spec.name, spec.family, spec.steps if args.steps is None else args.steps)
+    config = accel_from_args(args).resolved(spec.name, spec.family, spec.steps if args.steps is None else args.steps)
+    config.check_editor_options(compile=args.compile, attention=args.attention)
 
 
 def load_pipeline(args, device: str) -> RePlanPipeline:

@@ -40,7 +40,9 @@ def test_bad_accel_exits_2_before_any_model_loads(tmp_path, capsys, monkeypatch)
     for extra, message in [(["--accel", "regione", "--accel_threshold", "3"], "must be in [-1, 1], got 3.0"),
                            (["--accel", "regione", "--accel_refresh", "2"], "refresh step 2 is not inside"),
                            (["--accel", "regione", "--steps", "4"], "do not fit in 4 steps"),
-                           (["--accel_cache_threshold", "0.1"], "need --accel")]:
+                           (["--accel_cache_threshold", "0.1"], "need --accel"),
+                           (["--accel", "plan", "--compile"], "cannot be compiled: drop --compile"),
+                           (["--accel", "regione", "--attention", "flex"], "use attention dense")]:
         assert infer.main(["--image", DESK, "--output_dir", str(tmp_path / "o")] + TINY + extra) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists()

@@ -1,6 +1,7 @@
 """The acceleration switch: defaults per backbone and step count, and clear errors before any model work."""
 
 import json
+import re
 
 import pytest
 
@@ -107,3 +108,15 @@ def test_describe_is_json_ready():
     record = resolved("plan", refresh="12,20").describe()
     assert json.loads(json.dumps(record))["refresh"] == [12, 20]
     assert record["mode"] == "plan" and record["pin_background"] is True
+
+
+def test_edited_only_passes_refuse_compile_and_flex():
+    for mode in ("regione", "plan", "plan+regione"):
+        message = re.escape(f"accel {mode} runs edited-only passes eagerly and cannot be compiled")
+        with pytest.raises(ValueError, match=message):
+            AccelConfig(mode).check_editor_options(compile=True)
+        with pytest.raises(ValueError, match="a FlexAttention BlockMask cannot do: use attention dense"):
+            AccelConfig(mode).check_editor_options(attention="flex")
+        AccelConfig(mode).check_editor_options()
+    for mode in ("none", "cache-dit"):
+        AccelConfig(mode).check_editor_options(compile=True, attention="flex")

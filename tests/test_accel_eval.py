@@ -51,6 +51,8 @@ def test_bad_accel_in_a_config_exits_2_before_loading(tmp_path, capsys):
     assert "threshold (cosine similarity tau) must be in [-1, 1]" in capsys.readouterr().err
     assert gen(tmp_path / "o", "accel=regione", "steps=4") == 2
     assert "do not fit in 4 steps" in capsys.readouterr().err
+    assert gen(tmp_path / "o", "accel=plan", "compile=true") == 2
+    assert "cannot be compiled" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

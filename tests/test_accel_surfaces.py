@@ -30,6 +30,9 @@ def test_server_accel_default_and_per_request():
 
     with pytest.raises(ValueError, match="threshold .* must be in \\[-1, 1\\]"):
         ServeConfig(backbone="tiny", planner="none", accel={"mode": "regione", "threshold": 3})
+    with pytest.raises(ValueError, match="cannot be compiled"):
+        ServeConfig(backbone="tiny", planner="none", accel="regione", compile=True)
+    ServeConfig(backbone="tiny", planner="none", accel="cache-dit", compile=True)  # full passes only: fine
     config = ServeConfig(backbone="tiny", planner="none", device="cpu", accel=PARTIAL)
     with Server(config) as server:
         server.wait_for("ready")

@@ -150,6 +150,17 @@ class AccelConfig:
     def uses_partition(self) -> bool:
         return self.mode in ("regione", "plan+regione")
 
+    def check_editor_options(self, compile: bool = False, attention: str = "dense") -> None:
+        """Refuse what edited-only passes cannot run with, before any model loads: ``compile`` (their token count
+        changes from edit to edit and the K/V cache is Python state a compiled block would retrace) and FlexAttention
+        (a ``BlockMask`` cannot be restricted to the edited rows). ``none`` and ``cache-dit`` take both."""
+        if self.regional and compile:
+            raise ValueError(f"accel {self.mode} runs edited-only passes eagerly and cannot be compiled: drop "
+                             "--compile (compile: false), or use accel none or cache-dit")
+        if self.regional and attention == "flex":
+            raise ValueError(f"accel {self.mode} restricts region masks to the edited rows, which a FlexAttention "
+                             "BlockMask cannot do: use attention dense")
+
     # ------------------------------------------------------------------------------------------------ resolving
     def resolved(self, backbone: str, family: str, steps: int) -> AccelConfig:
         """Every ``None`` filled with the backbone's default for ``steps`` steps, and every value range-checked.

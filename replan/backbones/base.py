@@ -339,12 +339,7 @@ class RegionEditor:
         """``accel`` (mode name, mapping or ``AccelConfig``) resolved for this backbone and step count; every
         parameter is checked here, before any model work."""
         config = AccelConfig.from_options(accel).resolved(self.spec.name, self.spec.family, steps)
-        if config.regional and self.compiled:
-            raise ValueError(f"accel {config.mode} runs edited-only passes eagerly: drop --compile (compile=True), "
-                             "or use accel none or cache-dit")
-        if config.regional and attention == "flex":
-            raise ValueError(f"accel {config.mode} restricts region masks to the edited rows, which a FlexAttention "
-                             "BlockMask cannot do: use attention dense")
+        config.check_editor_options(compile=self.compiled, attention=attention)
         return config
 
     def accel_runtime(self) -> AccelRuntime:

@@ -140,6 +140,7 @@ def accel_settings(cfg: GenerateConfig) -> dict | None:
 
     spec = resolve(cfg.backbone)
     accel = AccelConfig.from_options(cfg.accel).resolved(spec.name, spec.family, cfg.steps or spec.steps)
+    accel.check_editor_options(compile=bool(cfg.compile), attention=cfg.attention)
     return accel.describe() if accel.enabled else None
 
 

@@ -81,9 +81,7 @@ class ServeConfig:
 
             spec = resolve(self.backbone)
             config = AccelConfig.from_options(self.accel).resolved(spec.name, spec.family, spec.steps)
-            if config.regional and self.compile:
-                raise ValueError(f"accel {config.mode} runs edited-only passes eagerly: drop --compile, or use "
-                                 "accel none or cache-dit")
+            config.check_editor_options(compile=self.compile, attention=self.attention)
 
     @property
     def max_image_bytes(self) -> int:
