@@ -128,6 +128,16 @@ class RePlanPipeline:
         return RePlanOutput(result.image, result.plan, planner_text, overlay, timings, result)
 
 
+def no_regions_note(plan: RegionPlan) -> str | None:
+    """Why a planner reply gave no regions, as one clause for people (None when it gave regions, or gave none on
+    purpose: a clean reply without regions is a plain global edit). The first repair that concerns the regions is the
+    reason; every entry point (CLI, app, server) words it the same way."""
+    if plan.regions or not plan.repairs:
+        return None
+    why = next((r for r in plan.repairs if "region" in r), plan.repairs[0])
+    return f"the planner reply gave no usable regions ({why})"
+
+
 def _empty_cache(device) -> None:
     import torch
 

@@ -26,6 +26,7 @@ from replan.attention import (
 )
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
+from replan.hub import load_error
 from replan.images import check_image_size, to_rgb
 from replan.plan import RegionPlan
 
@@ -100,7 +101,7 @@ class RegionEditor:
         try:
             pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **load_kwargs)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load {spec.pipeline_class} from {source!r}: {e}") from e
+            raise ValueError(load_error(spec.pipeline_class, source, e, "--model")) from e
         if offload == "model":
             pipe.enable_model_cpu_offload(device=device)
         elif offload == "sequential":

@@ -40,6 +40,7 @@ class BackboneSpec:
     description: str = ""
     builder: str | None = None  # "module:function" that saves offline components (the ``tiny`` entry)
     editor_kwargs: dict = field(default_factory=dict)
+    max_aspect: float | None = None  # the widest aspect ratio the pipeline accepts (None: no limit)
 
     def defaults(self, entry: str = "cli") -> EntryDefaults:
         """Official defaults for an entry point: ``cli``, ``app``, ``eval`` or ``server``."""
@@ -101,6 +102,7 @@ def _klein(name, model_id, steps, guidance, distilled, description):
         # The official code gives no per-entry values for klein: the FLUX.1 Kontext ones are used.
         entries=_entries(cli=(0.05, 0.15), app=(0.0, 0.15), eval=(0.0, 0.15)),
         description=description,
+        max_aspect=8.0,  # Flux2ImageProcessor.check_image_input
     )
 
 
@@ -134,12 +136,13 @@ BACKBONES["tiny"] = replace(
     dtype="float32",
 )
 
-# The same smoke path for the other families (random weights; the Qwen one runs at the real ~1 MP size, so it takes
-# a few seconds per edit on a CPU).
+# The same smoke path for the other families (random weights). Every tiny backbone edits at most 256x256 pixels
+# of area (max_area), so a whole CLI run takes seconds on a CPU (benchmark/tiny_cli.py measures it).
 BACKBONES["tiny_qwen"] = replace(
     BACKBONES["qwenimageedit"], name="tiny_qwen", model_id="(built offline by replan.testing)",
     description="TINY RANDOM Qwen-Image-Edit for offline smoke runs: the output is noise, every code path is real",
     builder="replan.testing.qwen_image:save_tiny_qwen_edit", dtype="float32",
+    editor_kwargs={"max_area": 256 * 256},
 )
 BACKBONES["tiny_klein"] = replace(
     BACKBONES["flux_klein_base"], name="tiny_klein", model_id="(built offline by replan.testing)",

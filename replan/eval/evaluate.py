@@ -49,6 +49,7 @@ from replan.eval.judges import (
 )
 from replan.eval.scoring import DIMENSIONS, format_table, sample_metrics, status_of, summarize
 from replan.images import to_rgb
+from replan.io import OutputError, check_writable, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"cannot load dataset {args.dataset!r} (split {args.split!r}): {e}") from None
         if not samples:
             raise ValueError(f"dataset {args.dataset!r} split {args.split!r} has no samples to judge")
+        check_writable(results_dir, "results_dir (judge replies are cached in it)")
+        if args.output_json:
+            check_writable(Path(args.output_json).parent, "the --output_json folder")
     except (ValueError, ImportError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
@@ -277,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     report = {"judge_model": judge.model, "dataset": args.dataset, "split": args.split, "limit": args.limit,
               **report, "seconds": round(time.perf_counter() - start, 3), "generation": generation}
     output = Path(args.output_json) if args.output_json else results_dir / f"evaluation-{sanitise(judge.model)}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output, report)
+    try:
+        write_outputs(output.parent, {output.name: lambda p: write_json_atomic(p, report)})
+    except OutputError as e:
+        print(f"error: {e}; rerun with a writable --output_json (cached judge replies are not asked again)",
+              file=sys.stderr)
+        return 2
     title = (f"IV-Edit {args.dataset} [{args.split}], judge {judge.model}: {len(samples)} samples, "
              f"{report['failed']} not fully judged ({report['missing']} without a result image)")
     print(format_table(report, title))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from replan import __version__
 from replan.config_io import apply_overrides, check_keys, read_yaml
-from replan.infer import write_atomically
+from replan.io import clean_staging, write_atomically
 
 logger = logging.getLogger("replan.eval.generate")
 
@@ -198,7 +198,9 @@ def _diff(old: dict, new: dict) -> str:
 
 
 def _clean_stale_tmp(out: Path, image_id: str) -> None:
-    """Remove temporary folders a killed run left behind for this sample."""
+    """Remove temporary folders a killed run left behind for this sample (inside its folder; older runs staged
+    next to it)."""
+    clean_staging(out / image_id)
     for tmp in out.glob(f".{image_id}.*"):
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
