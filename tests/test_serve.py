@@ -255,9 +255,8 @@ def test_429_when_the_queue_is_full(server):
         while server.http.get("/health").json()["queue"] < 1:
             assert time.time() < deadline and not waiting.done()
             time.sleep(0.01)
-        start = time.perf_counter()
-        health = server.http.get("/health")  # the event loop stays free while the edit runs
-        assert time.perf_counter() - start < 1 and health.json() | {"busy": True, "queue": 1} == health.json()
+        health = server.http.get("/health")  # the event loop stays free: answered while the edit runs
+        assert health.json() | {"busy": True, "queue": 1} == health.json()
         rejected = edit(server, {"no_plan": "true", "steps": "1"})
         error = assert_error(rejected, 429)
         assert error["code"] == "queue_full" and int(rejected.headers["retry-after"]) >= 1

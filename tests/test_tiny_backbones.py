@@ -1,12 +1,12 @@
 """The offline smoke backbones edit at about 256x256 pixels of area; the Qwen editor's ``max_area`` gives exactly what
 the stock pipeline gives at that size, and leaves the pipeline modules as it found them."""
 
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_module
+import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus_module
 import numpy as np
 import pytest
 from PIL import Image
 
-import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit_module
-import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus_module
 from replan.backbones import load_editor, resolve
 from replan.backbones.qwen_image_edit import PIPELINE_AREA, QwenImageEditor
 from replan.plan import Region, RegionPlan
