@@ -5,27 +5,25 @@
 
 Layout: FLUX.1 Kontext at 1024x1024 — a 64x64 noise grid and a 64x64 reference grid, a 512-token main prompt and one
 512-token hint per region (official padding), regions as random boxes. Results are written to
-``benchmark/results/attention_masks-<device>.{json,md}`` with the machine, versions and date. Targets to report
-(never asserted): BlockMask build ≤ 5 ms for 32 regions; masked/unmasked ≤ 1.10x with flex on GPU.
+``outputs/benchmarks/attention_masks-<device>.{json,md}`` (``benchmark/results/`` with ``--save``) with the machine,
+versions and date. Targets to report (never asserted): BlockMask build ≤ 5 ms for 32 regions; masked/unmasked ≤
+1.10x with flex on GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_io import add_output_flags, write_report
 
 from replan.attention import GroupMembership, TokenLayout, block_mask, default_rules, dense_mask
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def kontext_layout(num_regions: int, seed: int = 0, hint_len: int = 512, grid: int = 64) -> TokenLayout:
@@ -137,7 +135,7 @@ def main():
     ap.add_argument("--max-dense-tokens", type=int, default=48_000, help="skip dense masks above this length")
     ap.add_argument("--compile-flex", action=argparse.BooleanOptionalAction, default=None,
                     help="time compiled flex attention (default: on GPU only; ~20 s compile per shape on CPU)")
-    ap.add_argument("--out", default=None, help="output stem (default: results/attention_masks-<device>)")
+    add_output_flags(ap)
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -152,11 +150,7 @@ def main():
         "attention": bench_attention(device, dtype, heads, head_dim, args.attention_regions, args.repeats,
                                      compile_flex),
     }
-    stem = Path(args.out) if args.out else RESULTS / f"attention_masks-{device.type}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(report) + "\n")
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(f"attention_masks-{device.type}", args, report, to_markdown(report))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,16 @@
 
 CPU numbers compare the full edit path (encoding, layout, masks, every transformer call) on tiny random components;
 they show the overhead replan adds, not real speed. On a GPU the real block counts and widths are built with random
-weights (no checkpoint needed). Results go to ``benchmark/results/backbones-<device>.{json,md}`` with machine,
-versions and date. Goals to report (never asserted): masked/unmasked ≤ 1.10×; klein-4B editing next to a 7B-shaped
-planner with stage offload peaks at ≤ 16 GB (``--stage-offload-peak``: Qwen2.5-VL-7B-shaped planner forward on the GPU,
-planner moved to the CPU, then klein-4B-shaped text encoder + transformer run a 2-region edit step at 1024²).
+weights (no checkpoint needed). Results go to ``outputs/benchmarks/backbones-<device>.{json,md}`` (``--save``:
+``benchmark/results/``) with machine, versions and date. Goals to report (never asserted): masked/unmasked ≤ 1.10×;
+klein-4B editing next to a 7B-shaped planner with stage offload peaks at ≤ 16 GB (``--stage-offload-peak``:
+Qwen2.5-VL-7B-shaped planner forward on the GPU, planner moved to the CPU, then klein-4B-shaped text encoder +
+transformer run a 2-region edit step at 1024²).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,12 +26,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention_masks import environment, timed  # noqa: E402
+from bench_io import add_output_flags, write_report  # noqa: E402
 
 from replan.attention import RegionAttention, TokenLayout, default_schedule  # noqa: E402
 from replan.backbones import load_editor  # noqa: E402
 from replan.plan import Region, RegionPlan  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 PLAN = RegionPlan("make it warm", (Region((10, 10, 90, 80), "a red cat"), Region((120, 60, 230, 170), "a dog")))
 
 
@@ -235,6 +235,7 @@ def main():
     ap.add_argument("--regions", type=int, default=2)
     ap.add_argument("--backends", nargs="+", default=["dense", "flex"])
     ap.add_argument("--stage-offload-peak", action="store_true", help="GPU: also measure the stage-offload peak")
+    add_output_flags(ap)
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -244,11 +245,7 @@ def main():
     report = {"env": environment(device), "rows": rows}
     if device.type == "cuda" and args.stage_offload_peak:
         report["stage_offload"] = bench_stage_offload_peak(device, args.grid)
-    stem = RESULTS / f"backbones-{device.type}"
-    RESULTS.mkdir(exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(f"backbones-{device.type}", args, report, to_markdown(report))
 
 
 if __name__ == "__main__":
