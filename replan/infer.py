@@ -29,23 +29,14 @@ from pathlib import Path
 
 from replan import __version__
 from replan.backbones import names
-from replan.backbones.registry import BackboneSpec, resolve
-from replan.hub import check_source
-from replan.inputs import (
-    check_device,
-    check_dtype,
-    check_edit_options,
-    check_instruction,
-    check_number,
-    read_image,
-    read_plan,
-)
+from replan.backbones.registry import BackboneSpec
+from replan.inputs import check_edit_options, check_instruction, check_number, read_image, read_plan
 from replan.io import OutputError, check_writable, write_outputs
 from replan.io import write_atomically as write_atomically  # noqa: F401  (kept for callers importing it from here)
 from replan.parse import PlanParseError
-from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline, no_regions_note
+from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline, check_load, no_regions_note
 from replan.plan import RegionPlan
-from replan.planner import KINDS, TINY, PlannerError, load_planner, load_template
+from replan.planner import KINDS, PlannerError, load_planner, load_template
 
 logger = logging.getLogger("replan.infer")
 
@@ -125,29 +116,18 @@ def check_args(args) -> Setup:
         raise ValueError("--plan and --no_plan exclude each other: pick one")
     if args.image is None and args.instruction:
         raise ValueError("--instruction needs --image (omit both for the interactive mode)")
-    spec = resolve(args.backbone)
-    check_dtype(args.dtype)
-    device = check_device(args.device, args.dtype)
+    needs_planner = not (args.plan or args.no_plan)
+    spec, device = check_load(args.backbone, args.model, args.planner if needs_planner else None,
+                              args.vlm_ckpt_path, args.lora_path, args.device, args.dtype)
     check_edit_options(spec, steps=args.steps, guidance=args.guidance, expand=args.expand,
                        switch=args.switch_ratio, seed=args.seed)
     check_number("--planner_retries", args.planner_retries, minimum=0, integer=True)
     if args.offload != "none" and args.stage_offload != "none":
         raise ValueError("--offload and --stage_offload exclude each other: use one of them")
-    if args.model:
-        check_source(args.model, "editor", "--model", "model_index.json")
-    elif not spec.builder:
-        check_source(spec.model_id, "editor", "--model", "model_index.json")
     setup = Setup(spec, device)
-    if not (args.plan or args.no_plan):
+    if needs_planner:
         setup.template = load_template(args.vlm_prompt_template_path) if args.vlm_prompt_template_path else None
-        if args.planner == "local":
-            if args.vlm_ckpt_path and args.vlm_ckpt_path != TINY:
-                check_source(args.vlm_ckpt_path, "planner", "--vlm_ckpt_path", "config.json")
-            if args.lora_path:
-                check_source(args.lora_path, "planner LoRA", "--lora_path", "adapter_config.json")
-        else:
-            if args.lora_path:
-                raise ValueError("--lora_path applies to the local planner only; drop it with --planner openai")
+        if args.planner == "openai":
             setup.planner = load_planner("openai", args.vlm_ckpt_path, template=setup.template, **endpoint(args))
     if args.image is not None:
         setup.job = read_job(args, setup, args.image, args.instruction)

@@ -19,9 +19,12 @@ from PIL import Image
 
 from replan.backbones import load_editor
 from replan.backbones.base import EditResult, RegionEditor
+from replan.backbones.registry import BackboneSpec, resolve
+from replan.hub import check_source
 from replan.images import to_rgb
+from replan.inputs import check_device, check_dtype
 from replan.plan import RegionPlan, draw_overlay
-from replan.planner import Planner, load_planner
+from replan.planner import TINY, Planner, load_planner
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +129,29 @@ class RePlanPipeline:
         timings["total"] = time.perf_counter() - start
         overlay = draw_overlay(image, result.plan, boxes=result.boxes)
         return RePlanOutput(result.image, result.plan, planner_text, overlay, timings, result)
+
+
+def check_load(backbone: str, model: str | None = None, planner: str | None = "local", vlm_ckpt_path: str | None = None,
+               lora_path: str | None = None, device: str | None = None, dtype: str | None = None
+               ) -> tuple[BackboneSpec, str]:
+    """Everything ``from_pretrained`` would trip over, checked without loading: the backbone name, dtype and device,
+    local weight folders (and hub models that are not cached while ``HF_HUB_OFFLINE`` is set). ``ValueError`` with
+    one line naming the CLI flag otherwise; returns (spec, device)."""
+    spec = resolve(backbone)
+    check_dtype(dtype)
+    device = check_device(device, dtype)
+    if model:
+        check_source(model, "editor", "--model", "model_index.json")
+    elif not spec.builder:
+        check_source(spec.model_id, "editor", "--model", "model_index.json")
+    if planner == "local":
+        if vlm_ckpt_path and vlm_ckpt_path != TINY:
+            check_source(vlm_ckpt_path, "planner", "--vlm_ckpt_path", "config.json")
+        if lora_path:
+            check_source(lora_path, "planner LoRA", "--lora_path", "adapter_config.json")
+    elif planner == "openai" and lora_path:
+        raise ValueError("--lora_path applies to the local planner only; drop it with --planner openai")
+    return spec, device
 
 
 def no_regions_note(plan: RegionPlan) -> str | None:

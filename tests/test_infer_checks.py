@@ -204,3 +204,20 @@ def test_no_torchvision_notices():
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert "torchvision" not in proc.stderr
+
+
+@pytest.mark.parametrize("entry", ["replan.app.__main__", "replan.serve.__main__"])
+@pytest.mark.parametrize("args, message", [
+    (["--backbone", "tiny", "--model", "/no/such/kontext"], "editor folder /no/such/kontext does not exist"),
+    (["--backbone", "tiny", "--dtype", "fp8"], "--dtype 'fp8' is not known"),
+    (["--backbone", "tiny", "--vlm_ckpt_path", "./missing-planner"], "planner folder ./missing-planner"),
+])
+def test_app_and_server_check_before_loading(no_models, capsys, entry, args, message):
+    main_of = __import__(entry, fromlist=["main"]).main
+    if entry.startswith("replan.app"):
+        pytest.importorskip("gradio")
+    else:
+        pytest.importorskip("fastapi")
+    assert main_of(args + ["--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

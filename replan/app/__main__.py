@@ -61,6 +61,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
+        from replan.pipeline import check_load
+
+        check_load(args.backbone, args.model, None if args.no_planner else args.planner, args.vlm_ckpt_path,
+                   args.lora_path, args.device, args.dtype)  # before anything loads
         pipe = load(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
