@@ -221,3 +221,47 @@ def test_app_and_server_check_before_loading(no_models, capsys, entry, args, mes
     assert main_of(args + ["--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_offline_load_errors_name_the_way_out(monkeypatch):
+    from replan.backbones import load_editor
+    from replan.hub import is_cached
+    from replan.planner import load_planner
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if is_cached("black-forest-labs/FLUX.1-Kontext-dev", "model_index.json"):
+        pytest.skip("FLUX.1 Kontext is cached here")
+    with pytest.raises(ValueError) as info:
+        load_editor("flux", device="cpu")
+    message = str(info.value)
+    assert "FLUX.1-Kontext-dev" in message and "not in the local cache" in message and "HF_HUB_OFFLINE" in message
+    assert "hf download" in message and "HF_TOKEN" in message and "--model" in message
+    assert "stacktrace" not in message and "\n" not in message
+    with pytest.raises(ValueError) as info:
+        load_planner("local", "TainU/RePlan-Qwen2.5-VL-7B", device="cpu")
+    assert "not in the local cache" in str(info.value) and "--vlm_ckpt_path" in str(info.value)
+
+
+def test_load_error_reasons():
+    from replan.hub import load_error
+
+    class GatedRepoError(OSError):
+        pass
+
+    gated = OSError("cannot load")
+    gated.__cause__ = GatedRepoError("401 Client Error: access to model is restricted")
+    assert "accept the licence at https://huggingface.co/black-forest-labs/FLUX.2-klein-9B and set HF_TOKEN" in \
+        load_error("Flux2KleinPipeline", "black-forest-labs/FLUX.2-klein-9B", gated, "--model")
+    missing = OSError("404 Client Error: Repository Not Found for url")
+    assert "cannot find editor org/nope on the hub" in load_error("editor", "org/nope", missing, "--model")
+
+
+def test_the_no_regions_note_names_the_region_problem():
+    from replan.parse import parse_plan
+    from replan.pipeline import no_regions_note
+
+    plan = parse_plan("just some words and no tags", (64, 64))
+    note = no_regions_note(plan)
+    assert note.startswith("the planner reply gave no usable regions (") and "<region>" in note
+    assert no_regions_note(parse_plan('<think>t</think><gen_image>g</gen_image><region>[]</region>', (64, 64))) \
+        is None
