@@ -250,6 +250,10 @@ def interactive(pipe: RePlanPipeline, args, setup: Setup, out_root: Path) -> int
         except (ValueError, PlannerError) as e:
             failures += 1
             print(f"error: {e}", file=sys.stderr)
+        except Exception as e:  # one failing edit must not end the session (and lose the loaded models)
+            failures += 1
+            logger.info("edit failed", exc_info=True)
+            print(f"error: the edit failed ({type(e).__name__}: {e}); -v shows the traceback", file=sys.stderr)
     print("", file=sys.stderr)
     return 0 if failures == 0 else 2
 
