@@ -202,7 +202,8 @@ def judge_server():
 def make_reward(edit_server, judge_server, concurrency=4, judge_concurrency=None, **kw) -> Stage2Reward:
     edit = EditClient(edit_server.url, timeout=kw.pop("edit_timeout", 5.0), max_retries=kw.pop("edit_retries", 2),
                       backoff=0.01)
-    judge = JudgeClient(judge_server.url + "/v1", MODEL, timeout=5.0, max_retries=kw.pop("judge_retries", 1),
+    judge = JudgeClient(judge_server.url + "/v1", MODEL, timeout=kw.pop("judge_timeout", 5.0),
+                        max_retries=kw.pop("judge_retries", 1),
                         backoff=0.01)
     return Stage2Reward(edit, judge, concurrency, judge_concurrency=judge_concurrency, ready_interval=0.02, **kw)
 
@@ -376,7 +377,9 @@ def test_judge_server_errors_count_as_failed_and_wrong_key_stops(edit_server, ju
 def test_concurrency_limits_are_respected(edit_server, judge_server, concurrency, judge_concurrency):
     edit_server.batch, edit_server.expected = concurrency, 8
     judge_server.batch, judge_server.expected = judge_concurrency, 24
-    reward = make_reward(edit_server, judge_server, concurrency, judge_concurrency)
+    # held requests wait for their batch: long client timeouts, so a slow machine never turns the wait into a retry
+    reward = make_reward(edit_server, judge_server, concurrency, judge_concurrency, edit_timeout=120,
+                         judge_timeout=120)
     results = reward([sample() for _ in range(8)])
     assert [r["overall"] for r in results] == pytest.approx([1.181] * 8)
     assert edit_server.peak == concurrency
