@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     for (name, text), big in zip(cases(small).items(), cases(large).values()):
         row = {"case": name}
         for label, fn in (("lenient", lambda t: parse_plan(t, (640, 480))), ("strict", strict),
-                          ("editing_score", lambda t: editing_score(t, (640, 480)))):
+                          ("editing_score", editing_score)):
             a, b = timed(lambda: fn(text), args.repeats), timed(lambda: fn(big), args.repeats)
             row[f"{label}_ms"] = round(1000 * a, 1)
             row[f"{label}_ratio"] = round(b / a, 2) if a > 0 else None

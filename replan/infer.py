@@ -33,10 +33,10 @@ from replan.backbones.registry import BackboneSpec
 from replan.inputs import check_edit_options, check_instruction, check_number, read_image, read_plan
 from replan.io import OutputError, check_writable, write_outputs
 from replan.io import write_atomically as write_atomically  # noqa: F401  (kept for callers importing it from here)
-from replan.parse import PlanParseError
+from replan.parse import PARSE_MODES, PlanParseError, parse_mode
 from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline, check_load, no_regions_note
 from replan.plan import RegionPlan
-from replan.planner import KINDS, PlannerError, load_planner, load_template
+from replan.planner import BOX_FRAMES, KINDS, PlannerError, load_planner, load_template
 
 logger = logging.getLogger("replan.infer")
 
@@ -51,15 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", "--diffusion_model_name", dest="model", help="editor weights: hub id or local dir")
     ap.add_argument("--planner", choices=KINDS, default="local", help="local Qwen2.5-VL or an OpenAI-compatible API")
     ap.add_argument("--vlm_ckpt_path", help="planner checkpoint (hub id or local dir; 'tiny' = offline random)")
-    ap.add_argument("--lora_path", help="LoRA adapter for the local planner (needs peft)")
+    ap.add_argument("--lora_path", help="LoRA for the diffusion editor (diffusers format; a dir, a .safetensors file "
+                    "or a hub id), loaded with load_lora_weights as official")
+    ap.add_argument("--vlm_lora_path", help="LoRA adapter for the local planner (PEFT format; needs peft)")
     ap.add_argument("--base_url", help="OpenAI-compatible endpoint (or REPLAN_PLANNER_BASE_URL)")
     ap.add_argument("--api_key", help="endpoint key (or REPLAN_PLANNER_API_KEY)")
     ap.add_argument("--planner_retries", type=int, default=4, help="endpoint retries on 5xx/timeouts")
-    ap.add_argument("--vlm_prompt_template_path", help="planner prompt template file (default: replan's)")
+    ap.add_argument("--prompt_template", "--vlm_prompt_template_path", dest="prompt_template",
+                    help="planner prompt template file, e.g. the official one from 'python -m replan.templates "
+                    "fetch' (default: replan's wording of it)")
+    ap.add_argument("--box_frame", choices=BOX_FRAMES, default="processor",
+                    help="how planner boxes are read: processor = in the frame the VLM saw, mapped to the image "
+                    "(default); original = as image pixels, as official")
     ap.add_argument("--plan", help="a plan JSON to execute instead of planning")
     ap.add_argument("--no_plan", action="store_true", help="baseline: the instruction as the global prompt, no regions")
-    ap.add_argument("--strict_plan", action="store_true", help="fail on a malformed planner reply instead of "
-                    "falling back to a global edit")
+    ap.add_argument("--parse", choices=PARSE_MODES, default=None,
+                    help="how planner replies are read: lenient (default; repairs and records), strict (fail on a "
+                    "malformed reply) or official (as the official code: no repairs, else a global edit)")
+    ap.add_argument("--strict_plan", action="store_true", help="the same as --parse strict")
     ap.add_argument("--stage_offload", choices=STAGE_OFFLOAD, default="none",
                     help="cpu: keep only the active stage (planner or editor) on the GPU")
     ap.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
@@ -118,7 +127,7 @@ def check_args(args) -> Setup:
         raise ValueError("--instruction needs --image (omit both for the interactive mode)")
     needs_planner = not (args.plan or args.no_plan)
     spec, device = check_load(args.backbone, args.model, args.planner if needs_planner else None,
-                              args.vlm_ckpt_path, args.lora_path, args.device, args.dtype)
+                              args.vlm_ckpt_path, args.vlm_lora_path, args.device, args.dtype, args.lora_path)
     check_edit_options(spec, steps=args.steps, guidance=args.guidance, expand=args.expand,
                        switch=args.switch_ratio, seed=args.seed)
     check_number("--planner_retries", args.planner_retries, minimum=0, integer=True)
@@ -126,13 +135,23 @@ def check_args(args) -> Setup:
         raise ValueError("--offload and --stage_offload exclude each other: use one of them")
     setup = Setup(spec, device)
     if needs_planner:
-        setup.template = load_template(args.vlm_prompt_template_path) if args.vlm_prompt_template_path else None
+        parse_mode(args.parse, args.strict_plan)
+        setup.template = load_template(args.prompt_template) if args.prompt_template else None
         if args.planner == "openai":
-            setup.planner = load_planner("openai", args.vlm_ckpt_path, template=setup.template, **endpoint(args))
+            setup.planner = load_planner("openai", args.vlm_ckpt_path, **planner_options(args, setup.template),
+                                         **endpoint(args))
     if args.image is not None:
         setup.job = read_job(args, setup, args.image, args.instruction)
     check_writable(args.output_dir, "--output_dir")
     return setup
+
+
+def planner_options(args, template: str | None) -> dict:
+    """How the planner prompts and reads: template (and its name), box frame, parse mode."""
+    options = {"box_frame": args.box_frame, "parse": parse_mode(args.parse, args.strict_plan)}
+    if template is not None:
+        options.update(template=template, template_name=args.prompt_template)
+    return options
 
 
 def endpoint(args) -> dict:
@@ -161,32 +180,36 @@ def load_pipeline(args, device: str, setup: Setup | None = None) -> RePlanPipeli
     planner, planner_kwargs = None, {}
     if needs_planner:
         planner = setup.planner if setup is not None and setup.planner is not None else args.planner
-        if args.planner == "openai" and planner == "openai":
-            planner_kwargs = endpoint(args)
-        template = setup.template if setup is not None else None
-        if template is None and args.vlm_prompt_template_path:
-            template = load_template(args.vlm_prompt_template_path)
-        if template is not None and isinstance(planner, str):
-            planner_kwargs["template"] = template
+        if isinstance(planner, str):
+            template = setup.template if setup is not None else None
+            if template is None and args.prompt_template:
+                template = load_template(args.prompt_template)
+            planner_kwargs = planner_options(args, template)
+            if planner == "openai":
+                planner_kwargs.update(endpoint(args))
     return RePlanPipeline.from_pretrained(
         backbone=args.backbone, planner=planner, model=args.model,
-        vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, device=device, torch_dtype=args.dtype,
+        vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path,
+        device=device, torch_dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, planner_kwargs=planner_kwargs,
     )
 
 
 def run_one(pipe: RePlanPipeline, args, job: Job, out_dir: Path) -> Path:
     """Plan (unless the job has a plan) and edit; write the outputs. Returns the folder written."""
-    out = pipe(job.image, job.instruction, plan=job.plan, strict_plan=args.strict_plan, **edit_options(args))
+    out = pipe(job.image, job.instruction, plan=job.plan, **edit_options(args))
     note = no_regions_note(out.plan) if job.plan is None else None
     if note:
-        print(f"warning: {note}; ran a global edit (use --strict_plan to fail instead, or write a plan and "
+        print(f"warning: {note}; ran a global edit (use --parse strict to fail instead, or write a plan and "
               "pass --plan)", file=sys.stderr)
+    planner = pipe.planner.provenance() if out.planner_text and pipe.planner is not None else None
     config = {
         "replan_version": __version__, "image": job.image_path, "instruction": job.instruction,
         "backbone": pipe.editor.spec.name, "model": args.model or pipe.editor.spec.model_id,
         "planner": None if job.plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
-        "lora_path": args.lora_path, "plan_file": args.plan, "no_plan": args.no_plan,
+        "lora_path": args.lora_path, "vlm_lora_path": args.vlm_lora_path,
+        "parse": None if job.plan is not None else parse_mode(args.parse, args.strict_plan),
+        "plan_file": args.plan, "no_plan": args.no_plan, "planner_provenance": planner,
         "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
         "resolved": {"steps": pipe.editor.spec.steps if args.steps is None else args.steps,
                      "generation_size": out.edit.generation_size,
@@ -196,12 +219,19 @@ def run_one(pipe: RePlanPipeline, args, job: Job, out_dir: Path) -> Path:
     }
     files = {"result.png": lambda p: out.image.save(p)}
     if not args.only_save_image:
-        files["plan.json"] = lambda p: out.plan.save(p)
+        files["plan.json"] = lambda p: p.write_text(plan_json(out.plan, planner), encoding="utf-8")
         if job.plan is None:  # the planner ran: keep its reply verbatim
             files["planner_response.txt"] = lambda p: p.write_text(out.planner_text, encoding="utf-8")
         files["overlay.png"] = lambda p: out.overlay.save(p)
         files["config.json"] = lambda p: p.write_text(json.dumps(config, indent=2, default=str) + "\n")
     return write_outputs(out_dir, files)
+
+
+def plan_json(plan: RegionPlan, planner: dict | None = None) -> str:
+    """The plan file: the plan, plus under ``"planner"`` what produced it (template name and SHA-256, box frame,
+    planner frame) when a planner did; ``RegionPlan.load`` reads it back either way."""
+    data = plan.to_dict() | ({"planner": planner} if planner else {})
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
 def replay_command(args, image_path, backbone: str) -> str:
@@ -210,6 +240,8 @@ def replay_command(args, image_path, backbone: str) -> str:
              "--backbone", backbone]
     if args.model:
         parts += ["--model", args.model]
+    if args.lora_path:
+        parts += ["--lora_path", args.lora_path]
     flags = {"steps": "--steps", "seed": "--seed", "expand": "--expand", "expand_mode": "--expand_mode",
              "switch": "--switch_ratio", "attention": "--attention", "guidance": "--guidance"}
     for key, value in edit_options(args).items():
@@ -271,8 +303,8 @@ def main(argv=None) -> int:
         print(output_error(e), file=sys.stderr)
         return 2
     except PlanParseError as e:
-        print(f"error: the planner reply does not follow the plan grammar: {e} (drop --strict_plan to fall back "
-              "to a global edit)", file=sys.stderr)
+        print(f"error: the planner reply does not follow the plan grammar: {e} (without --parse strict it falls "
+              "back to a global edit)", file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -60,12 +60,12 @@ def read_plan(path: str | Path, image_size: tuple[int, int]) -> RegionPlan:
         plan.check_image((w, h))
     except ValueError as e:
         raise ValueError(f"plan file {path}: {e}") from None
-    for i, region in enumerate(plan.regions, 1):
+    for i, region in enumerate(plan.regions, 1):  # partly outside is fine: expanded, then clamped (official)
         x1, y1, x2, y2 = region.bbox
-        if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+        if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
             box = "[" + ", ".join(f"{v:g}" for v in region.bbox) + "]"
-            raise ValueError(f"plan file {path}: region {i} box {box} lies (partly) outside the {w}x{h} image; "
-                             f"edit its bbox in the file so that 0 <= x1 < x2 <= {w} and 0 <= y1 < y2 <= {h}")
+            raise ValueError(f"plan file {path}: region {i} box {box} lies entirely outside the {w}x{h} image; "
+                             f"edit its bbox in the file so that it overlaps 0..{w} x 0..{h}")
     return plan
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from replan.backbones import load_editor
-from replan.backbones.base import EditResult, RegionEditor
+from replan.backbones.base import EditResult, RegionEditor, lora_source
 from replan.backbones.registry import BackboneSpec, resolve
 from replan.hub import check_source
 from replan.images import to_rgb
@@ -60,6 +60,7 @@ class RePlanPipeline:
         model: str | None = None,
         vlm_ckpt_path: str | None = None,
         lora_path: str | None = None,
+        vlm_lora_path: str | None = None,
         device=None,
         torch_dtype=None,
         stage_offload: str = "none",
@@ -70,7 +71,9 @@ class RePlanPipeline:
         """Load an editor (``backbone`` name or alias; ``model`` overrides its weights) and a planner (``"local"``,
         ``"openai"``, a ``Planner`` instance, or ``None`` for plan-only-from-file use).
 
-        ``stage_offload="cpu"``: the inactive stage waits on the CPU. ``offload="model" | "sequential"``: diffusers'
+        ``lora_path``: a LoRA for the editor (diffusers ``load_lora_weights``, as the official ``--lora_path``);
+        ``vlm_lora_path``: a PEFT adapter merged into the local planner. ``stage_offload="cpu"``: the inactive stage
+        waits on the CPU. ``offload="model" | "sequential"``: diffusers'
         model / sequential CPU offload inside the editor (lower peak memory, slower); it manages the editor's
         devices itself, so it excludes ``stage_offload``.
         """
@@ -80,9 +83,9 @@ class RePlanPipeline:
             raise ValueError(f"stage_offload must be one of {STAGE_OFFLOAD}, got {stage_offload!r}")
         first_device = "cpu" if stage_offload == "cpu" else device
         editor = load_editor(backbone, model, device=device if offload != "none" else first_device,
-                             torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs)
+                             torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs, lora_path=lora_path)
         if isinstance(planner, str):
-            planner = load_planner(planner, vlm_ckpt_path, lora_path=lora_path, device=first_device,
+            planner = load_planner(planner, vlm_ckpt_path, lora_path=vlm_lora_path, device=first_device,
                                    torch_dtype=torch_dtype, **(planner_kwargs or {}))
         return cls(editor, planner, stage_offload, device)
 
@@ -132,11 +135,12 @@ class RePlanPipeline:
 
 
 def check_load(backbone: str, model: str | None = None, planner: str | None = "local", vlm_ckpt_path: str | None = None,
-               lora_path: str | None = None, device: str | None = None, dtype: str | None = None
-               ) -> tuple[BackboneSpec, str]:
+               vlm_lora_path: str | None = None, device: str | None = None, dtype: str | None = None,
+               lora_path: str | None = None) -> tuple[BackboneSpec, str]:
     """Everything ``from_pretrained`` would trip over, checked without loading: the backbone name, dtype and device,
-    local weight folders (and hub models that are not cached while ``HF_HUB_OFFLINE`` is set). ``ValueError`` with
-    one line naming the CLI flag otherwise; returns (spec, device)."""
+    local weight folders (and hub models that are not cached while ``HF_HUB_OFFLINE`` is set), the editor LoRA
+    (``lora_path``) and the planner's (``vlm_lora_path``). ``ValueError`` with one line naming the CLI flag
+    otherwise; returns (spec, device)."""
     spec = resolve(backbone)
     check_dtype(dtype)
     device = check_device(device, dtype)
@@ -144,13 +148,15 @@ def check_load(backbone: str, model: str | None = None, planner: str | None = "l
         check_source(model, "editor", "--model", "model_index.json")
     elif not spec.builder:
         check_source(spec.model_id, "editor", "--model", "model_index.json")
+    if lora_path:
+        lora_source(lora_path)
     if planner == "local":
         if vlm_ckpt_path and vlm_ckpt_path != TINY:
             check_source(vlm_ckpt_path, "planner", "--vlm_ckpt_path", "config.json")
-        if lora_path:
-            check_source(lora_path, "planner LoRA", "--lora_path", "adapter_config.json")
-    elif planner == "openai" and lora_path:
-        raise ValueError("--lora_path applies to the local planner only; drop it with --planner openai")
+        if vlm_lora_path:
+            check_source(vlm_lora_path, "planner LoRA", "--vlm_lora_path", "adapter_config.json")
+    elif planner == "openai" and vlm_lora_path:
+        raise ValueError("--vlm_lora_path applies to the local planner only; drop it with --planner openai")
     return spec, device
 
 

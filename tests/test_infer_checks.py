@@ -51,7 +51,7 @@ def files(tmp_path_factory):
     Image.new("RGB", (1000, 100)).save(d / "strip.png")
     (d / "broken.json").write_text('{"global_prompt": "x", "regions": [')
     plan = json.loads(Path(DESK_PLAN).read_text())
-    plan["regions"][0]["bbox"] = [600, 10, 700, 90]
+    plan["regions"][0]["bbox"] = [700, 10, 800, 90]  # entirely outside (partly outside is valid: clamped)
     (d / "outside.json").write_text(json.dumps(plan))
     plan = json.loads(Path(DESK_PLAN).read_text())
     plan["image_size"] = [1280, 960]
@@ -95,11 +95,13 @@ def _cases(f):
         (one + ["--model", "./no/such/dir"], "editor folder ./no/such/dir does not exist"),
         (one + ["--model", str(f)], "has no model_index.json"),
         (one + ["--vlm_ckpt_path", "/no/such/planner"], "planner folder /no/such/planner does not exist"),
-        (one + ["--lora_path", "/no/such/adapter"], "planner LoRA folder /no/such/adapter does not exist"),
+        (one + ["--vlm_lora_path", "/no/such/adapter"], "planner LoRA folder /no/such/adapter does not exist"),
+        (one + ["--lora_path", "/no/such/lora.safetensors"], "editor LoRA /no/such/lora.safetensors does not exist"),
+        (one + ["--parse", "official", "--strict_plan"], "contradicts parse mode"),
         (one + ["--vlm_prompt_template_path", "/no/template.txt"], "planner template /no/template.txt does not exist"),
         (one + ["--planner", "openai"], "no planner endpoint"),
         (one + ["--planner", "openai", "--base_url", "ftp://x"], "must be an http(s) URL"),
-        (one + ["--planner", "openai", "--base_url", "http://x/v1", "--lora_path", "a"], "local planner only"),
+        (one + ["--planner", "openai", "--base_url", "http://x/v1", "--vlm_lora_path", "a"], "local planner only"),
         (one + ["--output_dir", str(f / "a_file" / "out")], "a_file is a file, not a directory"),
     ]
 

@@ -3,12 +3,17 @@ FireRed-Image-Edit (``QwenImageEditPlusPipeline``) — as region editors (replan
 
 * Resolution: the pipeline's own ~1 MP size for the input's aspect ratio (``calculate_dimensions``; for EditPlus the
   VAE-image size), for both the generated image and the reference; the output is resized back by the base class.
+  Qwen-Image-Edit resizes the input with PIL's BICUBIC, as the official pipeline (``image.resize((w, h))``); stock
+  diffusers uses Lanczos. EditPlus keeps its pipeline's own resizing (the official code has no EditPlus pipeline).
 * Text: Qwen2.5-VL encodes the main prompt with the image; its vision-token span is the ``Image Prompt`` group,
   visible to and from every group. Each hint is encoded with the same template and the same image, then its
   vision span (and for EditPlus the "Picture 1: " label before it) is removed: a hint span is its text plus the
   chat suffix, unpadded. The system prefix that is dropped is measured with the tokenizer actually loaded.
 * True CFG 4.0 with negative prompt " ": the negative pass has no hints and runs unmasked, as official; masks
   follow the text length of each pass. 2511's ``zero_cond_t`` comes with its transformer config.
+* ``delete_main_prompt``, as official: the text is the hint spans alone, so the image-prompt tokens (which live in the
+  main prompt's encoding) are gone too; the official rules still name ``Image Prompt`` but its group is empty, which
+  is what leaving the group out gives. The negative pass keeps its full prompt with the image.
 
 The stock ``QwenDoubleStreamAttnProcessor2_0`` rejects attention masks, so masked passes go through
 ``RegionQwenAttnProcessor``, which repeats its math with the region mask; unmasked passes call the stock processor.
@@ -130,6 +135,9 @@ class QwenImageEditor(RegionEditor):
         self.patch = pipe.vae_scale_factor * 2
         self.module = inspect.getmodule(type(pipe))  # read sizes through it, so patched module constants apply
         self.plus = hasattr(self.module, "VAE_IMAGE_SIZE")
+        if not self.plus:  # the official pipeline resizes the input with PIL's default filter, BICUBIC
+            processor = pipe.image_processor
+            pipe.image_processor = type(processor)(**{**processor.config, "resample": "bicubic"})
         tok = pipe.tokenizer
         self.vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
         self.vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
@@ -201,14 +209,15 @@ class QwenImageEditor(RegionEditor):
         return ids.index(self.vision_start), len(ids) - ids[::-1].index(self.vision_end)
 
     def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> EncodedPrompt:
-        if options["delete_main_prompt"]:
-            raise ValueError("delete_main_prompt is not supported on Qwen-Image-Edit: the main prompt carries the "
-                             "image prompt tokens that every group attends to")
         prompt_image = self.prompt_image(image)
+        delete_main = bool(options["delete_main_prompt"])
         with torch.no_grad():
-            main, main_ids = self._encode(plan.prompt_text, prompt_image)
-            image_prompt = self._vision_span(main_ids)
-            spans, hint_lens = [main], []
+            main, image_prompt, spans = None, None, []
+            if not delete_main:  # with delete_main_prompt the official code drops it, image-prompt tokens included
+                main, main_ids = self._encode(plan.prompt_text, prompt_image)
+                image_prompt = self._vision_span(main_ids)
+                spans.append(main)
+            hint_lens = []
             for hint in plan.hints:
                 emb, ids = self._encode(hint, prompt_image)
                 _, cut = self._vision_span(ids)  # drop everything up to the image's last vision token
@@ -232,7 +241,7 @@ class QwenImageEditor(RegionEditor):
             kwargs["negative_prompt_embeds"] = neg_embeds
             kwargs["negative_prompt_embeds_mask"] = torch.ones(neg_embeds.shape[:2], dtype=torch.long,
                                                                device=self.device)
-        return EncodedPrompt(kwargs, main.shape[1], hint_lens, image_prompt=image_prompt)
+        return EncodedPrompt(kwargs, None if main is None else main.shape[1], hint_lens, image_prompt=image_prompt)
 
     # ------------------------------------------------------------------------------------------------ call
     def _cfg(self, options: dict) -> bool:
