@@ -348,6 +348,8 @@ def test_cli_defaults_and_errors(monkeypatch, capsys):
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.queue, args.max_image_mb, args.replicas) == ("127.0.0.1", 8001, 8, 20.0, None)
     assert main(["--backbone", "nope"]) == 2 and "unknown backbone" in capsys.readouterr().err
+    assert main(["--backbone", "tiny", "--lora_path", "/no/such/lora"]) == 2
+    assert "editor LoRA /no/such/lora does not exist" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
     assert main(["--backbone", "tiny", "--replicas", "2"]) == 2
     assert 'pip install "ray[serve]"' in capsys.readouterr().err

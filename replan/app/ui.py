@@ -88,6 +88,9 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
             logger.exception("planning failed")
             return gr.update(), gr.update(), fail(RuntimeError(f"planning failed: {e}"))
         note = f"Planned {len(plan.regions)} region(s)."
+        made_by = pipe.planner.provenance()  # which prompt template produced the plan (name and SHA-256)
+        note += (f" Prompt template {made_by['template']} (sha256 {made_by['template_sha256'][:12]}), boxes read in "
+                 f"the {made_by['box_frame']} frame.")
         why = no_regions_note(plan)
         if why:
             note += f" {why[0].upper()}{why[1:]}: draw boxes and write hints by hand."

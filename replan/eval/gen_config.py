@@ -114,6 +114,14 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError(f"steps must be a positive integer or null, got {cfg.steps!r}")
     if not cfg.output_dir:
         raise ValueError("output_dir is empty")
+    if cfg.lora_path:  # files named in the config are checked now, before any model loads
+        from replan.backbones.base import lora_source
+
+        lora_source(cfg.lora_path)
+    if cfg.planner.template:
+        from replan.planner import load_template
+
+        load_template(cfg.planner.template)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
