@@ -17,7 +17,7 @@ import platform
 import time
 from datetime import datetime, timezone
 
-from bench_io import add_output_flags, write_report
+from common import add_output_flags, write_report
 
 from replan.parse import PlanParseError, parse_plan
 from replan.train.rewards import editing_score

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_io import add_output_flags, write_report
+from common import add_output_flags, write_report
 
 
 def save_real_size_backbones(path: Path) -> Path:

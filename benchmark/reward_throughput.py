@@ -23,7 +23,7 @@ import platform
 import time
 from datetime import datetime, timezone
 
-from bench_io import add_output_flags, write_report  # noqa: E402
+from common import add_output_flags, write_report  # noqa: E402
 
 from replan.testing.standins import JUDGE_MODEL, StandIns, samples  # noqa: E402
 

@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_io import add_output_flags, write_report
+from common import add_output_flags, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DESK = ROOT / "assets" / "examples" / "desk.png"

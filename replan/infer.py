@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replan import __version__
+from replan.attention import parse_bytes
 from replan.backbones import names
 from replan.backbones.registry import BackboneSpec
 from replan.inputs import check_edit_options, check_instruction, check_number, read_image, read_plan
@@ -83,7 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--expand_mode", choices=["ratio", "pixels"], default=None)
     ap.add_argument("--switch_ratio", "--attention_switch_step", dest="switch_ratio", type=float, default=None,
                     help="rule switch: ratio <= 1 of the steps or an absolute step (default: the backbone's)")
-    ap.add_argument("--attention", choices=["dense", "flex"], default="dense", help="mask implementation")
+    ap.add_argument("--attention", choices=["dense", "flex"], default="dense",
+                    help="mask implementation (flex: use with --compile)")
+    ap.add_argument("--compile", action="store_true", help="compile the editor's transformer blocks once (the first "
+                    "edit of each shape pays the compile, later edits reuse it)")
+    ap.add_argument("--attention_budget", default=None, help="memory the region attention of one edit may use, e.g. "
+                    "8GB (default: half the device's free memory); larger plans are refused before any model work")
+    ap.add_argument("--trim_hint_padding", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the hints without their padding tokens (default: only when the padded layout is over "
+                    "the attention budget)")
     ap.add_argument("--only_save_image", action="store_true", help="write result.png only")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
@@ -94,6 +103,8 @@ def edit_options(args) -> dict:
                "switch": args.switch_ratio, "attention": args.attention}
     if args.guidance is not None:
         options["guidance"] = args.guidance
+    if args.trim_hint_padding is not None:
+        options["trim_hint_padding"] = args.trim_hint_padding
     return options
 
 
@@ -131,6 +142,7 @@ def check_args(args) -> Setup:
     check_edit_options(spec, steps=args.steps, guidance=args.guidance, expand=args.expand,
                        switch=args.switch_ratio, seed=args.seed)
     check_number("--planner_retries", args.planner_retries, minimum=0, integer=True)
+    parse_bytes(args.attention_budget)  # a size such as 8GB
     if args.offload != "none" and args.stage_offload != "none":
         raise ValueError("--offload and --stage_offload exclude each other: use one of them")
     setup = Setup(spec, device)
@@ -192,6 +204,7 @@ def load_pipeline(args, device: str, setup: Setup | None = None) -> RePlanPipeli
         vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path,
         device=device, torch_dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, planner_kwargs=planner_kwargs,
+        compile=args.compile, attention_budget=args.attention_budget,
     )
 
 
@@ -211,11 +224,14 @@ def run_one(pipe: RePlanPipeline, args, job: Job, out_dir: Path) -> Path:
         "parse": None if job.plan is not None else parse_mode(args.parse, args.strict_plan),
         "plan_file": args.plan, "no_plan": args.no_plan, "planner_provenance": planner,
         "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
+        "compile": args.compile, "attention_budget": args.attention_budget,
         "resolved": {"steps": pipe.editor.spec.steps if args.steps is None else args.steps,
                      "generation_size": out.edit.generation_size,
-                     "boxes": [list(b) for b in out.edit.boxes]},
+                     "boxes": [list(b) for b in out.edit.boxes],
+                     "hint_padding": out.edit.extras.get("hint_padding", "as official")},
         "timings_s": {k: round(v, 3) for k, v in out.timings.items()},
-        "replay": replay_command(args, job.image_path, pipe.editor.spec.name),
+        "replay": replay_command(args, job.image_path, pipe.editor.spec.name,
+                                 trimmed="hint_padding" in out.edit.extras),
     }
     files = {"result.png": lambda p: out.image.save(p)}
     if not args.only_save_image:
@@ -234,8 +250,9 @@ def plan_json(plan: RegionPlan, planner: dict | None = None) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-def replay_command(args, image_path, backbone: str) -> str:
-    """The command that re-runs this edit from the saved plan (same model, seed and every edit option)."""
+def replay_command(args, image_path, backbone: str, trimmed: bool = False) -> str:
+    """The command that re-runs this edit from the saved plan (same model, seed and every edit option; a hint padding
+    trimmed to fit the attention budget is trimmed again)."""
     parts = ["python", "-m", "replan.infer", "--image", str(image_path), "--plan", "<this dir>/plan.json",
              "--backbone", backbone]
     if args.model:
@@ -244,9 +261,16 @@ def replay_command(args, image_path, backbone: str) -> str:
         parts += ["--lora_path", args.lora_path]
     flags = {"steps": "--steps", "seed": "--seed", "expand": "--expand", "expand_mode": "--expand_mode",
              "switch": "--switch_ratio", "attention": "--attention", "guidance": "--guidance"}
-    for key, value in edit_options(args).items():
-        if value is not None:
+    options = edit_options(args)
+    if trimmed:
+        options["trim_hint_padding"] = True
+    for key, value in options.items():
+        if key == "trim_hint_padding":
+            parts.append("--trim_hint_padding" if value else "--no-trim_hint_padding")
+        elif value is not None:
             parts += [flags[key], str(value)]
+    if args.compile:
+        parts.append("--compile")
     return " ".join(shlex.quote(p) if p != "<this dir>/plan.json" else p for p in parts)
 
 

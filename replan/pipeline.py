@@ -6,7 +6,9 @@
 
 A ready plan skips the planner (``pipe(image, plan=plan)``); a pipeline built with ``planner=None`` never loads one.
 ``stage_offload="cpu"`` keeps only the active stage on the accelerator: the editor waits on the CPU while the
-planner runs, and the planner while the editor runs.
+planner runs, and the planner while the editor runs. ``compile=True`` compiles the editor's transformer blocks once
+(the first edit of each shape pays it); ``attention_budget`` caps the region-attention memory of an edit (default:
+half the device's free memory), refusing larger plans with ``AttentionBudgetError`` before any model work.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from replan.attention.budget import parse_bytes
 from replan.backbones import load_editor
 from replan.backbones.base import EditResult, RegionEditor, lora_source
 from replan.backbones.registry import BackboneSpec, resolve
@@ -67,6 +70,8 @@ class RePlanPipeline:
         offload: str = "none",
         planner_kwargs: dict | None = None,
         editor_kwargs: dict | None = None,
+        compile: bool = False,
+        attention_budget: int | str | None = None,
     ) -> RePlanPipeline:
         """Load an editor (``backbone`` name or alias; ``model`` overrides its weights) and a planner (``"local"``,
         ``"openai"``, a ``Planner`` instance, or ``None`` for plan-only-from-file use).
@@ -75,15 +80,21 @@ class RePlanPipeline:
         ``vlm_lora_path``: a PEFT adapter merged into the local planner. ``stage_offload="cpu"``: the inactive stage
         waits on the CPU. ``offload="model" | "sequential"``: diffusers'
         model / sequential CPU offload inside the editor (lower peak memory, slower); it manages the editor's
-        devices itself, so it excludes ``stage_offload``.
+        devices itself, so it excludes ``stage_offload``. ``compile``: compile the editor's repeated transformer
+        blocks (``RegionEditor.compile``). ``attention_budget``: bytes or a size such as ``"8GB"`` for the region
+        attention of one edit (None: half the device's free memory at edit time).
         """
         if offload != "none" and stage_offload != "none":
             raise ValueError("use either stage_offload or diffusers' offload for the editor, not both")
         if stage_offload not in STAGE_OFFLOAD:
             raise ValueError(f"stage_offload must be one of {STAGE_OFFLOAD}, got {stage_offload!r}")
         first_device = "cpu" if stage_offload == "cpu" else device
+        budget = parse_bytes(attention_budget)  # a bad size fails before any model loads
         editor = load_editor(backbone, model, device=device if offload != "none" else first_device,
                              torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs, lora_path=lora_path)
+        editor.attention_budget = budget
+        if compile:
+            editor.compile()
         if isinstance(planner, str):
             planner = load_planner(planner, vlm_ckpt_path, lora_path=vlm_lora_path, device=first_device,
                                    torch_dtype=torch_dtype, **(planner_kwargs or {}))

@@ -154,6 +154,21 @@ def test_app_run_with_and_without_regions(demo):
     assert np.array_equal(np.asarray(image), np.asarray(stock.resize((160, 128), Image.BICUBIC)))
 
 
+def test_app_run_shows_the_attention_budget(demo):
+    value = plan_to_annotator(IMAGE.resize((160, 128)), RegionPlan("warm", PLAN.regions, image_size=(160, 128)))
+    run, editor = _fn(demo, "run"), demo.replan_pipe.editor
+    matrix = default_matrix(2, False)
+    try:
+        editor.attention_budget = 1000  # nothing fits: the message, and the app keeps working
+        image, _, _, status = run(value, "warm", matrix, 0.5, 0.15, 2, 2.5, 0, progress=lambda *a, **k: None)
+        assert "region(s) make a" in status and "attention budget" in status
+        editor.attention_budget = 5 * 10**6  # padded hints (~2k tokens, ~16 MB) over it, trimmed (~4 MB) within
+        image, _, _, status = run(value, "warm", matrix, 0.5, 0.15, 2, 2.5, 0, progress=lambda *a, **k: None)
+        assert image.size == (160, 128) and "Hint padding trimmed: the padded layout" in status
+    finally:
+        editor.attention_budget = None
+
+
 def test_a_dropped_box_does_not_break_run_or_preview(demo):
     value = plan_to_annotator(IMAGE.resize((160, 128)), RegionPlan("warm", PLAN.regions, image_size=(160, 128)))
     value["boxes"].append({"xmin": 5, "ymin": 5, "xmax": 30, "ymax": 30, "label": ""})  # no hint: left out

@@ -183,7 +183,7 @@ def test_base_cfg_negative_pass_runs_unmasked(base):
         result = base.edit(make_image(), TWO_REGIONS, steps=2, **FAST)  # default guidance: the spec's 4.0
     assert len(spy.outputs) == 4  # cond + uncond per step
     assert [kw["encoder_hidden_states"].shape[1] for kw in spy.inputs] == [48, 16, 48, 16]
-    assert result.attention.unmasked_calls == 2 * 3  # 2 steps x (1 double + 2 single blocks) on the negative pass
+    assert result.attention.unmasked_passes == 2  # the negative pass of each step
     assert result.attention.steps == {0: "default", 1: "default"}
     assert base.allows_unmasked_passes({}) and not base.allows_unmasked_passes({"guidance": 1.0})
 
@@ -191,7 +191,7 @@ def test_base_cfg_negative_pass_runs_unmasked(base):
 def test_base_without_cfg_is_one_masked_call_per_step(base):
     with CallSpy(base.pipe.transformer) as spy:
         result = base.edit(make_image(), TWO_REGIONS, steps=2, guidance=1.0, **FAST)
-    assert len(spy.outputs) == 2 and result.attention.unmasked_calls == 0
+    assert len(spy.outputs) == 2 and result.attention.unmasked_passes == 0
 
 
 def test_base_custom_negative_prompt(base):
@@ -206,7 +206,7 @@ def test_base_custom_negative_prompt(base):
 def test_distilled_is_one_call_per_step(distilled):
     with CallSpy(distilled.pipe.transformer) as spy:
         result = distilled.edit(make_image(), TWO_REGIONS, steps=3, **FAST)
-    assert len(spy.outputs) == 3 and result.attention.unmasked_calls == 0
+    assert len(spy.outputs) == 3 and result.attention.unmasked_passes == 0
     assert not distilled.allows_unmasked_passes({})
 
 
@@ -255,11 +255,11 @@ def test_delete_main_prompt(base, distilled):
     result = distilled.edit(make_image(), TWO_REGIONS, steps=1, delete_main_prompt=True, **FAST)
     assert result.layout.main is None and result.layout.text_len == 32
     result = base.edit(make_image(), TWO_REGIONS, steps=1, delete_main_prompt=True, **FAST)
-    assert result.attention.unmasked_calls == 3  # 32 text tokens vs the negative's 16: still told apart
+    assert result.attention.unmasked_passes == 1  # 32 text tokens vs the negative's 16: still told apart
     # 16 hint tokens == 16 negative tokens: the passes are told apart by their order in the step, not their length
     one = RegionPlan("x", TWO_REGIONS.regions[:1])
     result = base.edit(make_image(), one, steps=2, delete_main_prompt=True, **FAST)
-    assert result.layout.text_len == 16 and result.attention.unmasked_calls == 6
+    assert result.layout.text_len == 16 and result.attention.unmasked_passes == 2
     assert result.attention.steps == {0: "default", 1: "default"}
 
 
@@ -274,8 +274,20 @@ def test_flex_backend_matches_dense(distilled):
 def test_layout_mismatch_raises_instead_of_silently_unmasking(distilled):
     wrong = TokenLayout.build(5, [3], (2, 2), [(2, 2)]).with_box_regions([(0, 0, 16, 16)], (32, 32))
     region = RegionAttention(wrong, default_schedule(1, 1))
-    with region.installed(distilled.pipe.transformer), pytest.raises(RuntimeError, match="layout does not match"):
+    with distilled.processors.activate(region), pytest.raises(RuntimeError, match="layout does not match"):
         distilled.pipe(image=make_image((64, 64)), prompt="x", num_inference_steps=1, max_sequence_length=8,
                        text_encoder_out_layers=TINY_KLEIN_OUT_LAYERS)
-    assert {type(p).__name__ for p in distilled.pipe.transformer.attn_processors.values()} == {
+    assert distilled.processors.active is None
+    assert {type(p.base).__name__ for p in distilled.pipe.transformer.attn_processors.values()} == {
         "Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"}
+
+
+def test_hints_batched_through_the_text_encoder_equal_one_pass_per_hint(distilled):
+    plan = RegionPlan("x", tuple(Region((10 + i, 10, 40 + i, 40), f"hint number {i}") for i in range(18)))
+    image = make_image()
+    encoded = distilled.encode(plan, image, distilled.generation_size(image.size),
+                               {"delete_main_prompt": False, "max_sequence_length": 16})
+    with torch.no_grad():
+        one_by_one = [distilled._encode(h, 16) for h in plan.hints]
+    torch.testing.assert_close(encoded.pipeline_kwargs["prompt_embeds"][:, 16:], torch.cat(one_by_one, dim=1),
+                               rtol=1e-5, atol=1e-6)

@@ -102,8 +102,12 @@ def test_edit_with_regions_output_and_trace(editor):
     assert result.attention.steps == {0: "default", 1: "default", 2: "default"}
     assert dict(result.attention.builds) == {"default": 1}  # one mask per rule set, not per block or step
     assert result.boxes == [(1, 2, 79, 67), (98, 59, 200, 150)]  # expanded 0.15 (ratio), int-truncated, clamped
-    # the processors are restored afterwards
-    assert {type(p).__name__ for p in editor.pipe.transformer.attn_processors.values()} == {"FluxAttnProcessor"}
+    assert (result.attention.masked_passes, result.attention.unmasked_passes) == (3, 0)
+    # region processors stay installed (once per editor), wrapping the stock ones; no edit is active afterwards
+    processors = editor.pipe.transformer.attn_processors.values()
+    assert {type(p).__name__ for p in processors} == {"RegionAttnProcessor"}
+    assert {type(p.base).__name__ for p in processors} == {"FluxAttnProcessor"}
+    assert editor.processors.active is None
 
 
 def test_regions_change_the_result(editor):
@@ -198,8 +202,7 @@ def test_delete_main_prompt_drops_main_tokens(editor):
 
 def test_true_cfg_negative_pass_runs_unmasked(editor):
     result = editor.edit(make_image(), TWO_REGIONS, steps=2, true_cfg=2.0, negative_prompt="blurry", **FAST)
-    # 2 steps x (1 double + 1 single block) on the negative pass
-    assert result.attention.unmasked_calls == 4
+    assert result.attention.unmasked_passes == 2  # the negative pass of each of the 2 steps
     assert result.attention.steps == {0: "default", 1: "default"}
 
 
@@ -217,7 +220,7 @@ def test_layout_mismatch_raises_instead_of_silently_unmasking(editor):
     wrong = TokenLayout.build(5, [3], (2, 2), [(2, 2)]).with_box_regions([(0, 0, 16, 16)], (32, 32))
     region = RegionAttention(wrong, default_schedule(1, 1))
     plan = RegionPlan("x")
-    with region.installed(editor.pipe.transformer), pytest.raises(RuntimeError, match="layout does not match"):
+    with editor.processors.activate(region), pytest.raises(RuntimeError, match="layout does not match"):
         editor.pipe(image=make_image((64, 64)), prompt=plan.prompt_text, height=64, width=64, max_area=64 * 64,
                     _auto_resize=False, num_inference_steps=1, max_sequence_length=8)
 
@@ -252,6 +255,19 @@ def test_seeded_runs_are_deterministic(editor):
     b = editor.edit(make_image(), TWO_REGIONS, steps=2, seed=5, **FAST).image
     c = editor.edit(make_image(), TWO_REGIONS, steps=2, seed=6, **FAST).image
     assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_hints_batched_through_t5_equal_one_pass_per_hint(editor):
+    """20 hints (two T5 batches): the official per-hint states, up to float rounding."""
+    plan = RegionPlan("x", tuple(Region((10 + i, 10, 40 + i, 40), f"hint number {i}") for i in range(20)))
+    image = make_image()
+    encoded = editor.encode(plan, image, editor.generation_size(image.size),
+                            {"delete_main_prompt": False, "max_sequence_length": 16})
+    with torch.no_grad():
+        one_by_one = [editor.pipe._get_t5_prompt_embeds(prompt=h, max_sequence_length=16) for h in plan.hints]
+    assert encoded.hint_lens == [16] * 20
+    torch.testing.assert_close(encoded.pipeline_kwargs["prompt_embeds"][:, 16:], torch.cat(one_by_one, dim=1),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_delete_main_prompt_without_regions_is_a_plain_global_edit(editor):
@@ -357,3 +373,57 @@ def test_locality_with_a_single_stream_block_is_exact_when_the_rules_confine_the
     assert noise_box1.any() and (~noise_box1).any()
     assert torch.equal(out_a[~noise_box1], out_b[~noise_box1])
     assert ((out_a - out_b).abs().amax(-1)[noise_box1] > 1e-6).all()
+
+
+def test_a_second_editor_on_the_same_pipeline_does_not_wrap_twice(editor):
+    from replan.backbones.flux_kontext import FluxKontextEditor
+
+    before = editor.edit(make_image(), TWO_REGIONS, steps=1, **FAST).image
+    second = FluxKontextEditor(editor.pipe, editor.spec, max_area=editor.max_area)
+    processors = editor.pipe.transformer.attn_processors.values()
+    assert {type(p.base).__name__ for p in processors} == {"FluxAttnProcessor"}  # stock processors underneath
+    assert second.processors is editor.processors and len(editor.pipe.transformer._forward_pre_hooks) == 1
+    after = second.edit(make_image(), TWO_REGIONS, steps=1, **FAST).image
+    again = editor.edit(make_image(), TWO_REGIONS, steps=1, **FAST).image  # the first editor still works
+    assert np.array_equal(np.asarray(before), np.asarray(after))
+    assert np.array_equal(np.asarray(before), np.asarray(again))
+
+
+class MaskSpy:
+    """Weak references to every mask the attention processors are handed (a forward pre-hook on one attention)."""
+
+    def __init__(self, attn):
+        import weakref
+
+        self.refs = []
+        self.handle = attn.register_forward_pre_hook(
+            lambda module, args, kwargs: self.refs.append(weakref.ref(kwargs["region"].mask)) if kwargs.get(
+                "region") is not None else None, with_kwargs=True)
+
+    def alive(self) -> int:
+        import gc
+
+        gc.collect()
+        return sum(ref() is not None for ref in self.refs)
+
+
+def test_the_mask_does_not_outlive_the_edit_finished_or_raised(editor):
+    """An edit's L² mask is freed when the edit ends (its trace stays on the result), also when the edit raises."""
+    spy = MaskSpy(editor.pipe.transformer.transformer_blocks[0].attn)
+    try:
+        result = editor.edit(make_image(), TWO_REGIONS, steps=2, switch=0.5, **FAST)
+        assert spy.refs and spy.alive() == 0
+        assert dict(result.attention.builds) == {"noise-isolation": 1, "default": 1}  # the trace is kept
+        assert result.attention.steps == {0: "noise-isolation", 1: "default"}
+
+        def fail(pipe, step, timestep, kwargs):
+            raise RuntimeError("stopped by the test")
+
+        spy.refs.clear()
+        with pytest.raises(RuntimeError, match="stopped by the test"):
+            editor.edit(make_image(), TWO_REGIONS, steps=2, callback=fail, **FAST)
+        assert spy.refs and spy.alive() == 0 and editor.processors.active is None
+    finally:
+        spy.handle.remove()
+    again = editor.edit(make_image(), TWO_REGIONS, steps=2, switch=0.5, **FAST)  # the editor still works
+    assert np.array_equal(np.asarray(again.image), np.asarray(result.image))

@@ -119,26 +119,81 @@ def test_delete_main_prompt_as_official(tiny_dirs):
     assert not np.array_equal(np.asarray(result.image), np.asarray(full.image))
 
 
+def processor_ids(ed, text, prompt_image):
+    """The ids the processor gives ``text`` with the image: what official encodes for every prompt."""
+    user = ed._user_text(text)
+    return ed.pipe.processor(text=[ed.pipe.prompt_template_encode.format(user)], images=prompt_image,
+                             padding=True, return_tensors="pt")["input_ids"][0].tolist()
+
+
 @pytest.mark.parametrize("kind", ["edit", "plus"])
 def test_image_prompt_span_and_hint_spans(tiny_dirs, kind):
     ed = editor_for(tiny_dirs, kind)
     image = make_image()
     result = ed.edit(image, PLAN, steps=2)
-    _, ids = ed._encode(PLAN.prompt_text, ed.prompt_image(image))
+    tokens = ed.text_tokens(PLAN, image, result.generation_size, {"delete_main_prompt": False})
+    prefix = len(ed.prefix_ids)
+    ids = tokens.prepared["ids"][prefix:]
     start, end = result.layout.image_prompt
     assert ids[start] == ed.vision_start and ids[end - 1] == ed.vision_end
     pad = ed.pipe.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert set(ids[start + 1 : end - 1]) == {pad}
     assert (start == 0) == (kind == "edit")  # EditPlus writes "Picture 1: " before the image
     assert result.layout.main == (0, len(ids))
-    for (a, b), hint in zip(result.layout.hints, PLAN.hints):
-        _, hint_ids = ed._encode(hint, ed.prompt_image(image))
-        kept = hint_ids[len(hint_ids) - (b - a):]
-        assert ed.vision_start not in kept and ed.vision_end not in kept and pad not in kept
-        assert ed.pipe.tokenizer.decode(kept).startswith(hint)
+    head = tokens.prepared["head"]
+    for (a, b), hint, own in zip(result.layout.hints, PLAN.hints, tokens.prepared["hints"]):
+        # one tokenisation: a hint's ids spliced after the vision span are exactly the processor's
+        assert head + own == processor_ids(ed, hint, ed.prompt_image(image))
+        assert b - a == len(own)
+        assert ed.vision_start not in own and ed.vision_end not in own and pad not in own
+        assert ed.pipe.tokenizer.decode(own).startswith(hint)
     names, member = result.layout.membership()
     assert member[start:end, names.index("Image Prompt")].all()
     assert not member[start:end, names.index("Main Prompt")].any()
+
+
+@pytest.mark.parametrize("kind", ["edit", "plus"])
+def test_encoding_once_equals_one_pass_per_prompt(tiny_dirs, kind):
+    """One processor pass, the vision tower once, hints batched: the official per-prompt states, up to float noise."""
+    ed = editor_for(tiny_dirs, kind)
+    image = make_image()
+    calls = {"processor": 0, "vision": 0, "language": 0}
+    processor, visual = ed.pipe.processor, ed.pipe.text_encoder.model.visual
+
+    class Counting:
+        def __call__(self, *a, **kw):
+            calls["processor"] += 1
+            return processor(*a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+    hooks = [visual.register_forward_hook(lambda *a: calls.__setitem__("vision", calls["vision"] + 1)),
+             ed.pipe.text_encoder.model.language_model.register_forward_hook(
+                 lambda *a: calls.__setitem__("language", calls["language"] + 1))]
+    ed.pipe.processor = Counting()
+    try:
+        gen = ed.generation_size(image.size)
+        encoded = ed.encode(PLAN, image, gen, {"delete_main_prompt": False})
+    finally:
+        ed.pipe.processor = processor
+        for h in hooks:
+            h.remove()
+    assert calls == {"processor": 1, "vision": 1, "language": 1}  # main, negative and both hints in one batch
+    prompt_image = ed.prompt_image(image)
+    cut = len(ed.prefix_ids)
+    with torch.no_grad():
+        main, _ = ed.pipe._get_qwen_prompt_embeds(prompt=PLAN.prompt_text, image=prompt_image)
+        negative, _ = ed.pipe._get_qwen_prompt_embeds(prompt=" ", image=prompt_image)
+        separate = [main]
+        for hint in PLAN.hints:
+            states, _ = ed.pipe._get_qwen_prompt_embeds(prompt=hint, image=prompt_image)
+            ids = processor_ids(ed, hint, prompt_image)[cut:]
+            _, end = ed._vision_span(ids)
+            separate.append(states[:, end:])
+    torch.testing.assert_close(encoded.pipeline_kwargs["prompt_embeds"], torch.cat(separate, dim=1),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(encoded.pipeline_kwargs["negative_prompt_embeds"], negative, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["edit", "plus"])
@@ -146,7 +201,7 @@ def test_negative_pass_is_unmasked(tiny_dirs, kind):
     ed = editor_for(tiny_dirs, kind)
     result = ed.edit(make_image(), PLAN, steps=3)
     layers = len(ed.pipe.transformer.transformer_blocks)
-    assert result.attention.unmasked_calls == 3 * layers  # one uncond pass per step, every block
+    assert result.attention.unmasked_passes == 3 and layers == 2  # one uncond pass per step
     assert result.attention.steps == {0: "noise-isolation", 1: "default", 2: "default"}  # CLI switch 0.5 of 3 → 1
 
 
@@ -166,11 +221,12 @@ def test_region_processor_equals_stock_without_restrictions(tiny_dirs):
         names = layout.group_names()
         everything = RuleSet.from_pairs([(q, k) for q in names for k in names], "all")
         region = RegionAttention(layout, RuleSchedule.constant(everything))
-        with region.installed(transformer, ed.wrap_processor):
+        with ed.processors.activate(region):
             masked = transformer(**inputs)[0]
     assert region.steps == {0: "all"}
     torch.testing.assert_close(masked, stock, rtol=1e-5, atol=1e-6)
-    assert all(not isinstance(p, RegionQwenAttnProcessor) for p in transformer.attn_processors.values())
+    assert all(isinstance(p, RegionQwenAttnProcessor) for p in transformer.attn_processors.values())
+    assert ed.processors.active is None
 
 
 def noise_prediction(ed, plan, image):

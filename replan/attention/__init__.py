@@ -1,8 +1,24 @@
-"""Backbone-agnostic region attention: token layout, group rules, masks and processors."""
+"""Backbone-agnostic region attention: token layout, group rules, masks, processors and the memory budget."""
 
+from replan.attention.budget import AttentionBudgetError, AttentionCost, LayoutSize, attention_cost, parse_bytes
 from replan.attention.layout import PatchGrid, TokenLayout
-from replan.attention.masks import GroupMembership, block_mask, dense_mask, materialize_block_mask
-from replan.attention.processors import RegionAttention, RegionAttnProcessor, RegionSelfAttnProcessor, wrap_processor
+from replan.attention.masks import (
+    GroupMembership,
+    additive_mask,
+    block_mask,
+    class_capacity,
+    dense_mask,
+    materialize_block_mask,
+)
+from replan.attention.processors import (
+    RegionAttention,
+    RegionAttnProcessor,
+    RegionCall,
+    RegionProcessors,
+    RegionSelfAttnProcessor,
+    RegionWrapper,
+    wrap_processor,
+)
 from replan.attention.rules import (
     RuleSchedule,
     RuleSet,
@@ -16,8 +32,9 @@ from replan.attention.rules import (
 )
 
 __all__ = [
-    "GroupMembership", "PatchGrid", "RegionAttention", "RegionAttnProcessor", "RegionSelfAttnProcessor",
-    "RuleSchedule", "RuleSet", "TokenLayout", "block_mask", "canonical_name", "custom_schedule", "default_rules",
-    "default_schedule", "dense_mask", "expand_to_split", "materialize_block_mask", "short_label", "switch_step",
-    "wrap_processor",
+    "AttentionBudgetError", "AttentionCost", "GroupMembership", "LayoutSize", "PatchGrid", "RegionAttention",
+    "RegionAttnProcessor", "RegionCall", "RegionProcessors", "RegionSelfAttnProcessor", "RegionWrapper",
+    "RuleSchedule", "RuleSet", "TokenLayout", "additive_mask", "attention_cost", "block_mask", "canonical_name",
+    "class_capacity", "custom_schedule", "default_rules", "default_schedule", "dense_mask", "expand_to_split",
+    "materialize_block_mask", "parse_bytes", "short_label", "switch_step", "wrap_processor",
 ]

@@ -1,12 +1,19 @@
-"""Token-level attention masks from (layout, rules): a dense boolean mask and a FlexAttention ``BlockMask``.
+"""Token-level attention masks from (layout, rules): a dense mask and a FlexAttention ``BlockMask``.
 
 Both come from one representation: tokens are compressed into **classes** (tokens with the same group membership),
 and a rule set becomes a small ``(C, C)`` class mask ``allowed[a, b] = any_{g in a, h in b} rules[g, h]`` — the
 union semantics of the official bitmask, without its 31-group limit. Then
 
-* dense: ``mask[q, k] = class_mask[cls[q], cls[k]]`` — one gather, ``(1, 1, L, L)`` bool for SDPA (True = attend);
+* dense: ``mask[q, k] = class_mask[cls[q], cls[k]]``, built as ``rows.index_select(0, cls)`` from a ``(C, L)`` row
+  table, so nothing of size L² exists beside the mask itself. ``dense_mask`` gives ``(1, 1, L, L)`` bool (True =
+  attend); ``additive_mask`` gives the same mask as 0 / -inf in the compute dtype — what SDPA adds to the scores, so
+  nothing is converted per block or per step. Its rows are stored ``ROW_ALIGN``-aligned (a ``(L, L')`` buffer,
+  ``L' = L`` rounded up, viewed as ``L × L``): PyTorch's memory-efficient SDPA kernel copies a bias whose row stride
+  is not a multiple of 8 elements into a padded one on every call: a second L² mask per attention call;
 * BlockMask: per 128×128 block, which classes occur on each side decides full / partial / empty straight from
-  ``class_mask``; ``BlockMask.from_kv_blocks`` takes those tables, so no ``mask_mod`` is evaluated over L².
+  ``class_mask``; ``BlockMask.from_kv_blocks`` takes those tables, so no ``mask_mod`` is evaluated over L². The
+  ``mask_mod`` reads a class table padded to a power of two (at least 64), so two plans with the same token count
+  give tensors of the same shapes and a compiled kernel is reused, not recompiled.
 """
 
 from __future__ import annotations
@@ -17,6 +24,13 @@ import torch
 
 from replan.attention.layout import TokenLayout
 from replan.attention.rules import RuleSet
+
+ROW_ALIGN = 8  # elements: the additive mask's row stride (what memory-efficient SDPA needs to use a bias in place)
+
+
+def aligned_width(length: int) -> int:
+    """The row stride of an additive mask over ``length`` keys: ``length`` rounded up to ``ROW_ALIGN``."""
+    return -(-length // ROW_ALIGN) * ROW_ALIGN
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,16 @@ class GroupMembership:
         return self.token_class.numel()
 
     def class_mask(self, rules: RuleSet) -> torch.Tensor:
-        """``(C, C)`` bool: may a token of class a attend to a token of class b under ``rules``."""
+        """``(C, C)`` bool: may a token of class a attend to a token of class b under ``rules`` (cached per rule
+        set: a schedule asks for each of its rule sets when it is checked and again when its mask is built)."""
+        cache = self.__dict__.setdefault("_class_masks", {})
+        if rules not in cache:
+            if len(cache) >= 4:
+                cache.clear()
+            cache[rules] = self._class_mask(rules)
+        return cache[rules]
+
+    def _class_mask(self, rules: RuleSet) -> torch.Tensor:
         r = rules.matrix(self.names).float()
         g = self.class_groups.float()
         allowed = (g @ r @ g.T) > 0
@@ -53,11 +76,44 @@ class GroupMembership:
         return allowed
 
 
-def dense_mask(membership: GroupMembership, rules: RuleSet, device=None) -> torch.Tensor:
-    """``(1, 1, L, L)`` boolean mask (True = may attend) for SDPA."""
+def _row_table(membership: GroupMembership, rules: RuleSet, device, on, off, width: int | None = None) -> torch.Tensor:
+    """``(C, width)``: row c is the mask row of every token of class c (``on`` where it may attend, else ``off``);
+    columns past L (``width`` > L) are filler that the caller's ``[:, :L]`` view leaves out."""
     allowed = membership.class_mask(rules).to(device)
     cls = membership.token_class.to(device)
-    return allowed[cls[:, None], cls[None, :]][None, None]
+    if width is not None and width > cls.numel():  # filler columns: class 0, never read
+        cls = torch.cat([cls, cls.new_zeros(width - cls.numel())])
+    table = torch.where(allowed, on, off)  # (C, C) in the mask dtype
+    return table.index_select(1, cls)
+
+
+def dense_mask(membership: GroupMembership, rules: RuleSet, device=None) -> torch.Tensor:
+    """``(1, 1, L, L)`` boolean mask (True = may attend), for previews, tests and SDPA."""
+    on = torch.tensor(True, device=device)
+    rows = _row_table(membership, rules, device, on, ~on)
+    return rows.index_select(0, membership.token_class.to(device))[None, None]
+
+
+def additive_mask(membership: GroupMembership, rules: RuleSet, dtype: torch.dtype = torch.float32,
+                  device=None) -> torch.Tensor:
+    """``(1, 1, L, L)`` additive mask in ``dtype``: 0 where a token may attend, -inf where it may not.
+
+    SDPA adds it to the scores as is (a boolean mask would be converted to this in every call). Every row allows at
+    least the token's own class (``class_mask`` checks it), so no row is all -inf. The rows are ``aligned_width(L)``
+    apart in memory (a view of an ``(L, aligned_width(L))`` buffer), so SDPA uses the mask without copying it.
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"an additive mask needs a floating dtype, got {dtype}")
+    length = membership.num_tokens
+    zero = torch.zeros((), dtype=dtype, device=device)
+    rows = _row_table(membership, rules, device, zero, torch.full((), float("-inf"), dtype=dtype, device=device),
+                      aligned_width(length))
+    return rows.index_select(0, membership.token_class.to(device))[:, :length][None, None]
+
+
+def class_capacity(num_classes: int, minimum: int = 64) -> int:
+    """The padded size of the BlockMask class table: the next power of two >= ``num_classes`` (at least 64)."""
+    return max(minimum, 1 << max(0, num_classes - 1).bit_length())
 
 
 def block_mask(membership: GroupMembership, rules: RuleSet, device=None, block_size: int = 128):
@@ -87,7 +143,12 @@ def block_mask(membership: GroupMembership, rules: RuleSet, device=None, block_s
         order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
         return counts[None, None].to(device), order[None, None].to(device)
 
-    allowed_dev, cls_dev = allowed_pad.to(device), cls_pad.to(device)
+    # mask_mod's class table is padded to a capacity that depends on the class count only through a power-of-two
+    # bucket, so plans with the same token count hand a compiled kernel tensors of the same shapes
+    capacity = class_capacity(num_classes + 1)
+    table = torch.zeros(capacity, capacity, dtype=torch.bool)
+    table[: num_classes + 1, : num_classes + 1] = allowed_pad
+    allowed_dev, cls_dev = table.to(device), cls_pad.to(device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed_dev[cls_dev[q_idx], cls_dev[kv_idx]]

@@ -1,16 +1,23 @@
-"""Region attention at run time: per-call state, the step callback, and processors that apply the current mask.
+"""Region attention at run time: masks as data, handed to persistent processors one transformer pass at a time.
 
-``RegionAttention`` holds one edit's layout and rule schedule. Installed on a transformer (``with
-region.installed(transformer): ...``) it wraps every attention processor so that each double- and single-stream
-block attends with the mask of the current step. The mask for a rule set is built once, on first use, and cached;
-``region.callback`` (a diffusers ``callback_on_step_end``) advances the step, so a rule switch changes the mask
-exactly once. With true CFG, the first transformer call of each step (the conditional pass, which every supported
-pipeline makes first) is masked and later calls of the step (the negative pass, which has no hint tokens) run
-unmasked, as official; a masked pass whose length is not the layout's raises instead of running unmasked.
+Three parts, split by where they run:
 
-For the FLUX families the wrapped processor is the stock diffusers one, so the attention math is diffusers' own (the
-Qwen editor supplies its own masked processor, since the stock one rejects masks); with no regions the editor
-installs nothing and is the stock pipeline.
+* ``RegionAttention`` — one edit's state (layout, rule schedule, the current step, the mask cache, a trace). It is
+  plain Python and never runs inside compiled code.
+* ``RegionProcessors`` — installed **once per transformer**: every attention processor is wrapped, and a forward
+  pre-hook on the transformer (outside any compiled block) asks the active ``RegionAttention`` for this pass's
+  ``RegionCall`` and adds it to the attention kwargs as ``region=...``. With no active edit the hook adds nothing
+  and every wrapper calls the stock processor: the transformer is the stock one, bit for bit.
+* the wrappers (``RegionAttnProcessor``, ``RegionSelfAttnProcessor``; the Qwen editor has its own) — they only read
+  the ``region`` kwarg they are given: ``None`` → the stock processor; a ``RegionCall`` → the stock math with its
+  mask (the FlexAttention backend when the mask is a ``BlockMask``). No state, no counters, no step numbers, so
+  ``compile_repeated_blocks`` compiles one graph per (shape, mask kind) and reuses it across steps, rule switches
+  and edits.
+
+Which passes are masked: ``callback_on_step_end`` advances the step; the hook counts transformer calls in the step.
+Without true CFG every pass is masked; with true CFG the first pass of each step (the conditional one, which every
+supported pipeline makes first) is masked and the later ones (the negative prompt, which has no hint tokens) run
+unmasked, as official. A masked pass whose length is not the layout's raises instead of running unmasked.
 """
 
 from __future__ import annotations
@@ -20,14 +27,30 @@ import inspect
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from replan.attention.layout import TokenLayout
-from replan.attention.masks import GroupMembership, block_mask, dense_mask
+from replan.attention.masks import GroupMembership, additive_mask, block_mask
 from replan.attention.rules import RuleSchedule, RuleSet
 
 BACKENDS = ("dense", "flex")
+
+
+@dataclass(frozen=True, eq=False)
+class RegionCall:
+    """What one masked transformer pass hands to every attention processor (the ``region`` attention kwarg).
+
+    ``mask``: the additive ``(1, 1, L, L)`` mask in the compute dtype (``kind == "dense"``, through the processor's
+    own backend, SDPA by default) or a FlexAttention ``BlockMask`` (``kind == "flex"``, through diffusers' flex
+    backend). Processors read it and nothing else; a compiled block guards on ``kind`` and on the mask's shape, never
+    on its values. Extensions add fields here (e.g. the query rows to compute, a context-parallel layout) and read
+    them in the processors — see docs/architecture.md.
+    """
+
+    mask: object
+    kind: str = "dense"
 
 
 class RegionAttention:
@@ -36,15 +59,16 @@ class RegionAttention:
     Args:
         layout: token layout with regions attached.
         schedule: rules per step.
-        backend: ``"dense"`` (boolean mask through SDPA; CPU and GPU) or ``"flex"`` (a ``BlockMask`` through
-            diffusers' FlexAttention backend; use on GPU, ideally with the transformer compiled).
+        backend: ``"dense"`` (an additive mask through SDPA; CPU and GPU) or ``"flex"`` (a ``BlockMask`` through
+            diffusers' FlexAttention backend; fast only when the transformer is compiled).
         block_size: FlexAttention block size.
         allow_unmasked: each step makes further transformer calls after the conditional one (a true-CFG negative
             pass); they run unmasked. Without it every call is masked.
+        dtype: the compute dtype of the dense mask (the transformer's).
     """
 
     def __init__(self, layout: TokenLayout, schedule: RuleSchedule, backend: str = "dense", block_size: int = 128,
-                 allow_unmasked: bool = False):
+                 allow_unmasked: bool = False, dtype: torch.dtype = torch.float32):
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         self.layout = layout
@@ -53,45 +77,58 @@ class RegionAttention:
         self.backend = backend
         self.block_size = block_size
         self.allow_unmasked = allow_unmasked
+        self.dtype = dtype
         self.step = 0
-        self.pass_in_step = 0  # transformer calls started in the current step (counted by a forward pre-hook)
-        self._cache: dict[tuple[RuleSet, str], object] = {}
+        self.passes_in_step = 0  # transformer calls started in the current step (counted by the pre-hook)
+        self._current: tuple[tuple[RuleSet, str], RegionCall] | None = None
         self.builds: Counter = Counter()  # rule-set label → number of mask builds
-        self.steps: dict[int, str] = {}  # step → label of the rules its masked passes used
-        self.unmasked_calls = 0
+        self.steps: dict[int, str] = {}  # step → label of the rules its masked pass used
+        self.masked_passes = 0
+        self.unmasked_passes = 0
         for rules in schedule.rule_sets:  # fail before any compute if a rule set strands a group
             self.membership.class_mask(rules)
 
-    # ------------------------------------------------------------------------------------------------ state
     @property
     def rules(self) -> RuleSet:
         return self.schedule.at(self.step)
 
     def set_step(self, step: int) -> None:
         self.step = step
-        self.pass_in_step = 0
+        self.passes_in_step = 0
 
     def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         """``callback_on_step_end``: step ``step`` is done, the next one uses the rules of ``step + 1``."""
         self.set_step(step + 1)
         return callback_kwargs
 
-    def mask(self, device: torch.device | str = "cpu"):
-        """The mask of the current step's rules on ``device``, built once per (rule set, device)."""
-        rules = self.rules
-        key = (rules, str(device))
-        if key not in self._cache:
-            if self.backend == "dense":
-                self._cache[key] = dense_mask(self.membership, rules, device)
-            else:
-                self._cache[key] = block_mask(self.membership, rules, device, self.block_size)
-            self.builds[rules.label] += 1
-        return self._cache[key]
+    def call(self, device: torch.device | str = "cpu") -> RegionCall:
+        """The ``RegionCall`` of the current step's rules on ``device``, built once per rule set.
 
-    def mask_for(self, seq_len: int, device):
-        """The mask for an attention call over ``seq_len`` tokens, or None in a negative (unmasked) pass."""
-        if self.allow_unmasked and self.pass_in_step > 1:
-            self.unmasked_calls += 1
+        Only the current rule set's mask is kept: a schedule moves forward, so the mask of a finished phase is
+        dropped before the next one is built (one L² mask alive at a time on the dense path)."""
+        key = (self.rules, str(device))
+        if self._current is None or self._current[0] != key:
+            self._current = None
+            if self.backend == "dense":
+                mask = additive_mask(self.membership, self.rules, self.dtype, device)
+            else:
+                mask = block_mask(self.membership, self.rules, device, self.block_size)
+            self._current = (key, RegionCall(mask, self.backend))
+            self.builds[self.rules.label] += 1
+        return self._current[1]
+
+    def release(self) -> None:
+        """Drop the current mask (called when the edit ends, raised or not): the trace (``builds``, ``steps``, pass
+        counts) stays readable on the edit's result, but an L² mask on the accelerator does not outlive the edit."""
+        self._current = None
+
+    def call_for_pass(self, seq_len: int, device) -> RegionCall | None:
+        """The ``RegionCall`` for the next transformer pass over ``seq_len`` tokens, or None for an unmasked pass.
+
+        Called once per transformer call by ``RegionProcessors``' pre-hook, outside compiled code."""
+        self.passes_in_step += 1
+        if self.allow_unmasked and self.passes_in_step > 1:
+            self.unmasked_passes += 1
             return None
         if seq_len != self.layout.total_len:
             raise RuntimeError(
@@ -100,63 +137,127 @@ class RegionAttention:
                 "the layout does not match this pipeline"
             )
         self.steps.setdefault(self.step, self.rules.label)
-        return self.mask(device)
+        self.masked_passes += 1
+        return self.call(device)
 
-    # ------------------------------------------------------------------------------------------------ install
-    @contextmanager
-    def installed(self, transformer, wrap: Callable | None = None):
-        """Wrap every attention processor of ``transformer`` for the duration of the block; restore afterwards.
 
-        ``wrap(processor, region)`` makes the wrapper; default ``wrap_processor`` (the FLUX families)."""
+class RegionProcessors:
+    """Region-aware processors installed once on a transformer, and the pre-hook that hands each pass its mask.
+
+    ``wrap(processor)`` makes the wrapper of one stock processor (default ``wrap_processor``, the FLUX families).
+    ``with processors.activate(region): pipe(...)`` runs one edit with ``region``; outside it the transformer
+    behaves as stock. ``remove()`` restores the stock processors.
+    """
+
+    def __init__(self, transformer, wrap: Callable | None = None):
+        self.transformer = transformer
+        params = inspect.signature(transformer.forward).parameters
+        self.kwarg = "joint_attention_kwargs" if "joint_attention_kwargs" in params else "attention_kwargs"
+        self.original = dict(transformer.attn_processors)
+        self.compiled = False  # set by RegionEditor.compile: one flag per transformer, shared by its editors
         wrap = wrap or wrap_processor
-        original = dict(transformer.attn_processors)
-        transformer.set_attn_processor({name: wrap(proc, self) for name, proc in original.items()})
-        hook = transformer.register_forward_pre_hook(self._count_pass)
+        transformer.set_attn_processor({name: wrap(proc) for name, proc in self.original.items()})
+        self.active: RegionAttention | None = None
+        self._hook = transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        transformer._replan_region_processors = self
+
+    @classmethod
+    def install(cls, transformer, wrap: Callable | None = None) -> RegionProcessors:
+        """The transformer's region processors: installed now, or the ones already installed (a second editor over
+        the same pipeline shares them instead of wrapping the wrappers)."""
+        existing = getattr(transformer, "_replan_region_processors", None)
+        return existing if existing is not None else cls(transformer, wrap)
+
+    @contextmanager
+    def activate(self, region: RegionAttention):
+        if self.active is not None:
+            raise RuntimeError("another region edit is running on this transformer")
+        self.active = region
         try:
-            yield self
+            yield region
         finally:
-            hook.remove()
-            transformer.set_attn_processor(original)
+            self.active = None
+            region.release()
 
-    def _count_pass(self, module, args) -> None:
-        self.pass_in_step += 1
+    def _pre_forward(self, module, args, kwargs):
+        region = self.active
+        if region is None:
+            return None
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        text = kwargs.get("encoder_hidden_states")
+        padding = kwargs.get("encoder_hidden_states_mask")
+        if padding is not None and not bool(padding.bool().all()):
+            raise RuntimeError("region attention does not support padded text batches (encoder_hidden_states_mask)")
+        seq_len = hidden.shape[1] + (0 if text is None else text.shape[1])
+        call = region.call_for_pass(seq_len, hidden.device)
+        if call is None:
+            return None
+        attention_kwargs = dict(kwargs.get(self.kwarg) or {})
+        attention_kwargs["region"] = call
+        return args, {**kwargs, self.kwarg: attention_kwargs}
+
+    def remove(self) -> None:
+        self._hook.remove()
+        self.transformer.set_attn_processor(self.original)
+        self.transformer._replan_region_processors = None
 
 
-def wrap_processor(base, region: RegionAttention):
+def wrap_processor(base):
     """The region wrapper matching a stock FLUX-family processor's call signature."""
     params = inspect.signature(base.__call__).parameters
     if "encoder_hidden_states" in params:
-        return RegionAttnProcessor(base, region)
-    return RegionSelfAttnProcessor(base, region)
+        return RegionAttnProcessor(base)
+    return RegionSelfAttnProcessor(base)
 
 
-class _RegionWrapper:
-    def __init__(self, base, region: RegionAttention):
+class RegionWrapper:
+    """Holds a stock processor and a copy of it on the FlexAttention backend.
+
+    ``_attention_backend`` and ``_parallel_config`` read and write through to the stock processor (and the copy), so
+    diffusers' ``set_attention_backend`` and context parallelism still reach it."""
+
+    def __init__(self, base):
         self.base = base
-        self.region = region
-        self.masked = base
-        if region.backend == "flex":  # same processor, FlexAttention backend (accepts a BlockMask as attn_mask)
-            self.masked = copy.copy(base)
-            self.masked._attention_backend = "flex"
+        self.flex = copy.copy(base)
+        self.flex._attention_backend = "flex"
+
+    @property
+    def _attention_backend(self):
+        return self.base._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.base._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return self.base._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.base._parallel_config = value
+        self.flex._parallel_config = value
+
+    def masked(self, region: RegionCall):
+        return self.flex if region.kind == "flex" else self.base
 
 
-class RegionAttnProcessor(_RegionWrapper):
+class RegionAttnProcessor(RegionWrapper):
     """Wraps a stock joint-attention processor (FLUX.1 ``FluxAttnProcessor`` in double- and single-stream blocks,
-    FLUX.2 ``Flux2AttnProcessor``) and hands it the region mask of the current step."""
+    FLUX.2 ``Flux2AttnProcessor``) and hands it the mask of the ``region`` kwarg."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        seq_len = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
-        mask = self.region.mask_for(seq_len, hidden_states.device)
-        if mask is None:
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 region: RegionCall | None = None):
+        if region is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        return self.masked(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+        return self.masked(region)(attn, hidden_states, encoder_hidden_states, region.mask, image_rotary_emb)
 
 
-class RegionSelfAttnProcessor(_RegionWrapper):
+class RegionSelfAttnProcessor(RegionWrapper):
     """Wraps a stock processor of an already-joined sequence (FLUX.2 ``Flux2ParallelSelfAttnProcessor``)."""
 
-    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-        mask = self.region.mask_for(hidden_states.shape[1], hidden_states.device)
-        if mask is None:
+    def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None,
+                 region: RegionCall | None = None):
+        if region is None:
             return self.base(attn, hidden_states, attention_mask, image_rotary_emb)
-        return self.masked(attn, hidden_states, mask, image_rotary_emb)
+        return self.masked(region)(attn, hidden_states, region.mask, image_rotary_emb)

@@ -1,9 +1,13 @@
 """The editor interface shared by every backbone: execute a ``RegionPlan`` on a stock diffusers pipeline.
 
-A family adapter (``flux_kontext.py``, …) supplies three things: the generation size for an input size, the
-prompt encoding (main prompt followed by one span per hint) and the pipeline call. Everything else — expanding
-boxes, the token layout, the rule schedule, installing region attention, resizing the output back — lives here,
-once, for all backbones.
+A family adapter (``flux_kontext.py``, …) supplies four things: the generation size for an input size, the text
+token counts (tokenizer only), the prompt encoding (main prompt followed by one span per hint) and the pipeline
+call. Everything else — expanding boxes, the memory check, the token layout, the rule schedule, region attention,
+compilation, resizing the output back — lives here, once, for all backbones.
+
+Region attention is installed once per editor (``RegionProcessors``): with no regions the processors call the stock
+ones and the edit is the stock pipeline's, bit for bit. ``compile()`` compiles the transformer's repeated blocks
+once; masks reach them as data, so later edits of the same shape reuse the compiled graphs.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +24,7 @@ from PIL import Image
 
 from replan.attention import (
     RegionAttention,
+    RegionProcessors,
     RuleSchedule,
     RuleSet,
     TokenLayout,
@@ -27,6 +32,7 @@ from replan.attention import (
     default_schedule,
     wrap_processor,
 )
+from replan.attention.budget import LayoutSize, default_budget, fit_hint_padding, parse_bytes
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
 from replan.hub import load_error
@@ -62,6 +68,19 @@ def resolve_dtype(dtype, device, default: str = "bfloat16") -> torch.dtype:
 
 
 @dataclass
+class TextTokens:
+    """Token counts of the text side from tokenisation alone (no model runs): what the memory check needs.
+
+    ``hint_lens`` are the spans as official (padded where the family pads); ``trimmed_hint_lens`` the spans without
+    padding (None when the hints carry none). ``prepared`` holds family data the encoder reuses (token ids, …)."""
+
+    main_len: int | None
+    hint_lens: list[int]
+    trimmed_hint_lens: list[int] | None = None
+    prepared: dict = field(default_factory=dict)
+
+
+@dataclass
 class EncodedPrompt:
     """The text side of one edit: pipeline keyword arguments plus the token spans the layout needs."""
 
@@ -80,17 +99,23 @@ class EditResult:
     layout: TokenLayout | None = None
     schedule: RuleSchedule | None = None
     attention: RegionAttention | None = None  # trace: steps → rules, mask builds, unmasked passes
-    extras: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # e.g. "hint_padding": why the hint padding was trimmed
 
 
 class RegionEditor:
-    """Base class. Subclasses implement ``generation_size``, ``encode`` and ``run_pipeline``."""
+    """Base class. Subclasses implement ``generation_size``, ``text_tokens``, ``encode`` and ``run_pipeline``.
+
+    ``attention_budget``: bytes the region attention of one edit may use (None: half the device's free memory at
+    edit time); an edit's own ``attention_budget`` overrides it."""
 
     patch = 16
 
     def __init__(self, pipe, spec: BackboneSpec):
         self.pipe = pipe
         self.spec = spec
+        self.attention_budget: int | None = None
+        self._warned_eager_flex = False
+        self.processors = RegionProcessors.install(pipe.transformer, self.wrap_processor)
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -128,11 +153,39 @@ class RegionEditor:
     def device(self) -> torch.device:
         return self.pipe._execution_device
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the transformer's blocks were compiled by this editor or another one over the same pipeline (the
+        flag lives on the transformer's one ``RegionProcessors``, so editors sharing it agree)."""
+        return self.processors.compiled
+
+    def compile(self, **compile_kwargs) -> None:
+        """Compile the transformer's repeated blocks (diffusers ``compile_repeated_blocks``, inductor by default).
+
+        The first edit of each shape (and mask kind: dense, flex, none) pays the compile; later edits of that shape —
+        other steps, the rule switch, other hints or boxes with the same token count — reuse the graphs. Graphs are
+        static (``dynamic=False``: one per shape, no dynamic-shape kernels) and whole (``fullgraph=True``); both can
+        be overridden. Dynamo's per-function recompile limit is raised to 64 (from 8), because every compiled block
+        class shares one function (``Module._call_impl``)."""
+        if self.compiled:
+            return
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.pipe.transformer.compile_repeated_blocks(**{"fullgraph": True, "dynamic": False, **compile_kwargs})
+        self.processors.compiled = True
+
     # ------------------------------------------------------------------------------------------------ family hooks
     def generation_size(self, image_size: Size) -> Size:
         raise NotImplementedError
 
-    def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> EncodedPrompt:
+    def text_tokens(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> TextTokens:
+        """Token counts of the main prompt and each hint, from the tokenizer alone."""
+        raise NotImplementedError
+
+    def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict,
+               tokens: TextTokens | None = None) -> EncodedPrompt:
+        """Run the text encoder(s); ``tokens`` (from ``text_tokens``) saves tokenising twice."""
         raise NotImplementedError
 
     def run_pipeline(self, image: Image.Image, gen_size: Size, encoded: EncodedPrompt, options: dict,
@@ -143,9 +196,9 @@ class RegionEditor:
         """Patch grids (h, w) of the reference copies in the joint sequence; default: one, same as the output."""
         return [(gen_size[1] // self.patch, gen_size[0] // self.patch)]
 
-    def wrap_processor(self, base, region: RegionAttention):
+    def wrap_processor(self, base):
         """The region wrapper for one of this family's stock attention processors."""
-        return wrap_processor(base, region)
+        return wrap_processor(base)
 
     def allows_unmasked_passes(self, options: dict) -> bool:
         """Whether some transformer passes legitimately lack the hint tokens (a true-CFG negative pass)."""
@@ -165,6 +218,7 @@ class RegionEditor:
         seed: int = 0,
         generator: torch.Generator | None = None,
         attention: str = "dense",
+        attention_budget: int | str | None = None,
         entry: str = "cli",
         delete_main_prompt: bool = False,
         symmetric_masking: bool = False,
@@ -177,7 +231,9 @@ class RegionEditor:
         ``steps``/``expand``/``switch`` default to the spec's values for ``entry``. ``rules``: a ``RuleSet`` or
         ``{"Query, Key": bool}`` dict (used for every step, or before the switch step when ``switch`` is given), or a
         full ``RuleSchedule``; ``None`` gives the official default schedule. ``options`` are family options
-        (e.g. ``guidance``). ``callback`` is a diffusers ``callback_on_step_end`` run after ours.
+        (e.g. ``guidance``, ``trim_hint_padding``: None = only when the padded layout is over the memory budget).
+        ``attention_budget``: bytes (or "8GB") for the region attention; default the editor's. ``callback`` is a
+        diffusers ``callback_on_step_end`` run after ours.
         """
         image = to_rgb(image)
         check_image_size(image.size)
@@ -196,19 +252,30 @@ class RegionEditor:
             logger.info("delete_main_prompt ignored: the plan has no regions (a plain global edit, as official)")
             delete_main_prompt = options["delete_main_prompt"] = False
 
+        if attention not in ("dense", "flex"):
+            raise ValueError(f"attention backend must be one of ('dense', 'flex'), got {attention!r}")
+        budget = parse_bytes(attention_budget)
+
         gen_size = self.generation_size(image.size)
-        encoded = self.encode(plan, image, gen_size, options)
         boxes = executed_boxes(plan, expand, expand_mode, image.size)
         for i, (x1, y1, x2, y2) in enumerate(boxes, 1):
             if x2 <= x1 or y2 <= y1:
                 logger.warning("region %d box %s lies outside the image: no patch sees its hint (as official)",
                                i, list(plan.regions[i - 1].bbox))
         result = EditResult(image=image, plan=plan, generation_size=gen_size, boxes=boxes)
-        if not plan.regions:  # plain global edit: the stock pipeline, nothing installed
+        if not plan.regions:  # plain global edit: the stock pipeline, nothing active
+            encoded = self.encode(plan, image, gen_size, options)
             out = self.run_pipeline(image, gen_size, encoded, options, callback)
             result.image = self._resize_back(out, image.size)
             return result
 
+        tokens = self.text_tokens(plan, image, gen_size, options)
+        options["trim_hint_padding"] = self._fit_budget(plan, tokens, gen_size, options, attention, budget, result)
+        if attention == "flex" and not self.compiled and not self._warned_eager_flex:
+            self._warned_eager_flex = True
+            logger.warning("--attention flex without --compile runs FlexAttention eagerly, which materialises the "
+                           "scores: slower than dense; add --compile (compile=True)")
+        encoded = self.encode(plan, image, gen_size, options, tokens)
         grid = (gen_size[1] // self.patch, gen_size[0] // self.patch)
         layout = TokenLayout.build(
             encoded.main_len, encoded.hint_lens, grid, self.reference_grids(gen_size), encoded.image_prompt, self.patch
@@ -224,13 +291,36 @@ class RegionEditor:
             symmetric_masking=symmetric_masking,
         )
         schedule = self._schedule(rules, len(plan.regions), steps, switch, defaults.switch, rule_options)
-        region = RegionAttention(layout, schedule, backend=attention,
+        region = RegionAttention(layout, schedule, backend=attention, dtype=self.pipe.transformer.dtype,
                                  allow_unmasked=self.allows_unmasked_passes(options))
-        with region.installed(self.pipe.transformer, self.wrap_processor):
+        with self.processors.activate(region):
             out = self.run_pipeline(image, gen_size, encoded, options, _chain(region.callback, callback))
         result.image = self._resize_back(out, image.size)
         result.layout, result.schedule, result.attention = layout, schedule, region
         return result
+
+    def _fit_budget(self, plan, tokens: TextTokens, gen_size: Size, options: dict, attention: str,
+                    budget: int | None, result: EditResult) -> bool:
+        """Check the plan's attention memory against the budget before any model work; returns whether the hints
+        run without their padding (asked for, or the only layout that fits — then recorded in ``result.extras``)."""
+        grids = [(gen_size[1] // self.patch, gen_size[0] // self.patch)] + self.reference_grids(gen_size)
+        main = tokens.main_len or 0
+        fixed = (1 + int(self.spec.has_image_prompt)) if main else 0  # Main (and Qwen's Image Prompt)
+        padded = LayoutSize(len(plan.regions), main, sum(tokens.hint_lens), sum(h * w for h, w in grids),
+                            fixed + 3 * len(plan.regions) + 2)
+        trimmed = None
+        if tokens.trimmed_hint_lens is not None:
+            trimmed = replace(padded, hints=sum(tokens.trimmed_hint_lens))
+        if budget is None:
+            budget = self.attention_budget if self.attention_budget is not None else default_budget(self.device)
+        transformer = self.pipe.transformer
+        trim, note = fit_hint_padding(
+            padded, trimmed, budget, options.get("trim_hint_padding"), backend=attention, dtype=transformer.dtype,
+            heads=int(getattr(transformer.config, "num_attention_heads", 1)), compiled=self.compiled)
+        if note:
+            logger.warning("hint padding %s", note)
+            result.extras["hint_padding"] = note
+        return trim
 
     @staticmethod
     def _schedule(rules, n, steps, switch, default_switch, rule_options) -> RuleSchedule:

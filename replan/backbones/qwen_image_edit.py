@@ -9,6 +9,12 @@ FireRed-Image-Edit (``QwenImageEditPlusPipeline``) — as region editors (replan
   visible to and from every group. Each hint is encoded with the same template and the same image, then its
   vision span (and for EditPlus the "Picture 1: " label before it) is removed: a hint span is its text plus the
   chat suffix, unpadded. The system prefix that is dropped is measured with the tokenizer actually loaded.
+* Encoding once: the processor runs once per edit (main prompt + image); the vision span is read from those ids, and
+  every hint's (and the negative prompt's) ids are the same system prefix + vision span followed by its own text,
+  tokenised alone (special tokens bound every segment, so this is the processor's tokenisation — tested). The vision
+  tower runs once; the main prompt, the negative prompt and the hints go through the language model as one padded
+  batch (in chunks), each still seeing the image, as official. A plan without regions is encoded by the pipeline's
+  own code, so it stays the stock pipeline bit for bit.
 * True CFG 4.0 with negative prompt " ": the negative pass has no hints and runs unmasked, as official; masks
   follow the text length of each pass. 2511's ``zero_cond_t`` comes with its transformer config.
 * ``delete_main_prompt``, as official: the text is the hint spans alone, so the image-prompt tokens (which live in the
@@ -32,7 +38,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from PIL import Image
 
-from replan.backbones.base import EncodedPrompt, RegionEditor
+from replan.attention import RegionCall, RegionWrapper
+from replan.backbones.base import EncodedPrompt, RegionEditor, TextTokens
 from replan.coords import Size
 from replan.hub import load_error
 from replan.plan import RegionPlan
@@ -43,31 +50,23 @@ EDIT_PLUS_IMAGE_LABEL = "Picture 1: "  # what QwenImageEditPlusPipeline writes b
 ROPE_POSITIONS = 4096  # QwenEmbedRope precomputes this many positions
 PIPELINE_AREA = 1024 * 1024  # the stock pipelines' generation / reference area
 _SIZE_LOCK = threading.RLock()  # the stock pipelines read their sizes from module globals (see ``max_area``)
+ENCODE_CHUNK_TOKENS = 8192  # padded tokens per text-encoder forward when hints are batched (bounds hidden states)
 
 
-class RegionQwenAttnProcessor:
-    """Joint attention of a Qwen-Image double-stream block with a region mask.
+class RegionQwenAttnProcessor(RegionWrapper):
+    """Joint attention of a Qwen-Image double-stream block with the mask of the ``region`` kwarg.
 
     Same computation as diffusers' ``QwenDoubleStreamAttnProcessor2_0`` (projections, QK-norm, complex RoPE applied
-    separately to image and text, ``[text, image]`` joint attention, output projections), plus the mask.
+    separately to image and text, ``[text, image]`` joint attention, output projections), plus the mask. Without a
+    ``region`` it is the stock processor.
     """
 
-    def __init__(self, base, region):
-        self.base = base
-        self.region = region
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
-                 attention_mask=None, image_rotary_emb=None):
-        mask = None
-        if encoder_hidden_states is not None:
-            seq_len = hidden_states.shape[1] + encoder_hidden_states.shape[1]
-            mask = self.region.mask_for(seq_len, hidden_states.device)
-        if mask is None:
+                 attention_mask=None, image_rotary_emb=None, region: RegionCall | None = None):
+        if region is None or encoder_hidden_states is None:
             return self.base(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
                              image_rotary_emb)
-        if encoder_hidden_states_mask is not None:  # text padding (batches): combine with the region mask
-            keep = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-            mask = mask & torch.cat([encoder_hidden_states_mask.bool(), keep], dim=1)[:, None, None, :]
+        mask = region.mask  # text padding is refused before the pass (RegionProcessors)
         head_dim = attn.inner_dim // attn.heads
 
         def heads(x):
@@ -92,7 +91,7 @@ class RegionQwenAttnProcessor:
             img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
             txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
             txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
-        backend = "flex" if self.region.backend == "flex" else self.base._attention_backend
+        backend = "flex" if region.kind == "flex" else self.base._attention_backend
         joint = dispatch_attention_fn(
             torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1), torch.cat([txt_v, img_v], dim=1),
             attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend,
@@ -147,8 +146,8 @@ class QwenImageEditor(RegionEditor):
                         len(self.prefix_ids), pipe.prompt_template_encode_start_idx, len(self.prefix_ids))
         pipe.prompt_template_encode_start_idx = len(self.prefix_ids)
 
-    def wrap_processor(self, base, region):
-        return RegionQwenAttnProcessor(base, region)
+    def wrap_processor(self, base):
+        return RegionQwenAttnProcessor(base)
 
     # ------------------------------------------------------------------------------------------------ sizes
     def _area(self, area: int) -> int:
@@ -191,57 +190,129 @@ class QwenImageEditor(RegionEditor):
                     setattr(module, key, value)
 
     # ------------------------------------------------------------------------------------------------ text
-    def _encode(self, text: str, prompt_image) -> tuple[torch.Tensor, list[int]]:
-        """Hidden states after the system prefix, and the token ids they belong to."""
-        embeds, _ = self.pipe._get_qwen_prompt_embeds(prompt=text, image=prompt_image, device=self.device)
-        user = (EDIT_PLUS_IMAGE_LABEL + "<|vision_start|><|image_pad|><|vision_end|>" if self.plus else "") + text
-        ids = self.pipe.processor(text=[self.pipe.prompt_template_encode.format(user)], images=prompt_image,
-                                  padding=True, return_tensors="pt")["input_ids"][0].tolist()
-        prefix = len(self.prefix_ids)
-        if ids[:prefix] != self.prefix_ids or len(ids) - prefix != embeds.shape[1]:
-            raise RuntimeError("the pipeline's prompt template no longer matches replan's token accounting; "
-                               "please report the diffusers version")
-        return embeds, ids[prefix:]
-
     def _vision_span(self, ids: list[int]) -> tuple[int, int]:
         if self.vision_start not in ids or self.vision_end not in ids:
             raise RuntimeError("no vision tokens in the encoded prompt: the text encoder did not see the image")
         return ids.index(self.vision_start), len(ids) - ids[::-1].index(self.vision_end)
 
-    def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> EncodedPrompt:
-        prompt_image = self.prompt_image(image)
+    def _user_text(self, text: str) -> str:
+        return (EDIT_PLUS_IMAGE_LABEL + "<|vision_start|><|image_pad|><|vision_end|>" if self.plus else "") + text
+
+    def text_tokens(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict) -> TextTokens:
+        """One processor pass (main prompt + image); every other prompt's ids are spliced from it.
+
+        ``prepared``: ``inputs`` (the processor's tensors), ``ids`` (main prompt, system prefix included),
+        ``head`` (system prefix + vision span: what precedes each hint), ``hints``/``negative`` (each one's own
+        tokens), ``image_prompt`` (the vision span after the prefix; None when the main prompt is deleted)."""
         delete_main = bool(options["delete_main_prompt"])
-        with torch.no_grad():
-            main, image_prompt, spans = None, None, []
-            if not delete_main:  # with delete_main_prompt the official code drops it, image-prompt tokens included
-                main, main_ids = self._encode(plan.prompt_text, prompt_image)
-                image_prompt = self._vision_span(main_ids)
-                spans.append(main)
-            hint_lens = []
-            for hint in plan.hints:
-                emb, ids = self._encode(hint, prompt_image)
-                _, cut = self._vision_span(ids)  # drop everything up to the image's last vision token
-                spans.append(emb[:, cut:])
-                hint_lens.append(emb.shape[1] - cut)
-            negative = options.get("negative_prompt", self.spec.negative_prompt)
-            neg_embeds = None
-            if self._cfg(options):
-                neg_embeds, _ = self.pipe._get_qwen_prompt_embeds(prompt=negative, image=prompt_image,
-                                                                  device=self.device)
-        prompt_embeds = torch.cat(spans, dim=1)
-        text_len = prompt_embeds.shape[1]
+        template, tok = self.pipe.prompt_template_encode, self.pipe.tokenizer
+        inputs = self.pipe.processor(text=[template.format(self._user_text(plan.prompt_text))],
+                                     images=self.prompt_image(image), padding=True, return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        prefix = len(self.prefix_ids)
+        if ids[:prefix] != self.prefix_ids:
+            raise RuntimeError("the pipeline's prompt template no longer matches replan's token accounting; "
+                               "please report the diffusers version")
+        start, end = self._vision_span(ids[prefix:])
+        suffix = template.split("{}", 1)[1]
+        hints = [tok(hint + suffix)["input_ids"] for hint in plan.hints]
+        negative = None
+        if self._cfg(options):
+            negative = tok(options.get("negative_prompt", self.spec.negative_prompt) + suffix)["input_ids"]
+        main_len = None if delete_main else len(ids) - prefix
+        text_len = (main_len or 0) + sum(len(h) for h in hints)
         grid = max(gen_size[0], gen_size[1]) // self.patch
         offset = grid // 2 if getattr(self.pipe.transformer.pos_embed, "scale_rope", True) else grid
         if text_len + offset > ROPE_POSITIONS:
             raise ValueError(f"the plan is {text_len} text tokens, more than Qwen-Image's rotary table allows "
                              f"({ROPE_POSITIONS - offset} at this size): shorten the hints or use fewer regions")
+        prepared = {"inputs": inputs, "ids": None if delete_main else ids, "head": ids[: prefix + end], "hints": hints,
+                    "negative": negative, "image_prompt": None if delete_main else (start, end)}
+        return TextTokens(main_len, [len(h) for h in hints], None, prepared)
+
+    def _encode_batch(self, inputs, sequences: list[list[int]], starts: list[int] | None = None) -> list[torch.Tensor]:
+        """Last hidden states of each token sequence (each holds the image's vision span once), the vision tower
+        run once, the language model on padded chunks of at most ``ENCODE_CHUNK_TOKENS`` tokens.
+
+        ``starts[i]``: the first position of sequence i to return (default 0). What is returned is copied out of the
+        padded chunk, so a chunk's states (vision span and padding included) are freed once the next chunk runs."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        encoder, device = self.pipe.text_encoder, self.device
+        grid_thw = inputs["image_grid_thw"].to(device)
+        features = encoder.get_image_features(inputs["pixel_values"].to(device), grid_thw)
+        image_features = tuple(features.pooler_output)
+        pad = self.pipe.tokenizer.pad_token_id or 0
+        starts = [0] * len(sequences) if starts is None else starts
+        out, chunk = [], []
+
+        def run(chunk):
+            width = max(len(s) for s, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (seq, _) in enumerate(chunk):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            hidden = encoder(
+                input_ids=ids.to(device), attention_mask=mask.to(device), image_grid_thw=grid_thw.repeat(len(chunk), 1),
+                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=image_features * len(chunk))},
+                output_hidden_states=True,
+            ).hidden_states[-1]
+            out.extend(hidden[row, start : len(seq)].clone() for row, (seq, start) in enumerate(chunk))
+
+        longest = max(len(s) for s in sequences)
+        for seq, start in zip(sequences, starts):
+            if chunk and (len(chunk) + 1) * longest > ENCODE_CHUNK_TOKENS:
+                run(chunk)
+                chunk = []
+            chunk.append((seq, start))
+        run(chunk)
+        return out
+
+    def encode(self, plan: RegionPlan, image: Image.Image, gen_size: Size, options: dict,
+               tokens: TextTokens | None = None) -> EncodedPrompt:
+        dtype = self.pipe.text_encoder.dtype
+        negative_text = options.get("negative_prompt", self.spec.negative_prompt)
+        if not plan.regions:  # the stock encoding, so a plain edit is the stock pipeline bit for bit
+            prompt_image = self.prompt_image(image)
+            with torch.no_grad():
+                main, _ = self.pipe._get_qwen_prompt_embeds(prompt=plan.prompt_text, image=prompt_image,
+                                                            device=self.device)
+                negative = None
+                if self._cfg(options):
+                    negative, _ = self.pipe._get_qwen_prompt_embeds(prompt=negative_text, image=prompt_image,
+                                                                    device=self.device)
+            return self._encoded(main, [], negative, None)
+        tokens = tokens or self.text_tokens(plan, image, gen_size, options)
+        t = tokens.prepared
+        head, prefix = t["head"], len(self.prefix_ids)
+        # with delete_main_prompt the official code drops the main prompt, image-prompt tokens included; the
+        # negative pass keeps its full prompt with the image
+        leading = ([t["ids"]] if t["ids"] is not None else []) + ([head + t["negative"]] if t["negative"] else [])
+        hints = [head + h for h in t["hints"]]
+        starts = [prefix] * len(leading) + [len(head)] * len(hints)  # after the system prefix / after the vision span
+        with torch.no_grad():
+            states = self._encode_batch(t["inputs"], leading + hints, starts)
+        states = [s.to(dtype) for s in states]
+        main = states.pop(0) if t["ids"] is not None else None
+        negative = states.pop(0) if t["negative"] else None
+        hints = states
+        return self._encoded(main, hints, negative, t["image_prompt"])
+
+    def _encoded(self, main: torch.Tensor | None, hints: list[torch.Tensor], negative: torch.Tensor | None,
+                 image_prompt) -> EncodedPrompt:
+        """Pipeline kwargs from (1, T, D) or (T, D) states; ``main`` None when the main prompt is deleted."""
+        main = None if main is None else main if main.dim() == 3 else main[None]
+        prompt_embeds = torch.cat(([main] if main is not None else []) + [h[None] for h in hints], dim=1)
         kwargs = {"prompt_embeds": prompt_embeds,
                   "prompt_embeds_mask": torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=self.device)}
-        if neg_embeds is not None:
-            kwargs["negative_prompt_embeds"] = neg_embeds
-            kwargs["negative_prompt_embeds_mask"] = torch.ones(neg_embeds.shape[:2], dtype=torch.long,
+        if negative is not None:
+            negative = negative if negative.dim() == 3 else negative[None]
+            kwargs["negative_prompt_embeds"] = negative
+            kwargs["negative_prompt_embeds_mask"] = torch.ones(negative.shape[:2], dtype=torch.long,
                                                                device=self.device)
-        return EncodedPrompt(kwargs, None if main is None else main.shape[1], hint_lens, image_prompt=image_prompt)
+        return EncodedPrompt(kwargs, None if main is None else main.shape[1], [h.shape[0] for h in hints],
+                             image_prompt=image_prompt)
 
     # ------------------------------------------------------------------------------------------------ call
     def _cfg(self, options: dict) -> bool:

@@ -59,6 +59,8 @@ class GenerateConfig:
     expand_mode: str | None = None  # None: the backbone's (ratio)
     switch: float | None = None  # None: the backbone's eval value (0.0)
     attention: str = "dense"  # dense | flex
+    compile: bool = False  # compile the editor's transformer blocks once (use with attention: flex on a GPU)
+    attention_budget: str | None = None  # e.g. "8GB"; None: half the device's free memory (larger plans fail)
     parse: str = "official"  # how planner replies are read: official (the paper rows) | lenient | strict
     rephrase_template: str | None = None  # rephrase: template file; None: REPHRASE_TEMPLATE
     device: str | None = None  # None: cuda (cuda:$LOCAL_RANK under torchrun) when available, else cpu
@@ -101,6 +103,11 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError(f"planner.box_frame must be processor or original, got {cfg.planner.box_frame!r}")
     if cfg.attention not in ("dense", "flex"):
         raise ValueError(f"attention must be dense or flex, got {cfg.attention!r}")
+    if not isinstance(cfg.compile, bool):
+        raise ValueError(f"compile must be true or false, got {cfg.compile!r}")
+    from replan.attention.budget import parse_bytes
+
+    parse_bytes(cfg.attention_budget)
     if cfg.expand_mode not in (None, "ratio", "pixels"):
         raise ValueError(f"expand_mode must be ratio or pixels, got {cfg.expand_mode!r}")
     parse_mode(cfg.parse)
@@ -185,6 +192,11 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
         "switch": entry.switch if cfg.switch is None else float(cfg.switch),
         "attention": cfg.attention, "dtype": cfg.dtype, "lora_path": cfg.lora_path,
     }
+    # only when set, so run folders made before these options existed keep matching
+    if cfg.compile:
+        settings["compile"] = True  # compiled kernels round differently
+    if cfg.attention_budget is not None:
+        settings["attention_budget"] = cfg.attention_budget  # may trim hint padding
     if cfg.method == "replan":
         settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt,
                                "vlm_lora_path": cfg.planner.vlm_lora_path, "max_new_tokens": cfg.planner.max_new_tokens,

@@ -171,6 +171,8 @@ class Generator:
         timings["total"] = time.perf_counter() - start
         record["edit"] = {"generation_size": list(out.edit.generation_size),
                           "boxes": [[float(v) for v in b] for b in out.edit.boxes]}
+        if "hint_padding" in out.edit.extras:  # trimmed to fit the attention budget
+            record["edit"]["hint_padding"] = out.edit.extras["hint_padding"]
         record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         files["plan.json"] = lambda p, plan=out.plan: p.write_text(plan_json(plan, record.get("planner_provenance")),
                                                                     encoding="utf-8")
@@ -224,8 +226,8 @@ def load_pipeline(cfg: GenerateConfig, device: str):
     pipe = RePlanPipeline.from_pretrained(
         backbone=cfg.backbone, planner=planner, model=cfg.model, vlm_ckpt_path=cfg.planner.ckpt,
         lora_path=cfg.lora_path, vlm_lora_path=cfg.planner.vlm_lora_path, device=device, torch_dtype=cfg.dtype,
-        stage_offload=cfg.stage_offload,
-        planner_kwargs=kwargs,
+        stage_offload=cfg.stage_offload, planner_kwargs=kwargs, compile=cfg.compile,
+        attention_budget=cfg.attention_budget,
     )
     if hasattr(pipe.editor.pipe, "set_progress_bar_config"):
         pipe.editor.pipe.set_progress_bar_config(disable=True)  # one bar per run, not one per sample

@@ -12,7 +12,8 @@
     ``mask`` and ``stream`` → 400 (unsupported); other OpenAI fields are ignored.
     → 200 ``{"created", "data": [{"b64_json", "revised_prompt": <global prompt>}], "output_format", "size",
     "replan": {"request_id", "model", "backbone", "plan": <RegionPlan dict>, "planned", "boxes", "seed", "steps",
-    "planner": <template name, sha256, box frame, planner frame> | null, "timings"}}``. Defaults: the backbone's CLI
+    "planner": <template name, sha256, box frame, planner frame> | null, "hint_padding": <why the hint padding was
+    trimmed to fit --attention_budget> | null, "timings"}}``. Defaults: the backbone's CLI
     entry point. A ``plan`` sent as text is read in original pixels.
 
 ``POST /v1/plans/execute`` (JSON, the GRPO reward):
@@ -25,15 +26,16 @@
     official server). The reply is parsed leniently; an unusable reply runs a global edit, as official. Defaults: the
     backbone's reward server entry point (FLUX.1 Kontext: switch 0, expand 0.15) or, without one, its eval entry
     point. → 200 ``{"image_base64": <PNG b64>, "plan": <RegionPlan dict>, "seconds", "boxes", "box_frame",
-    "planner_size", "request_id", "timings"}``.
+    "planner_size", "request_id", "hint_padding", "timings"}``.
 
 ``GET /health`` → ``{"status": "loading"|"ready"|"failed", "backbone", "queue": <edits waiting>, "busy",
 "max_queue", "planner", ["load_seconds"], ["error"]}`` with HTTP 200 / 503 (+ Retry-After) / 500.
 ``GET /v1/models`` → the OpenAI model list (one entry: the backbone).
 
 Errors, every endpoint: ``{"error": {"message", "type", "param", "code"}}``; 400 bad field, image or plan;
-413 image over ``--max_image_mb``; 429 + Retry-After when ``--queue`` edits already wait; 502 planner endpoint
-failure; 503 + Retry-After while loading; 500 loading or edit failure.
+413 image over ``--max_image_mb``, or a plan whose region attention would not fit ``--attention_budget`` (code
+``plan_too_large``; checked before any model work); 429 + Retry-After when ``--queue`` edits already wait; 502
+planner endpoint failure; 503 + Retry-After while loading; 500 loading or edit failure.
 """
 
 __all__ = ["EditService", "ServeConfig", "create_app", "load_pipeline"]
