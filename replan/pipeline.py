@@ -161,14 +161,25 @@ def check_load(backbone: str, model: str | None = None, planner: str | None = "l
         check_source(spec.model_id, "editor", "--model", "model_index.json")
     if lora_path:
         lora_source(lora_path)
+        require_peft("--lora_path")
     if planner == "local":
         if vlm_ckpt_path and vlm_ckpt_path != TINY:
             check_source(vlm_ckpt_path, "planner", "--vlm_ckpt_path", "config.json")
         if vlm_lora_path:
             check_source(vlm_lora_path, "planner LoRA", "--vlm_lora_path", "adapter_config.json")
+            require_peft("--vlm_lora_path")
     elif planner == "openai" and vlm_lora_path:
         raise ValueError("--vlm_lora_path applies to the local planner only; drop it with --planner openai")
     return spec, device
+
+
+def require_peft(flag: str) -> None:
+    """LoRA loading (diffusers' ``load_lora_weights``, peft's ``PeftModel``) needs peft: say so before loading."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{flag} needs the peft package, which is not installed: pip install -e '.[train]' "
+                         "(or pip install peft)") from None
 
 
 def no_regions_note(plan: RegionPlan) -> str | None:

@@ -138,6 +138,20 @@ def test_unwritable_output_dir_fails_before_any_model_loads(no_models, tmp_path,
     assert rc == 2 and len(err) == 1 and "is not writable" in err[0] and "--output_dir" in err[0]
 
 
+@pytest.mark.parametrize("flag", ["--vlm_lora_path", "--lora_path"])
+def test_a_lora_without_peft_fails_before_loading(no_models, monkeypatch, tmp_path, capsys, flag):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError, as when it is not installed
+    args = ["--image", DESK, "--instruction", "x", flag, str(adapter), "--output_dir", str(tmp_path / "out")]
+    rc = main(args + TINY)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"error: {flag} needs the peft package, which is not installed: pip install -e '.[train]' "
+                      "(or pip install peft)")
+
+
 def test_offline_hub_without_a_cached_copy_fails_before_loading(no_models, monkeypatch, capsys):
     from replan.hub import is_cached
 
