@@ -129,7 +129,7 @@ def test_loading_then_ready():
     config = tiny()
 
     def held_loader():
-        gate.wait(30)
+        gate.wait(600)  # released by the test; the timeout is a hang guard only
         return load_pipeline(config)
 
     with Server(config, loader=held_loader) as s:

@@ -112,7 +112,7 @@ class Standin:
                     outer.arrival.notify_all()
                     if outer.batch:
                         full = min((ticket // outer.batch + 1) * outer.batch, outer.expected or 1 << 30)
-                        outer.arrival.wait_for(lambda: outer.arrived >= full, timeout=60)
+                        outer.arrival.wait_for(lambda: outer.arrived >= full, timeout=300)
                 try:
                     time.sleep(outer.delay)
                     step = outer._pop(outer.script)
