@@ -33,7 +33,6 @@ from replan.backbones import names
 from replan.backbones.registry import BackboneSpec
 from replan.inputs import check_edit_options, check_instruction, check_number, read_image, read_plan
 from replan.io import OutputError, check_writable, write_outputs
-from replan.io import write_atomically as write_atomically  # noqa: F401  (kept for callers importing it from here)
 from replan.parse import PARSE_MODES, PlanParseError, parse_mode
 from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline, check_load, no_regions_note
 from replan.plan import RegionPlan

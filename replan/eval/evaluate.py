@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -57,7 +56,7 @@ from replan.eval.judges import (
 )
 from replan.eval.scoring import DIMENSIONS, format_table, sample_metrics, status_of, summarize
 from replan.images import to_rgb
-from replan.io import OutputError, check_writable, write_outputs
+from replan.io import OutputError, check_writable, write_file, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +73,14 @@ def cache_path(results_dir: str | Path, image_id: str, model: str) -> Path:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``replan.io.write_file``: staged beside ``path``, synced, renamed over it — a reader never sees half a file."""
+    def dump(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_file(path, dump)
 
 
 def read_cache(path: Path, model: str) -> dict[str, dict]:
