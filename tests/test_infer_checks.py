@@ -85,6 +85,7 @@ def _cases(f):
         (one + ["--guidance", "inf"], "--guidance must be a finite number"),
         (one + ["--switch_ratio", "-1"], "--switch_ratio must be >= 0"),
         (one + ["--planner_retries", "-1"], "--planner_retries must be >= 0"),
+        (one + ["--attention_budget", "lots"], "cannot read the attention budget 'lots'"),
         (one + ["--backbone", "tiny_qwen", "--guidance", "3"], "drop --guidance"),
         (one + ["--backbone", "tiny_qwen", "--steps", "1"], "needs --steps >= 2"),
         (one + ["--backbone", "sdxl"], "unknown backbone"),
