@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 import time
@@ -35,8 +34,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention_masks import environment, timed  # noqa: E402
 from backbones import REAL, random_weights  # noqa: E402
+from common import add_output_flags, environment, timed, write_report  # noqa: E402
 
 from replan.accel import AccelConfig, plan_token_mask  # noqa: E402
 from replan.accel.runtime import AccelRuntime  # noqa: E402
@@ -44,7 +43,6 @@ from replan.accel.session import accelerate  # noqa: E402
 from replan.attention import RegionAttention, RegionProcessors, TokenLayout, default_schedule  # noqa: E402
 from replan.plan import RegionPlan  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 28
 CPU_MODES = {
     "vanilla": None,
@@ -248,8 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024 real, 128 small)")
     ap.add_argument("--shares", default="0.1,0.25,0.5", help="edited shares of the plan rows")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--save", action="store_true", help="write to benchmark/results/ instead of outputs/benchmarks/")
-    ap.add_argument("--out", help="output stem (STEM.json, STEM.md)")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     shapes = args.shapes or ("real" if device.type == "cuda" else None)
@@ -261,12 +258,7 @@ def main(argv=None) -> int:
         rows = bench_shapes(device, shapes, size, args.repeats, [float(s) for s in args.shares.split(",")])
         name = f"accel-{device.type}" + ("" if shapes == "real" else f"-{shapes}")
     report = {"env": environment(device), "rows": rows}
-    stem = Path(args.out) if args.out else (Path(__file__).parent / "results" if args.save
-                                            else ROOT / "outputs" / "benchmarks") / name
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(name, args, report, to_markdown(report))
     return 0
 
 

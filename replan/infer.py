@@ -7,10 +7,14 @@
         --instruction "replace the used cup with a cactus"                           # offline smoke run
     python -m replan.infer --backbone flux                                           # interactive: read from stdin
 
-The output directory gets ``result.png``, ``plan.json``, ``planner_response.txt``, ``overlay.png`` and
-``config.json`` (everything needed to replay). Files appear only when the edit succeeded. Without ``--image`` the
-models are loaded once and pairs of lines (image path, instruction) are read from stdin until EOF; each edit goes to
-its own numbered sub-directory. Exit codes: 0 done, 2 bad input, 3 planner or endpoint failure.
+The output directory gets ``result.png``, ``plan.json``, ``overlay.png``, ``config.json`` (everything needed to
+replay) and, when the planner ran, ``planner_response.txt``. Files appear only when the edit succeeded, all at once
+(``replan.io``); if they cannot be written the result is saved to a fallback folder that the error names.
+
+Every argument, the image (decoded and size-checked), the plan file and the output directory are checked before any
+model loads. Without ``--image`` the models are loaded once and pairs of lines (image path, instruction) are read
+from stdin until EOF; each pair is checked before it is planned, and each edit goes to its own numbered
+sub-directory. Exit codes: 0 done, 2 bad input or unwritable output, 3 planner or endpoint failure.
 """
 
 from __future__ import annotations
@@ -18,22 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
-import shutil
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from replan import __version__
 from replan.accel.cli import accel_flags, accel_from_args, add_accel_arguments
-from replan.backbones import names, resolve
-from replan.backbones.base import lora_source
-from replan.images import load_image
+from replan.attention import parse_bytes
+from replan.backbones import names
+from replan.backbones.registry import BackboneSpec
+from replan.inputs import check_edit_options, check_instruction, check_number, read_image, read_plan
+from replan.io import OutputError, check_writable, write_outputs
 from replan.parse import PARSE_MODES, PlanParseError, parse_mode
-from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline
+from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline, check_load, no_regions_note
 from replan.plan import RegionPlan
-from replan.planner import BOX_FRAMES, KINDS, PlannerError, load_template
+from replan.planner import BOX_FRAMES, KINDS, PlannerError, load_planner, load_template
 
 logger = logging.getLogger("replan.infer")
 
@@ -108,26 +112,106 @@ def edit_options(args) -> dict:
     return options
 
 
-def check_accel(args) -> None:
+def check_accel(args, spec: BackboneSpec) -> None:
     """The acceleration settings against the backbone and step count, before any model loads."""
-    spec = resolve(args.backbone)
     config = accel_from_args(args).resolved(spec.name, spec.family, spec.steps if args.steps is None else args.steps)
     config.check_editor_options(compile=args.compile, attention=args.attention)
 
 
-def load_pipeline(args, device: str) -> RePlanPipeline:
+# ---------------------------------------------------------------------------------------------------- checks
+@dataclass
+class Job:
+    """One checked edit: the decoded image, the instruction and the plan to execute (None: plan it)."""
+
+    image_path: str
+    image: object
+    instruction: str | None
+    plan: RegionPlan | None
+
+
+@dataclass
+class Setup:
+    """What the checks resolved before anything loads."""
+
+    spec: BackboneSpec
+    device: str
+    template: str | None = None
+    planner: object = None  # an endpoint planner, built (it loads nothing) so that its settings are checked
+    job: Job | None = None  # the one-shot edit, checked
+
+
+def check_args(args) -> Setup:
+    """Check every argument that can be checked without a model; ``ValueError`` with one line otherwise."""
+    if args.plan and args.no_plan:
+        raise ValueError("--plan and --no_plan exclude each other: pick one")
+    if args.image is None and args.instruction:
+        raise ValueError("--instruction needs --image (omit both for the interactive mode)")
     needs_planner = not (args.plan or args.no_plan)
-    planner_kwargs = {}
-    if args.planner == "openai":
-        planner_kwargs = {k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v}
-        planner_kwargs["max_retries"] = args.planner_retries
-    if args.prompt_template:
-        planner_kwargs["template"] = load_template(args.prompt_template)
-        planner_kwargs["template_name"] = args.prompt_template
-    planner_kwargs["box_frame"] = args.box_frame
-    planner_kwargs["parse"] = parse_mode(args.parse, args.strict_plan)
+    spec, device = check_load(args.backbone, args.model, args.planner if needs_planner else None,
+                              args.vlm_ckpt_path, args.vlm_lora_path, args.device, args.dtype, args.lora_path)
+    check_edit_options(spec, steps=args.steps, guidance=args.guidance, expand=args.expand,
+                       switch=args.switch_ratio, seed=args.seed)
+    check_number("--planner_retries", args.planner_retries, minimum=0, integer=True)
+    parse_bytes(args.attention_budget)  # a size such as 8GB
+    check_accel(args, spec)
+    if args.offload != "none" and args.stage_offload != "none":
+        raise ValueError("--offload and --stage_offload exclude each other: use one of them")
+    setup = Setup(spec, device)
+    if needs_planner:
+        parse_mode(args.parse, args.strict_plan)
+        setup.template = load_template(args.prompt_template) if args.prompt_template else None
+        if args.planner == "openai":
+            setup.planner = load_planner("openai", args.vlm_ckpt_path, **planner_options(args, setup.template),
+                                         **endpoint(args))
+    if args.image is not None:
+        setup.job = read_job(args, setup, args.image, args.instruction)
+    check_writable(args.output_dir, "--output_dir")
+    return setup
+
+
+def planner_options(args, template: str | None) -> dict:
+    """How the planner prompts and reads: template (and its name), box frame, parse mode."""
+    options = {"box_frame": args.box_frame, "parse": parse_mode(args.parse, args.strict_plan)}
+    if template is not None:
+        options.update(template=template, template_name=args.prompt_template)
+    return options
+
+
+def endpoint(args) -> dict:
+    kwargs = {k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v}
+    kwargs["max_retries"] = args.planner_retries
+    return kwargs
+
+
+def read_job(args, setup: Setup, image_path: str, instruction: str | None) -> Job:
+    """Check one (image, instruction) pair: the image decodes and fits, and there is a plan or an instruction."""
+    image = read_image(image_path, getattr(setup.spec, "max_aspect", None))
+    plan = None
+    if args.plan:
+        plan = read_plan(args.plan, image.size)
+    elif args.no_plan:
+        instruction = check_instruction(instruction, "--no_plan needs --instruction: it becomes the global prompt")
+        plan = RegionPlan(instruction, image_size=image.size)
+    else:
+        instruction = check_instruction(instruction, "pass --instruction (or --plan to execute a saved plan)")
+    return Job(str(image_path), image, instruction, plan)
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def load_pipeline(args, device: str, setup: Setup | None = None) -> RePlanPipeline:
+    needs_planner = not (args.plan or args.no_plan)
+    planner, planner_kwargs = None, {}
+    if needs_planner:
+        planner = setup.planner if setup is not None and setup.planner is not None else args.planner
+        if isinstance(planner, str):
+            template = setup.template if setup is not None else None
+            if template is None and args.prompt_template:
+                template = load_template(args.prompt_template)
+            planner_kwargs = planner_options(args, template)
+            if planner == "openai":
+                planner_kwargs.update(endpoint(args))
     return RePlanPipeline.from_pretrained(
-        backbone=args.backbone, planner=args.planner if needs_planner else None, model=args.model,
+        backbone=args.backbone, planner=planner, model=args.model,
         vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path,
         device=device, torch_dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, planner_kwargs=planner_kwargs,
@@ -135,30 +219,20 @@ def load_pipeline(args, device: str) -> RePlanPipeline:
     )
 
 
-def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None, out_dir: Path) -> Path:
-    image = load_image(image_path)
-    plan = None
-    if args.plan:
-        plan = RegionPlan.load(args.plan)
-        if plan.image_size is None:
-            plan = RegionPlan(plan.global_prompt, plan.regions, plan.reasoning, image.size, plan.raw_text, plan.repairs)
-    elif args.no_plan:
-        if not instruction or not instruction.strip():
-            raise ValueError("--no_plan needs --instruction: it becomes the global prompt")
-        plan = RegionPlan(instruction.strip(), image_size=image.size)
-    elif not instruction or not instruction.strip():
-        raise ValueError("the instruction is empty: pass --instruction (or --plan to execute a saved plan)")
-    out = pipe(image, instruction, plan=plan, **edit_options(args))
-    if out.planner_text and not out.plan.regions and out.plan.repairs:
-        why = next((r for r in out.plan.repairs if "region" in r), out.plan.repairs[0])
-        print(f"warning: the planner reply gave no usable regions ({why}); ran a global edit", file=sys.stderr)
+def run_one(pipe: RePlanPipeline, args, job: Job, out_dir: Path) -> Path:
+    """Plan (unless the job has a plan) and edit; write the outputs. Returns the folder written."""
+    out = pipe(job.image, job.instruction, plan=job.plan, **edit_options(args))
+    note = no_regions_note(out.plan) if job.plan is None else None
+    if note:
+        print(f"warning: {note}; ran a global edit (use --parse strict to fail instead, or write a plan and "
+              "pass --plan)", file=sys.stderr)
     planner = pipe.planner.provenance() if out.planner_text and pipe.planner is not None else None
     config = {
-        "replan_version": __version__, "image": str(image_path), "instruction": instruction,
+        "replan_version": __version__, "image": job.image_path, "instruction": job.instruction,
         "backbone": pipe.editor.spec.name, "model": args.model or pipe.editor.spec.model_id,
-        "planner": None if plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
+        "planner": None if job.plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
         "lora_path": args.lora_path, "vlm_lora_path": args.vlm_lora_path,
-        "parse": None if plan is not None else parse_mode(args.parse, args.strict_plan),
+        "parse": None if job.plan is not None else parse_mode(args.parse, args.strict_plan),
         "plan_file": args.plan, "no_plan": args.no_plan, "planner_provenance": planner,
         "edit_options": {k: (v.describe() if k == "accel" else v) for k, v in edit_options(args).items()
                          if v is not None},
@@ -169,19 +243,17 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
                      "hint_padding": out.edit.extras.get("hint_padding", "as official")},
         "timings_s": {k: round(v, 3) for k, v in out.timings.items()},
         "accel": out.edit.extras.get("accel"),
-        "replay": replay_command(args, image_path, pipe.editor.spec.name,
+        "replay": replay_command(args, job.image_path, pipe.editor.spec.name,
                                  trimmed="hint_padding" in out.edit.extras),
     }
     files = {"result.png": lambda p: out.image.save(p)}
     if not args.only_save_image:
-        files.update({
-            "plan.json": lambda p: p.write_text(plan_json(out.plan, planner), encoding="utf-8"),
-            "planner_response.txt": lambda p: p.write_text(out.planner_text, encoding="utf-8"),
-            "overlay.png": lambda p: out.overlay.save(p),
-            "config.json": lambda p: p.write_text(json.dumps(config, indent=2, default=str) + "\n"),
-        })
-    write_atomically(out_dir, files)
-    return out_dir
+        files["plan.json"] = lambda p: p.write_text(plan_json(out.plan, planner), encoding="utf-8")
+        if job.plan is None:  # the planner ran: keep its reply verbatim
+            files["planner_response.txt"] = lambda p: p.write_text(out.planner_text, encoding="utf-8")
+        files["overlay.png"] = lambda p: out.overlay.save(p)
+        files["config.json"] = lambda p: p.write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return write_outputs(out_dir, files)
 
 
 def plan_json(plan: RegionPlan, planner: dict | None = None) -> str:
@@ -217,21 +289,13 @@ def replay_command(args, image_path, backbone: str, trimmed: bool = False) -> st
     return " ".join(shlex.quote(p) if p != "<this dir>/plan.json" else p for p in parts)
 
 
-def write_atomically(out_dir: Path, files: dict) -> None:
-    """Write every file into a temporary sibling directory first, then move them into ``out_dir``."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            os.replace(tmp / name, out_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def output_error(e: OutputError) -> str:
+    way_out = "copy it from there and rerun with a writable --output_dir" if e.saved_to else \
+        "rerun with a writable --output_dir (or set REPLAN_RESCUE_DIR)"
+    return f"error: {e}; {way_out}"
 
 
-def interactive(pipe: RePlanPipeline, args, out_root: Path) -> int:
+def interactive(pipe: RePlanPipeline, args, setup: Setup, out_root: Path) -> int:
     count, failures = 0, 0
     while True:
         print("image path (EOF to quit): ", end="", file=sys.stderr, flush=True)
@@ -248,11 +312,19 @@ def interactive(pipe: RePlanPipeline, args, out_root: Path) -> int:
         count += 1
         out_dir = out_root / f"{count:03d}_{Path(image_path).stem}"
         try:
-            run_one(pipe, args, image_path, instruction, out_dir)
+            job = read_job(args, setup, image_path, instruction)  # checked before anything is planned
+            run_one(pipe, args, job, out_dir)
             print(f"wrote {out_dir}", file=sys.stderr)
+        except OutputError as e:
+            failures += 1
+            print(output_error(e), file=sys.stderr)
         except (ValueError, PlannerError) as e:
             failures += 1
             print(f"error: {e}", file=sys.stderr)
+        except Exception as e:  # one failing edit must not end the session (and lose the loaded models)
+            failures += 1
+            logger.info("edit failed", exc_info=True)
+            print(f"error: the edit failed ({type(e).__name__}: {e}); -v shows the traceback", file=sys.stderr)
     print("", file=sys.stderr)
     return 0 if failures == 0 else 2
 
@@ -260,24 +332,18 @@ def interactive(pipe: RePlanPipeline, args, out_root: Path) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if args.plan and args.no_plan:
-        print("error: --plan and --no_plan exclude each other", file=sys.stderr)
-        return 2
-    if args.image is None and args.instruction:
-        print("error: --instruction needs --image (omit both for the interactive mode)", file=sys.stderr)
-        return 2
-    device = args.device or _default_device()
     try:
-        parse_mode(args.parse, args.strict_plan)
-        if args.lora_path:
-            lora_source(args.lora_path)  # a missing LoRA is reported before any model loads
-        check_accel(args)
-        pipe = load_pipeline(args, device)
+        setup = check_args(args)  # everything that can fail without a model fails here, in the first second
+        pipe = load_pipeline(args, setup.device, setup)
         if args.image is None:
-            return interactive(pipe, args, Path(args.output_dir))
-        out_dir = run_one(pipe, args, args.image, args.instruction, Path(args.output_dir))
+            return interactive(pipe, args, setup, Path(args.output_dir))
+        out_dir = run_one(pipe, args, setup.job, Path(args.output_dir))
+    except OutputError as e:
+        print(output_error(e), file=sys.stderr)
+        return 2
     except PlanParseError as e:
-        print(f"error: the planner reply does not follow the plan grammar: {e}", file=sys.stderr)
+        print(f"error: the planner reply does not follow the plan grammar: {e} (without --parse strict it falls "
+              "back to a global edit)", file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -287,12 +353,6 @@ def main(argv=None) -> int:
         return 3
     print(f"wrote {out_dir}", file=sys.stderr)
     return 0
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

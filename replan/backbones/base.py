@@ -38,6 +38,7 @@ from replan.attention import (
 from replan.attention.budget import LayoutSize, default_budget, fit_hint_padding, parse_bytes
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
+from replan.hub import load_error
 from replan.images import check_image_size, to_rgb
 from replan.plan import RegionPlan
 
@@ -138,7 +139,7 @@ class RegionEditor:
         try:
             pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **load_kwargs)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load {spec.pipeline_class} from {source!r}: {e}") from e
+            raise ValueError(load_error(spec.pipeline_class, source, e, "--model")) from e
         if lora_path:
             load_lora(pipe, lora_path)
         if offload == "model":
