@@ -6,11 +6,16 @@
     python -m replan.infer --backbone tiny --vlm_ckpt_path tiny --image assets/examples/desk.png \\
         --instruction "replace the used cup with a cactus"                           # offline smoke run
     python -m replan.infer --backbone flux                                           # interactive: read from stdin
+    torchrun --nproc_per_node 2 -m replan.infer --ulysses 2 --image photo.jpg --instruction "…"   # 2 GPUs per edit
 
 The output directory gets ``result.png``, ``plan.json``, ``planner_response.txt``, ``overlay.png`` and
 ``config.json`` (everything needed to replay). Files appear only when the edit succeeded. Without ``--image`` the
 models are loaded once and pairs of lines (image path, instruction) are read from stdin until EOF; each edit goes to
 its own numbered sub-directory. Exit codes: 0 done, 2 bad input, 3 planner or endpoint failure.
+
+With ``--ulysses N`` under ``torchrun --nproc_per_node N`` the N processes compute each edit together (Ulysses context
+parallelism, docs/parallel.md): rank 0 plans, reads stdin and writes the outputs; the result equals the one-GPU
+result up to float noise.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 from replan import __version__
 from replan.backbones import names
+from replan.distributed import shutdown
 from replan.images import load_image
 from replan.parse import PlanParseError
 from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline
@@ -70,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--switch_ratio", "--attention_switch_step", dest="switch_ratio", type=float, default=None,
                     help="rule switch: ratio <= 1 of the steps or an absolute step (default: the backbone's)")
     ap.add_argument("--attention", choices=["dense", "flex"], default="dense", help="mask implementation")
+    ap.add_argument("--ulysses", type=int, default=1,
+                    help="GPUs computing each edit together (Ulysses context parallelism); launch with "
+                         "'torchrun --nproc_per_node N -m replan.infer --ulysses N'")
+    ap.add_argument("--ulysses_anything", action="store_true",
+                    help="allow unequal Ulysses chunks (image sizes or head counts that do not divide by --ulysses)")
     ap.add_argument("--only_save_image", action="store_true", help="write result.png only")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
@@ -95,7 +106,21 @@ def load_pipeline(args, device: str) -> RePlanPipeline:
         backbone=args.backbone, planner=args.planner if needs_planner else None, model=args.model,
         vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, device=device, torch_dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, planner_kwargs=planner_kwargs,
+        parallel=parallel_config(args),
     )
+
+
+def parallel_config(args):
+    """The ``ContextParallelConfig`` for ``--ulysses N`` (None for one process)."""
+    if args.ulysses < 1:
+        raise ValueError(f"--ulysses must be >= 1, got {args.ulysses}")
+    if args.ulysses == 1:
+        if args.ulysses_anything:
+            raise ValueError("--ulysses_anything needs --ulysses N with N > 1")
+        return None
+    from diffusers import ContextParallelConfig
+
+    return ContextParallelConfig(ulysses_degree=args.ulysses, ulysses_anything=args.ulysses_anything)
 
 
 def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None, out_dir: Path) -> Path:
@@ -112,6 +137,8 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
     elif not instruction or not instruction.strip():
         raise ValueError("the instruction is empty: pass --instruction (or --plan to execute a saved plan)")
     out = pipe(image, instruction, plan=plan, strict_plan=args.strict_plan, **edit_options(args))
+    if not pipe.is_leader:  # another rank of the edit's group: the leader writes
+        return out_dir
     if out.planner_text and not out.plan.regions and out.plan.repairs:
         why = next((r for r in out.plan.repairs if "region" in r), out.plan.repairs[0])
         print(f"warning: the planner reply gave no usable regions ({why}); ran a global edit", file=sys.stderr)
@@ -121,6 +148,7 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
         "planner": None if plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
         "lora_path": args.lora_path, "plan_file": args.plan, "no_plan": args.no_plan,
         "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
+        "parallel": {"ulysses": args.ulysses, "ulysses_anything": args.ulysses_anything} if args.ulysses > 1 else None,
         "resolved": {"steps": pipe.editor.spec.steps if args.steps is None else args.steps,
                      "generation_size": out.edit.generation_size,
                      "boxes": [list(b) for b in out.edit.boxes]},
@@ -169,9 +197,17 @@ def write_atomically(out_dir: Path, files: dict) -> None:
 
 def interactive(pipe: RePlanPipeline, args, out_root: Path) -> int:
     count, failures = 0, 0
+    leader = pipe.is_leader
+
+    def ask(prompt: str) -> str:  # read on the leader; every rank of the edit gets the line
+        def read():
+            print(prompt, end="", file=sys.stderr, flush=True)
+            return sys.stdin.readline()
+
+        return pipe.group.on_leader(read)
+
     while True:
-        print("image path (EOF to quit): ", end="", file=sys.stderr, flush=True)
-        image_path = sys.stdin.readline()
+        image_path = ask("image path (EOF to quit): ")
         if not image_path:
             break
         image_path = image_path.strip()
@@ -179,17 +215,19 @@ def interactive(pipe: RePlanPipeline, args, out_root: Path) -> int:
             continue
         instruction = None
         if not args.plan:
-            print("instruction: ", end="", file=sys.stderr, flush=True)
-            instruction = sys.stdin.readline().strip()
+            instruction = ask("instruction: ").strip()
         count += 1
         out_dir = out_root / f"{count:03d}_{Path(image_path).stem}"
         try:
             run_one(pipe, args, image_path, instruction, out_dir)
-            print(f"wrote {out_dir}", file=sys.stderr)
+            if leader:
+                print(f"wrote {out_dir}", file=sys.stderr)
         except (ValueError, PlannerError) as e:
             failures += 1
-            print(f"error: {e}", file=sys.stderr)
-    print("", file=sys.stderr)
+            if leader:
+                print(f"error: {e}", file=sys.stderr)
+    if leader:
+        print("", file=sys.stderr)
     return 0 if failures == 0 else 2
 
 
@@ -202,23 +240,30 @@ def main(argv=None) -> int:
     if args.image is None and args.instruction:
         print("error: --instruction needs --image (omit both for the interactive mode)", file=sys.stderr)
         return 2
-    device = args.device or _default_device()
+    device = args.device or (None if args.ulysses > 1 else _default_device())
+    pipe = None
     try:
         pipe = load_pipeline(args, device)
         if args.image is None:
             return interactive(pipe, args, Path(args.output_dir))
         out_dir = run_one(pipe, args, args.image, args.instruction, Path(args.output_dir))
     except PlanParseError as e:
-        print(f"error: the planner reply does not follow the plan grammar: {e}", file=sys.stderr)
-        return 2
+        return _fail(pipe, f"the planner reply does not follow the plan grammar: {e}", 2)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(pipe, str(e), 2)
     except PlannerError as e:
-        print(f"error: planner failed: {e}", file=sys.stderr)
-        return 3
-    print(f"wrote {out_dir}", file=sys.stderr)
+        return _fail(pipe, f"planner failed: {e}", 3)
+    finally:
+        shutdown()
+    if pipe.is_leader:
+        print(f"wrote {out_dir}", file=sys.stderr)
     return 0
+
+
+def _fail(pipe, message: str, code: int) -> int:
+    if pipe is None or pipe.is_leader:  # every rank of an edit fails alike; one says so
+        print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def _default_device() -> str:

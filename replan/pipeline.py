@@ -7,6 +7,11 @@
 A ready plan skips the planner (``pipe(image, plan=plan)``); a pipeline built with ``planner=None`` never loads one.
 ``stage_offload="cpu"`` keeps only the active stage on the accelerator: the editor waits on the CPU while the
 planner runs, and the planner while the editor runs.
+
+Several GPUs per edit (``docs/parallel.md``): run the same script on every rank with ``torchrun`` and pass
+``parallel=ContextParallelConfig(ulysses_degree=N)``. Each edit is then computed by a group of N ranks; the group's
+leader (``pipe.is_leader``) loads the planner, plans, and sends the plan to the others; every rank returns the same
+output, and only the leader should write it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from PIL import Image
 
 from replan.backbones import load_editor
 from replan.backbones.base import EditResult, RegionEditor
+from replan.distributed import init_distributed
 from replan.images import to_rgb
 from replan.plan import RegionPlan, draw_overlay
 from replan.planner import Planner, load_planner
@@ -47,6 +53,18 @@ class RePlanPipeline:
         self.planner = planner
         self.stage_offload = stage_offload
         self.device = device
+        self.drives_followers = False  # the leader sends every call to ranks waiting in follow() (the server)
+        self.on_close: list = []  # functions close() runs (e.g. waiting for follower processes)
+
+    @property
+    def group(self):
+        """The ranks computing this pipeline's edits together (one process unless ``parallel`` was given)."""
+        return self.editor.group
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this rank plans and writes outputs (always True in one process)."""
+        return self.group.leader
 
     @classmethod
     def from_pretrained(
@@ -63,6 +81,7 @@ class RePlanPipeline:
         offload: str = "none",
         planner_kwargs: dict | None = None,
         editor_kwargs: dict | None = None,
+        parallel=None,
     ) -> RePlanPipeline:
         """Load an editor (``backbone`` name or alias; ``model`` overrides its weights) and a planner (``"local"``,
         ``"openai"``, a ``Planner`` instance, or ``None`` for plan-only-from-file use).
@@ -70,14 +89,25 @@ class RePlanPipeline:
         ``stage_offload="cpu"``: the inactive stage waits on the CPU. ``offload="model" | "sequential"``: diffusers'
         model / sequential CPU offload inside the editor (lower peak memory, slower); it manages the editor's
         devices itself, so it excludes ``stage_offload``.
+
+        ``parallel``: a diffusers ``ContextParallelConfig`` (e.g. ``ulysses_degree=2``) — call this on every rank
+        of a ``torchrun`` launch; ``device`` then defaults to ``cuda:$LOCAL_RANK``. Only each group's leader loads
+        the planner.
         """
         if offload != "none" and stage_offload != "none":
             raise ValueError("use either stage_offload or diffusers' offload for the editor, not both")
         if stage_offload not in STAGE_OFFLOAD:
             raise ValueError(f"stage_offload must be one of {STAGE_OFFLOAD}, got {stage_offload!r}")
+        if parallel is not None:
+            if offload != "none" or stage_offload != "none":
+                raise ValueError("context parallelism keeps the editor on each rank's GPU: drop --offload and "
+                                 "--stage_offload")
+            device = init_distributed(device)
         first_device = "cpu" if stage_offload == "cpu" else device
         editor = load_editor(backbone, model, device=device if offload != "none" else first_device,
                              torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs)
+        if parallel is not None and not editor.enable_parallel(parallel).leader:
+            planner = None  # the group's leader plans and sends the plan
         if isinstance(planner, str):
             planner = load_planner(planner, vlm_ckpt_path, lora_path=lora_path, device=first_device,
                                    torch_dtype=torch_dtype, **(planner_kwargs or {}))
@@ -100,6 +130,10 @@ class RePlanPipeline:
         _empty_cache(self.device)
 
     def plan(self, image: Image.Image, instruction: str, strict: bool = False) -> tuple[RegionPlan, str]:
+        """Plan on this rank, or — with several ranks per edit — on the group's leader, sent to every rank."""
+        return self.group.on_leader(self._plan_here, image, instruction, strict)
+
+    def _plan_here(self, image: Image.Image, instruction: str, strict: bool) -> tuple[RegionPlan, str]:
         if self.planner is None:
             raise ValueError("this pipeline has no planner: pass a plan, or load one with planner='local'/'openai'")
         self._activate("plan")
@@ -109,7 +143,36 @@ class RePlanPipeline:
     def __call__(self, image: Image.Image, instruction: str | None = None, *, plan: RegionPlan | None = None,
                  strict_plan: bool = False, **edit_options) -> RePlanOutput:
         """Plan (unless ``plan`` is given) and edit. ``edit_options`` go to the editor's ``edit`` (steps, seed,
-        guidance, expand, switch, rules, …)."""
+        guidance, expand, switch, rules, …). With several ranks per edit every rank calls this with the same
+        arguments — or, with ``drives_followers``, only the leader does and the others wait in ``follow()``."""
+        if self.drives_followers and self.group.distributed:
+            self.group.broadcast(("call", image, instruction, plan, strict_plan, edit_options))
+        return self._run(image, instruction, plan, strict_plan, edit_options)
+
+    def follow(self) -> None:
+        """On a rank other than the leader: run every call the leader makes (``drives_followers``) until
+        ``close()``. A call that fails is reported by the leader; this rank goes on with the next."""
+        while True:
+            message = self.group.broadcast(None)
+            if message is None or message[0] != "call":
+                return
+            _, image, instruction, plan, strict_plan, edit_options = message
+            try:
+                self._run(image, instruction, plan, strict_plan, edit_options)
+            except Exception as e:
+                logger.info("follower rank %d: the call failed as on the leader: %s: %s", self.group.rank,
+                            type(e).__name__, e)
+
+    def close(self) -> None:
+        """On the leader of a ``drives_followers`` pipeline: release the ranks waiting in ``follow()``; then run
+        ``on_close``."""
+        if self.drives_followers and self.group.distributed and self.is_leader:
+            self.group.broadcast(("stop",))
+            self.drives_followers = False
+        while self.on_close:
+            self.on_close.pop(0)()
+
+    def _run(self, image, instruction, plan, strict_plan, edit_options) -> RePlanOutput:
         image = to_rgb(image)
         timings = {}
         start = time.perf_counter()

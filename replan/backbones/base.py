@@ -30,8 +30,10 @@ from replan.attention import (
     wrap_processor,
 )
 from replan.attention.budget import LayoutSize, check_budget, default_budget, format_bytes, parse_bytes
+from replan.backbones.parallel import check_parallel_edit, enable_context_parallel
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
+from replan.distributed import EditGroup
 from replan.images import check_image_size, to_rgb
 from replan.plan import RegionPlan
 
@@ -107,7 +109,9 @@ class RegionEditor:
         self.attention_budget: int | None = None
         self.compiled = False
         self._warned_eager_flex = False
-        self.processors = RegionProcessors(pipe.transformer, self.wrap_processor)
+        self.processors = RegionProcessors(pipe.transformer, self.wrap_processor)  # before any enable_parallelism
+        self.parallel = None  # the diffusers ContextParallelConfig once enable_parallel() ran
+        self.group = EditGroup.single()  # the ranks computing this editor's edits together
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -154,6 +158,11 @@ class RegionEditor:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.pipe.transformer.compile_repeated_blocks(**{"fullgraph": True, **compile_kwargs})
         self.compiled = True
+
+    def enable_parallel(self, config) -> EditGroup:
+        """Compute each edit on several GPUs (diffusers context parallelism, ``ContextParallelConfig``); see
+        ``replan.backbones.parallel``. Every rank then calls ``edit`` with the same arguments."""
+        return enable_context_parallel(self, config)
 
     # ------------------------------------------------------------------------------------------------ family hooks
     def generation_size(self, image_size: Size) -> Size:
@@ -235,6 +244,7 @@ class RegionEditor:
         if attention not in ("dense", "flex"):
             raise ValueError(f"attention backend must be one of ('dense', 'flex'), got {attention!r}")
         budget = parse_bytes(attention_budget)
+        ulysses = check_parallel_edit(self, bool(plan.regions), attention)
 
         gen_size = self.generation_size(image.size)
         boxes = executed_boxes(plan, expand, expand_mode, image.size)
@@ -268,7 +278,7 @@ class RegionEditor:
         )
         schedule = self._schedule(rules, len(plan.regions), steps, switch, defaults.switch, rule_options)
         region = RegionAttention(layout, schedule, backend=attention, dtype=self.pipe.transformer.dtype,
-                                 allow_unmasked=self.allows_unmasked_passes(options))
+                                 allow_unmasked=self.allows_unmasked_passes(options), ulysses=ulysses)
         with self.processors.activate(region):
             out = self.run_pipeline(image, gen_size, encoded, options, _chain(region.callback, callback))
         result.image = self._resize_back(out, image.size)
