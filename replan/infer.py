@@ -75,7 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--expand_mode", choices=["ratio", "pixels"], default=None)
     ap.add_argument("--switch_ratio", "--attention_switch_step", dest="switch_ratio", type=float, default=None,
                     help="rule switch: ratio <= 1 of the steps or an absolute step (default: the backbone's)")
-    ap.add_argument("--attention", choices=["dense", "flex"], default="dense", help="mask implementation")
+    ap.add_argument("--attention", choices=["dense", "flex"], default="dense",
+                    help="mask implementation (flex: use with --compile)")
+    ap.add_argument("--compile", action="store_true", help="compile the editor's transformer blocks once (the first "
+                    "edit of each shape pays the compile, later edits reuse it)")
+    ap.add_argument("--attention_budget", default=None, help="memory the region attention of one edit may use, e.g. "
+                    "8GB (default: half the device's free memory); larger plans are refused before any model work")
+    ap.add_argument("--trim_hint_padding", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the hints without their padding tokens (default: only when the padded layout is over "
+                    "the attention budget)")
     ap.add_argument("--ulysses", type=int, default=1,
                     help="GPUs computing each edit together (Ulysses context parallelism); launch with "
                          "'torchrun --nproc_per_node N -m replan.infer --ulysses N'")
@@ -91,6 +99,8 @@ def edit_options(args) -> dict:
                "switch": args.switch_ratio, "attention": args.attention}
     if args.guidance is not None:
         options["guidance"] = args.guidance
+    if args.trim_hint_padding is not None:
+        options["trim_hint_padding"] = args.trim_hint_padding
     return options
 
 
@@ -106,6 +116,7 @@ def load_pipeline(args, device: str) -> RePlanPipeline:
         backbone=args.backbone, planner=args.planner if needs_planner else None, model=args.model,
         vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, device=device, torch_dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, planner_kwargs=planner_kwargs,
+        compile=args.compile, attention_budget=args.attention_budget,
         parallel=parallel_config(args),
     )
 
@@ -148,12 +159,15 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
         "planner": None if plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
         "lora_path": args.lora_path, "plan_file": args.plan, "no_plan": args.no_plan,
         "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
+        "compile": args.compile, "attention_budget": args.attention_budget,
         "parallel": {"ulysses": args.ulysses, "ulysses_anything": args.ulysses_anything} if args.ulysses > 1 else None,
         "resolved": {"steps": pipe.editor.spec.steps if args.steps is None else args.steps,
                      "generation_size": out.edit.generation_size,
-                     "boxes": [list(b) for b in out.edit.boxes]},
+                     "boxes": [list(b) for b in out.edit.boxes],
+                     "hint_padding": out.edit.extras.get("hint_padding", "as official")},
         "timings_s": {k: round(v, 3) for k, v in out.timings.items()},
-        "replay": replay_command(args, image_path, pipe.editor.spec.name),
+        "replay": replay_command(args, image_path, pipe.editor.spec.name,
+                                 trimmed="hint_padding" in out.edit.extras),
     }
     files = {"result.png": lambda p: out.image.save(p)}
     if not args.only_save_image:
@@ -167,17 +181,25 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
     return out_dir
 
 
-def replay_command(args, image_path, backbone: str) -> str:
-    """The command that re-runs this edit from the saved plan (same model, seed and every edit option)."""
+def replay_command(args, image_path, backbone: str, trimmed: bool = False) -> str:
+    """The command that re-runs this edit from the saved plan (same model, seed and every edit option; a hint padding
+    trimmed to fit the attention budget is trimmed again)."""
     parts = ["python", "-m", "replan.infer", "--image", str(image_path), "--plan", "<this dir>/plan.json",
              "--backbone", backbone]
     if args.model:
         parts += ["--model", args.model]
     flags = {"steps": "--steps", "seed": "--seed", "expand": "--expand", "expand_mode": "--expand_mode",
              "switch": "--switch_ratio", "attention": "--attention", "guidance": "--guidance"}
-    for key, value in edit_options(args).items():
-        if value is not None:
+    options = edit_options(args)
+    if trimmed:
+        options["trim_hint_padding"] = True
+    for key, value in options.items():
+        if key == "trim_hint_padding":
+            parts.append("--trim_hint_padding" if value else "--no-trim_hint_padding")
+        elif value is not None:
             parts += [flags[key], str(value)]
+    if args.compile:
+        parts.append("--compile")
     return " ".join(shlex.quote(p) if p != "<this dir>/plan.json" else p for p in parts)
 
 

@@ -6,7 +6,9 @@
 
 A ready plan skips the planner (``pipe(image, plan=plan)``); a pipeline built with ``planner=None`` never loads one.
 ``stage_offload="cpu"`` keeps only the active stage on the accelerator: the editor waits on the CPU while the
-planner runs, and the planner while the editor runs.
+planner runs, and the planner while the editor runs. ``compile=True`` compiles the editor's transformer blocks once
+(the first edit of each shape pays it); ``attention_budget`` caps the region-attention memory of an edit (default:
+half the device's free memory), refusing larger plans with ``AttentionBudgetError`` before any model work.
 
 Several GPUs per edit (``docs/parallel.md``): run the same script on every rank with ``torchrun`` and pass
 ``parallel=ContextParallelConfig(ulysses_degree=N)``. Each edit is then computed by a group of N ranks; the group's
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from replan.attention.budget import parse_bytes
 from replan.backbones import load_editor
 from replan.backbones.base import EditResult, RegionEditor
 from replan.distributed import init_distributed
@@ -81,6 +84,8 @@ class RePlanPipeline:
         offload: str = "none",
         planner_kwargs: dict | None = None,
         editor_kwargs: dict | None = None,
+        compile: bool = False,
+        attention_budget: int | str | None = None,
         parallel=None,
     ) -> RePlanPipeline:
         """Load an editor (``backbone`` name or alias; ``model`` overrides its weights) and a planner (``"local"``,
@@ -88,7 +93,9 @@ class RePlanPipeline:
 
         ``stage_offload="cpu"``: the inactive stage waits on the CPU. ``offload="model" | "sequential"``: diffusers'
         model / sequential CPU offload inside the editor (lower peak memory, slower); it manages the editor's
-        devices itself, so it excludes ``stage_offload``.
+        devices itself, so it excludes ``stage_offload``. ``compile``: compile the editor's repeated transformer
+        blocks (``RegionEditor.compile``). ``attention_budget``: bytes or a size such as ``"8GB"`` for the region
+        attention of one edit (None: half the device's free memory at edit time).
 
         ``parallel``: a diffusers ``ContextParallelConfig`` (e.g. ``ulysses_degree=2``) — call this on every rank
         of a ``torchrun`` launch; ``device`` then defaults to ``cuda:$LOCAL_RANK``. Only each group's leader loads
@@ -98,6 +105,7 @@ class RePlanPipeline:
             raise ValueError("use either stage_offload or diffusers' offload for the editor, not both")
         if stage_offload not in STAGE_OFFLOAD:
             raise ValueError(f"stage_offload must be one of {STAGE_OFFLOAD}, got {stage_offload!r}")
+        budget = parse_bytes(attention_budget)  # a bad size fails before any model loads
         if parallel is not None:
             if offload != "none" or stage_offload != "none":
                 raise ValueError("context parallelism keeps the editor on each rank's GPU: drop --offload and "
@@ -106,8 +114,11 @@ class RePlanPipeline:
         first_device = "cpu" if stage_offload == "cpu" else device
         editor = load_editor(backbone, model, device=device if offload != "none" else first_device,
                              torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs)
+        editor.attention_budget = budget
         if parallel is not None and not editor.enable_parallel(parallel).leader:
             planner = None  # the group's leader plans and sends the plan
+        if compile:  # after parallelism: the compiled blocks must see the split
+            editor.compile()
         if isinstance(planner, str):
             planner = load_planner(planner, vlm_ckpt_path, lora_path=lora_path, device=first_device,
                                    torch_dtype=torch_dtype, **(planner_kwargs or {}))

@@ -280,3 +280,14 @@ def test_layout_mismatch_raises_instead_of_silently_unmasking(distilled):
     assert distilled.processors.active is None
     assert {type(p.base).__name__ for p in distilled.pipe.transformer.attn_processors.values()} == {
         "Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"}
+
+
+def test_hints_batched_through_the_text_encoder_equal_one_pass_per_hint(distilled):
+    plan = RegionPlan("x", tuple(Region((10 + i, 10, 40 + i, 40), f"hint number {i}") for i in range(18)))
+    image = make_image()
+    encoded = distilled.encode(plan, image, distilled.generation_size(image.size),
+                               {"delete_main_prompt": False, "max_sequence_length": 16})
+    with torch.no_grad():
+        one_by_one = [distilled._encode(h, 16) for h in plan.hints]
+    torch.testing.assert_close(encoded.pipeline_kwargs["prompt_embeds"][:, 16:], torch.cat(one_by_one, dim=1),
+                               rtol=1e-5, atol=1e-6)

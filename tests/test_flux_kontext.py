@@ -256,3 +256,16 @@ def test_seeded_runs_are_deterministic(editor):
     b = editor.edit(make_image(), TWO_REGIONS, steps=2, seed=5, **FAST).image
     c = editor.edit(make_image(), TWO_REGIONS, steps=2, seed=6, **FAST).image
     assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_hints_batched_through_t5_equal_one_pass_per_hint(editor):
+    """20 hints (two T5 batches): the official per-hint states, up to float rounding."""
+    plan = RegionPlan("x", tuple(Region((10 + i, 10, 40 + i, 40), f"hint number {i}") for i in range(20)))
+    image = make_image()
+    encoded = editor.encode(plan, image, editor.generation_size(image.size),
+                            {"delete_main_prompt": False, "max_sequence_length": 16})
+    with torch.no_grad():
+        one_by_one = [editor.pipe._get_t5_prompt_embeds(prompt=h, max_sequence_length=16) for h in plan.hints]
+    assert encoded.hint_lens == [16] * 20
+    torch.testing.assert_close(encoded.pipeline_kwargs["prompt_embeds"][:, 16:], torch.cat(one_by_one, dim=1),
+                               rtol=1e-5, atol=1e-6)

@@ -150,3 +150,86 @@ def test_custom_schedule_modes():
 def test_schedule_validation():
     with pytest.raises(ValueError):
         RuleSchedule(((1, default_rules(1)),))
+
+
+def reference_rules(n, delete_main_prompt=False, bboxes_attend_to_each_other=True, has_image_prompt=False,
+                    symmetric_masking=False, split=False, noise_bg_attend_noise_bbox=True) -> set:
+    """replan-spec §2.5 spelled out pair by pair, over split names (the official enumeration)."""
+    hints = [f"Hint {i}" for i in range(1, n + 1)]
+    boxes = [f"BBox {i}" for i in range(1, n + 1)]
+    image = boxes + ["Background"]
+    comps = (["Main Prompt"] if not delete_main_prompt else []) + (["Image Prompt"] if has_image_prompt else [])
+    comps += hints + image
+    pairs = {(c, c) for c in comps}
+    if has_image_prompt:
+        pairs |= {("Image Prompt", c) for c in comps} | {(c, "Image Prompt") for c in comps}
+    if bboxes_attend_to_each_other:
+        pairs |= {(q, k) for q in image for k in image}
+    else:
+        pairs |= {(q, "Background") for q in image} | {("Background", k) for k in image}
+    if not delete_main_prompt:
+        pairs |= {(q, "Main Prompt") for q in image} | {("Main Prompt", q) for q in image}
+    for h, b in zip(hints, boxes):
+        pairs |= {(b, h)} | ({(h, b)} if symmetric_masking else {(h, k) for k in image})
+
+    def split_of(name):
+        if name == "Background":
+            return ["Noise Background", "Image Background"]
+        if name.startswith("BBox "):
+            return [f"Noise {name}", f"Image {name}"]
+        return [name]
+
+    out = {(qs, ks) for q, k in pairs for qs in split_of(q) for ks in split_of(k)}
+    if split and not noise_bg_attend_noise_bbox:
+        out -= {("Noise Background", f"Noise BBox {i}") for i in range(1, n + 1)}
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("options", [
+    {}, {"split": True, "noise_bg_attend_noise_bbox": False}, {"has_image_prompt": True},
+    {"delete_main_prompt": True, "symmetric_masking": True}, {"bboxes_attend_to_each_other": False, "split": True},
+    {"has_image_prompt": True, "split": True, "noise_bg_attend_noise_bbox": False, "symmetric_masking": True},
+])
+def test_wildcard_defaults_equal_the_pair_by_pair_rules(n, options):
+    rules = default_rules(n, **options)
+    names = (["Main Prompt"] if not options.get("delete_main_prompt") else []) + (
+        ["Image Prompt"] if options.get("has_image_prompt") else [])
+    names += [f"Hint {i}" for i in range(1, n + 1)] + [f"Noise BBox {i}" for i in range(1, n + 1)]
+    names += [f"Image BBox {i}" for i in range(1, n + 1)] + ["Noise Background", "Image Background"]
+    expected = reference_rules(n, **options)
+    want = [[(q, k) in expected for k in names] for q in names]
+    assert table(rules, names) == want
+
+
+def test_default_rules_stay_linear_in_the_region_count():
+    """A 1000-region plan's rules are O(regions) pairs (official: O(regions²), a minute and gigabytes)."""
+    schedule = default_schedule(1000, 28, 0.05)
+    assert all(len(r.allowed) < 12 * 1000 for r in schedule.rule_sets)
+    names = ["Hint 7", "Noise BBox 7", "Noise BBox 900", "Image BBox 3", "Noise Background", "Image Background"]
+    after, before = schedule.at(27), schedule.at(0)
+    assert table(after, names) == [
+        [Y, Y, Y, Y, Y, Y],
+        [Y, Y, Y, Y, Y, Y],
+        [N, Y, Y, Y, Y, Y],  # box 900 does not see hint 7
+        [N, Y, Y, Y, Y, Y],
+        [N, Y, Y, Y, Y, Y],
+        [N, Y, Y, Y, Y, Y],
+    ]
+    assert table(before, names)[4] == [N, N, N, Y, Y, Y]  # noise isolation: N.BG sees no noise box
+
+
+def test_wildcard_names_in_custom_rules():
+    assert canonical_name("N.B*") == "Noise BBox *" and canonical_name("hint *") == "Hint *"
+    r = RuleSet.from_dict({"BBox *, BBox *": True, "H*, H*": True, "Main, Main": True, "B2, H2": True})
+    assert r.allows("BBox 3", "BBox 1") and r.allows("Hint 4", "Hint 1") and r.allows("BBox 2", "Hint 2")
+    assert not r.allows("BBox 1", "Hint 2")
+    names = ["Main Prompt", "Hint 1", "Hint 2", "Noise BBox 1", "Image BBox 2", "Noise Background"]
+    assert table(r, names) == [
+        [Y, N, N, N, N, N],
+        [N, Y, Y, N, N, N],
+        [N, Y, Y, N, N, N],
+        [N, N, N, Y, Y, N],
+        [N, N, Y, Y, Y, N],
+        [N, N, N, N, N, N],
+    ]

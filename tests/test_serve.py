@@ -243,6 +243,25 @@ def test_413_over_the_limit(server):
     assert_error(execute(server, response="x", image_base64=base64.b64encode(small).decode()), 413, "image_base64")
 
 
+def test_413_for_a_plan_over_the_attention_budget():
+    """A 1000-region plan is refused before any model work, with the CLI's one-line message; the replica serves on."""
+    size = Image.open(DESK).size
+    regions = [{"bbox": [5 + i % 50 * 10, 5 + i // 50 * 10, 15 + i % 50 * 10, 15 + i // 50 * 10], "hint": f"a cat {i}"}
+               for i in range(1000)]
+    assert all(r["bbox"][2] <= size[0] and r["bbox"][3] <= size[1] for r in regions)
+    plan = json.dumps({"global_prompt": "x", "regions": regions})
+    with Server(tiny(attention_budget="64MB")) as s:
+        s.wait_for("ready")
+        error = assert_error(edit(s, {"plan": plan}), 413, "plan", "the plan's 1000 region(s) make a")
+        assert error["code"] == "plan_too_large" and "--attention_budget" in error["message"]
+        body = {"image_base64": base64.b64encode(DESK.read_bytes()).decode(), "instruction": "x", "steps": 1,
+                "response": "<think>t</think><gen_image>x</gen_image><region>" + json.dumps(
+                    [{"bbox_2d": r["bbox"], "hint": r["hint"]} for r in regions]) + "</region>"}
+        assert s.http.post("/v1/plans/execute", json=body).status_code == 413
+        assert edit(s, {"plan": DESK_PLAN.to_json()}).status_code == 200
+        assert s.http.get("/health").json()["status"] == "ready"
+
+
 def test_429_when_the_queue_is_full(server):
     """queue=1: one edit runs (slow: many steps), one waits, the third is turned away at once."""
     with ThreadPoolExecutor(2) as pool:

@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--api_key")
     ap.add_argument("--no_planner", action="store_true", help="start without a planner (draw plans by hand)")
     ap.add_argument("--stage_offload", choices=["none", "cpu"], default="none")
+    ap.add_argument("--attention", choices=["dense", "flex"], default="dense",
+                    help="mask implementation (flex: use with --compile)")
+    ap.add_argument("--compile", action="store_true", help="compile the editor's transformer blocks once")
+    ap.add_argument("--attention_budget", default=None, help="memory the region attention of one run may use, e.g. "
+                    "8GB (default: half the device's free memory); larger plans are refused with a message")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--server_name", default="127.0.0.1")
@@ -48,7 +53,8 @@ def load(args):
         backbone=args.backbone, planner=None if args.no_planner else args.planner, model=args.model,
         vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), torch_dtype=args.dtype,
-        stage_offload=args.stage_offload, planner_kwargs=planner_kwargs,
+        stage_offload=args.stage_offload, planner_kwargs=planner_kwargs, compile=args.compile,
+        attention_budget=args.attention_budget,
     )
 
 
@@ -65,7 +71,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    build_app(pipe).launch(server_name=args.server_name, server_port=args.server_port, share=args.share)
+    app = build_app(pipe, attention=args.attention)
+    app.launch(server_name=args.server_name, server_port=args.server_port, share=args.share)
     return 0
 
 

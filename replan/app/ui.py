@@ -41,8 +41,10 @@ def _examples() -> dict[str, tuple[Path, str]]:
     return out
 
 
-def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
-    """The demo for a loaded ``RePlanPipeline`` (its planner may be None: then AI Plan explains how to get one)."""
+def build_app(pipe, title: str = "RePlan", attention: str = "dense") -> gr.Blocks:
+    """The demo for a loaded ``RePlanPipeline`` (its planner may be None: then AI Plan explains how to get one).
+
+    ``attention``: the mask implementation of every run (``dense`` or ``flex``)."""
     spec = pipe.editor.spec
     has_imgp = spec.has_image_prompt
     runs: list[dict] = []  # what each Run submitted, newest last (exposed as demo.replan_runs)
@@ -157,7 +159,7 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
             plan, notes = annotator_to_plan(value, global_prompt)
             image = as_image(value["image"])
             steps = int(steps)
-            options = dict(steps=steps, seed=int(seed), expand=float(expand), entry="app")
+            options = dict(steps=steps, seed=int(seed), expand=float(expand), entry="app", attention=attention)
             if plan.regions:
                 options.update(rules=matrix_to_rules(matrix, len(plan.regions), has_imgp), switch=float(switch))
             if guidance is not None and spec.guidance is not None:
@@ -175,6 +177,8 @@ def build_app(pipe, title: str = "RePlan") -> gr.Blocks:
                      "rules": sorted(f"{q}, {k}" for q, k in options["rules"].allowed) if plan.regions else None}
         runs.append(submitted)
         kind = f"{len(plan.regions)} region(s)" if plan.regions else "global prompt only (stock backbone)"
+        if "hint_padding" in out.edit.extras:
+            notes = [*notes, f"Hint padding {out.edit.extras['hint_padding']}."]
         note = f"Done in {out.timings['edit']:.1f}s — {kind}." + "".join(f"\n- {n}" for n in notes)
         return out.image, draw_overlay(image, out.plan, boxes=out.edit.boxes), submitted, note
 

@@ -61,7 +61,16 @@ class GroupMembership:
         return GroupMembership(self.names, token_class, class_groups, padded=True)
 
     def class_mask(self, rules: RuleSet) -> torch.Tensor:
-        """``(C, C)`` bool: may a token of class a attend to a token of class b under ``rules``."""
+        """``(C, C)`` bool: may a token of class a attend to a token of class b under ``rules`` (cached per rule
+        set: a schedule asks for each of its rule sets when it is checked and again when its mask is built)."""
+        cache = self.__dict__.setdefault("_class_masks", {})
+        if rules not in cache:
+            if len(cache) >= 4:
+                cache.clear()
+            cache[rules] = self._class_mask(rules)
+        return cache[rules]
+
+    def _class_mask(self, rules: RuleSet) -> torch.Tensor:
         r = rules.matrix(self.names).float()
         g = self.class_groups[:-1] if self.padded else self.class_groups
         g = g.float()

@@ -149,14 +149,16 @@ class RegionEditor:
         """Compile the transformer's repeated blocks (diffusers ``compile_repeated_blocks``, inductor by default).
 
         The first edit of each shape (and mask kind: dense, flex, none) pays the compile; later edits of that shape —
-        other steps, the rule switch, other hints or boxes with the same token count — reuse the graphs. Dynamo's
-        per-function recompile limit is raised to 64 (from 8): every compiled block class shares one function."""
+        other steps, the rule switch, other hints or boxes with the same token count — reuse the graphs. Graphs are
+        static (``dynamic=False``: one per shape, no dynamic-shape kernels) and whole (``fullgraph=True``); both can
+        be overridden. Dynamo's per-function recompile limit is raised to 64 (from 8), because every compiled block
+        class shares one function (``Module._call_impl``)."""
         if self.compiled:
             return
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.pipe.transformer.compile_repeated_blocks(**{"fullgraph": True, **compile_kwargs})
+        self.pipe.transformer.compile_repeated_blocks(**{"fullgraph": True, "dynamic": False, **compile_kwargs})
         self.compiled = True
 
     def enable_parallel(self, config) -> EditGroup:

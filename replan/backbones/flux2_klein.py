@@ -10,7 +10,8 @@
 * Text: the Qwen3 chat-template prompt, hidden states of ``text_encoder_out_layers`` stacked (``pipe.encode_prompt``),
   padded to ``max_sequence_length`` (512). Each hint goes through the same path and is a padded span of its own;
   ``trim_hint_padding=True`` keeps only each hint's real tokens (the same states: the LM is causal and the padding
-  is masked); by default (None) only when the padded layout would not fit the attention memory budget.
+  is masked); by default (None) only when the padded layout would not fit the attention memory budget. Hints go
+  through the text encoder a few at a time (the same padded inputs, float-rounding-level differences).
   ``prompt_embeds = cat([main, hint 1, …])``; the pipeline builds the text position ids for the whole
   concatenation (L axis 0…T-1), as it does for any prompt.
 * Guidance: a base checkpoint (``pipe.config.is_distilled`` False) uses true CFG with the pipeline's empty negative
@@ -45,6 +46,7 @@ DEFAULT_OUT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's default: Qwen3-4B / Qwe
 PIPELINE_MAX_AREA = 1024 * 1024  # Flux2KleinPipeline resizes larger references down to this area
 BASE_CFG = 4.0  # Flux2KleinPipeline's default guidance_scale
 MIN_SIDE, MAX_ASPECT = 64, 8  # Flux2ImageProcessor.check_image_input
+HINT_BATCH = 16  # hints per text-encoder forward (each padded to max_sequence_length, as official)
 
 
 def klein_reference_size(image_size: Size, max_area: int = PIPELINE_MAX_AREA, multiple: int = 16) -> Size:
@@ -128,7 +130,7 @@ class Flux2KleinEditor(RegionEditor):
         return image if image.size == (w, h) else self.pipe.image_processor.resize(image, h, w)
 
     # ------------------------------------------------------------------------------------------------ text
-    def _encode(self, text: str, max_len: int) -> torch.Tensor:
+    def _encode(self, text: str | list[str], max_len: int) -> torch.Tensor:
         embeds, _ = self.pipe.encode_prompt(
             prompt=text, device=self.device, max_sequence_length=max_len,
             text_encoder_out_layers=self.text_encoder_out_layers,
@@ -159,12 +161,14 @@ class Flux2KleinEditor(RegionEditor):
             main = self._encode(plan.prompt_text, max_len)
             spans = [] if options["delete_main_prompt"] else [main]
             hint_lens = []
-            for hint in plan.hints:
-                emb = self._encode(hint, max_len)
-                if trim:
-                    emb = emb[:, self._real_tokens(hint, max_len).to(emb.device)]
-                spans.append(emb)
-                hint_lens.append(emb.shape[1])
+            hints = plan.hints
+            for start in range(0, len(hints), HINT_BATCH):  # the same padded inputs, a few hints per forward
+                batch = self._encode(list(hints[start : start + HINT_BATCH]), max_len)
+                for hint, emb in zip(hints[start : start + HINT_BATCH], batch):
+                    if trim:
+                        emb = emb[self._real_tokens(hint, max_len).to(emb.device)]
+                    spans.append(emb[None])
+                    hint_lens.append(emb.shape[0])
             kwargs = {"prompt_embeds": torch.cat(spans, dim=1)}
             negative = options.get("negative_prompt")
             if guidance > 1 and negative:  # otherwise the pipeline encodes its own empty negative prompt

@@ -5,7 +5,8 @@
 * Text: main prompt → CLIP pooled vector + T5 sequence (padded to ``max_sequence_length``, 512); each hint → T5
   only, padded the same way (official), so every hint is a 512-token span. ``trim_hint_padding=True`` keeps only
   each hint's real tokens (+ EOS) — the same states, a much shorter sequence; by default (None) the padding is
-  trimmed only when the padded layout would not fit the attention memory budget.
+  trimmed only when the padded layout would not fit the attention memory budget. Hints go through T5 a few at a
+  time (the same padded inputs; a batch changes results only at float rounding level).
 * Guidance 2.5 (embedded), 28 steps. Optional true CFG (``true_cfg`` > 1 with a ``negative_prompt``): the negative
   pass has no hint tokens and runs unmasked.
 
@@ -25,6 +26,7 @@ from replan.backbones.base import EncodedPrompt, RegionEditor, TextTokens
 from replan.coords import Size, resolution_for_area
 from replan.plan import RegionPlan
 
+HINT_BATCH = 16  # hints per T5 forward (each padded to max_sequence_length, as official)
 PREFERRED_KONTEXT_RESOLUTIONS = [
     (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
     (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
@@ -83,12 +85,14 @@ class FluxKontextEditor(RegionEditor):
             )
             spans = [] if options["delete_main_prompt"] else [main]
             hint_lens = []
-            for i, hint in enumerate(plan.hints):
-                emb = pipe._get_t5_prompt_embeds(prompt=hint, max_sequence_length=max_len, device=device)
-                if trim:
-                    emb = emb[:, : tokens.trimmed_hint_lens[i]]
-                spans.append(emb)
-                hint_lens.append(emb.shape[1])
+            hints = plan.hints
+            for start in range(0, len(hints), HINT_BATCH):  # the same padded inputs, a few hints per T5 forward
+                batch = pipe._get_t5_prompt_embeds(prompt=list(hints[start : start + HINT_BATCH]),
+                                                   max_sequence_length=max_len, device=device)
+                for row, emb in enumerate(batch, start):
+                    emb = emb[None, : tokens.trimmed_hint_lens[row]] if trim else emb[None]
+                    spans.append(emb)
+                    hint_lens.append(emb.shape[1])
         kwargs = {"prompt_embeds": torch.cat(spans, dim=1), "pooled_prompt_embeds": pooled}
         return EncodedPrompt(kwargs, None if options["delete_main_prompt"] else main.shape[1], hint_lens)
 

@@ -55,6 +55,8 @@ class GenerateConfig:
     expand_mode: str | None = None  # None: the backbone's (ratio)
     switch: float | None = None  # None: the backbone's eval value (0.0)
     attention: str = "dense"  # dense | flex
+    compile: bool = False  # compile the editor's transformer blocks once (use with attention: flex on a GPU)
+    attention_budget: str | None = None  # e.g. "8GB"; None: half the device's free memory (larger plans fail)
     strict_plan: bool = False  # True: a reply that breaks the plan grammar fails the sample (official: global edit)
     rephrase_template: str | None = None  # rephrase: template file; None: REPHRASE_TEMPLATE
     device: str | None = None  # None: cuda (cuda:$LOCAL_RANK under torchrun) when available, else cpu
@@ -90,6 +92,11 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError(f"planner.kind must be local or openai, got {cfg.planner.kind!r}")
     if cfg.attention not in ("dense", "flex"):
         raise ValueError(f"attention must be dense or flex, got {cfg.attention!r}")
+    if not isinstance(cfg.compile, bool):
+        raise ValueError(f"compile must be true or false, got {cfg.compile!r}")
+    from replan.attention.budget import parse_bytes
+
+    parse_bytes(cfg.attention_budget)
     if cfg.expand_mode not in (None, "ratio", "pixels"):
         raise ValueError(f"expand_mode must be ratio or pixels, got {cfg.expand_mode!r}")
     if cfg.stage_offload not in ("none", "cpu"):
@@ -160,6 +167,11 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
         "switch": entry.switch if cfg.switch is None else float(cfg.switch),
         "attention": cfg.attention, "dtype": cfg.dtype,
     }
+    # only when set, so run folders made before these options existed keep matching
+    if cfg.compile:
+        settings["compile"] = True  # compiled kernels round differently
+    if cfg.attention_budget is not None:
+        settings["attention_budget"] = cfg.attention_budget  # may trim hint padding
     if cfg.method == "replan":
         settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
                                "max_new_tokens": cfg.planner.max_new_tokens,

@@ -167,6 +167,8 @@ class Generator:
         timings["total"] = time.perf_counter() - start
         record["edit"] = {"generation_size": list(out.edit.generation_size),
                           "boxes": [[float(v) for v in b] for b in out.edit.boxes]}
+        if "hint_padding" in out.edit.extras:  # trimmed to fit the attention budget
+            record["edit"]["hint_padding"] = out.edit.extras["hint_padding"]
         record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         files["plan.json"] = lambda p, plan=out.plan: plan.save(p)
         files["config.json"] = lambda p: p.write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -215,7 +217,7 @@ def load_pipeline(cfg: GenerateConfig, device: str):
     pipe = RePlanPipeline.from_pretrained(
         backbone=cfg.backbone, planner=planner, model=cfg.model, vlm_ckpt_path=cfg.planner.ckpt,
         lora_path=cfg.planner.lora_path, device=device, torch_dtype=cfg.dtype, stage_offload=cfg.stage_offload,
-        planner_kwargs=kwargs,
+        planner_kwargs=kwargs, compile=cfg.compile, attention_budget=cfg.attention_budget,
     )
     if hasattr(pipe.editor.pipe, "set_progress_bar_config"):
         pipe.editor.pipe.set_progress_bar_config(disable=True)  # one bar per run, not one per sample

@@ -27,8 +27,9 @@
 ``GET /v1/models`` → the OpenAI model list (one entry: the backbone).
 
 Errors, every endpoint: ``{"error": {"message", "type", "param", "code"}}``; 400 bad field, image or plan;
-413 image over ``--max_image_mb``; 429 + Retry-After when ``--queue`` edits already wait; 502 planner endpoint
-failure; 503 + Retry-After while loading; 500 loading or edit failure.
+413 image over ``--max_image_mb``, or a plan whose region attention would not fit ``--attention_budget`` (code
+``plan_too_large``; checked before any model work); 429 + Retry-After when ``--queue`` edits already wait; 502
+planner endpoint failure; 503 + Retry-After while loading; 500 loading or edit failure.
 """
 
 __all__ = ["EditService", "ServeConfig", "create_app", "load_pipeline"]

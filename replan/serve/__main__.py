@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cpu: keep only the active stage (planner or editor) on the GPU")
     ap.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
                     help="diffusers CPU offload inside the editor (excludes --stage_offload)")
-    ap.add_argument("--attention", choices=["dense", "flex"], default="dense", help="mask implementation")
+    ap.add_argument("--attention", choices=["dense", "flex"], default="dense",
+                    help="mask implementation (flex: use with --compile)")
+    ap.add_argument("--compile", action="store_true", help="compile the editor's transformer blocks once (the first "
+                    "edit of each shape pays the compile)")
+    ap.add_argument("--attention_budget", default=None, help="memory the region attention of one edit may use, e.g. "
+                    "8GB (default: half the device's free memory); larger plans get 413")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
     ap.add_argument("--port", type=int, default=8001)
     ap.add_argument("--queue", type=int, default=8, help="edits that may wait behind the running one, per replica "
@@ -68,7 +73,8 @@ def config_from_args(args):
         backbone=args.backbone, model=args.model, planner=args.planner, vlm_ckpt_path=args.vlm_ckpt_path,
         lora_path=args.lora_path, base_url=args.base_url, api_key=args.api_key, device=args.device, dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, attention=args.attention, queue=args.queue,
-        max_image_mb=args.max_image_mb, ulysses=args.ulysses, ulysses_anything=args.ulysses_anything,
+        max_image_mb=args.max_image_mb, compile=args.compile, attention_budget=args.attention_budget,
+        ulysses=args.ulysses, ulysses_anything=args.ulysses_anything,
     )
 
 

@@ -263,6 +263,7 @@ def run_pipeline(pipe, image, instruction, plan, options):
 
 async def run_edit(service: EditService, *args):
     """Queue an edit; map what the pipeline raises onto HTTP errors."""
+    from replan.attention.budget import AttentionBudgetError
     from replan.planner import PlannerError
 
     try:
@@ -271,6 +272,8 @@ async def run_edit(service: EditService, *args):
         raise
     except PlannerError as e:
         raise ServeError(502, f"the planner failed: {e}", code="planner_failed") from None
+    except AttentionBudgetError as e:  # the plan's attention would not fit in memory: refused before any model work
+        raise ServeError(413, str(e), param="plan", code="plan_too_large") from None
     except ValueError as e:  # the editor's checks: plan vs image, rules, steps, ...
         raise bad(str(e)) from None
     except Exception as e:

@@ -39,6 +39,8 @@ class ServeConfig:
     stage_offload: str = "none"
     offload: str = "none"
     attention: str = "dense"
+    compile: bool = False  # compile the editor's transformer blocks once at load
+    attention_budget: str | None = None  # e.g. "8GB"; None: half the device's free memory; larger plans get 413
     queue: int = 8  # edits that may wait behind the running one
     max_image_mb: float = 20.0
     ulysses: int = 1  # GPUs per replica computing each edit together (Ulysses context parallelism)
@@ -55,6 +57,9 @@ class ServeConfig:
             raise ValueError(f"queue must be >= 0, got {self.queue}")
         if not self.max_image_mb > 0:
             raise ValueError(f"max_image_mb must be > 0, got {self.max_image_mb}")
+        from replan.attention.budget import parse_bytes
+
+        parse_bytes(self.attention_budget)
 
     @property
     def max_image_bytes(self) -> int:
@@ -90,8 +95,9 @@ def _load(config: ServeConfig, parallel):
         backbone=config.backbone, planner=None if config.planner == "none" else config.planner, model=config.model,
         vlm_ckpt_path=config.vlm_ckpt_path, lora_path=config.lora_path,
         device=config.device or (None if parallel else "cuda" if torch.cuda.is_available() else "cpu"),
-        torch_dtype=config.dtype,
-        stage_offload=config.stage_offload, offload=config.offload, planner_kwargs=planner_kwargs, parallel=parallel,
+        torch_dtype=config.dtype, stage_offload=config.stage_offload, offload=config.offload,
+        planner_kwargs=planner_kwargs, compile=config.compile, attention_budget=config.attention_budget,
+        parallel=parallel,
     )
     progress = getattr(pipe.editor.pipe, "set_progress_bar_config", None)
     if progress is not None:  # one line per edit (with timings) in the server log, not a progress bar
