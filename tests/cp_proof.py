@@ -1,10 +1,11 @@
 """Worker of tests/test_parallel_cp.py: Ulysses-2 region edits on the tiny backbones against one-process edits.
 
 Run as two gloo ranks (``replan.testing.parallel.launch(2, "tests.cp_proof", [OUT_DIR, BACKBONE…])``). Every rank
-loads each backbone three times — plain, Ulysses-2 (text padded to the split) and Ulysses-2 "anything" (unequal
-chunks) — runs the same edits on each and writes ``OUT_DIR/rank<r>.json``: per case the largest difference of the
-final latents from the one-process run, the text padding used and the mask builds per rule set. One case runs the
-parallel editor with the mask left in the natural token order, to show that the arrangement matters.
+loads each backbone as a one-process reference and as Ulysses-2 editors — plain (text padded to the split),
+"anything" (unequal chunks) and, for Kontext, compiled (dynamo, whole graphs) — runs the same edits on each and
+writes ``OUT_DIR/rank<r>.json``: per case the largest difference of the final latents from the one-process run, the
+text padding, the padded passes, the mask builds per rule set and the graphs compiled. One case runs the parallel
+editor with the mask left in the natural token order, to show that the arrangement matters.
 """
 
 from __future__ import annotations
@@ -46,11 +47,16 @@ CASES = {
         ("trimmed", "overlap", {"max_sequence_length": 64, "trim_hint_padding": True}),
         ("trimmed_anything", "overlap", {"max_sequence_length": 64, "trim_hint_padding": True, "variant": "anything"}),
         ("natural_order", "overlap", {"max_sequence_length": 64, "variant": "natural"}),
+        ("compiled", "overlap", {"max_sequence_length": 64, "trim_hint_padding": True, "steps": 3, "switch": 0.5,
+                                 "variant": "compiled"}),
+        ("compiled_again", "overlap", {"max_sequence_length": 64, "trim_hint_padding": True, "steps": 3,
+                                       "switch": 0.5, "variant": "compiled"}),
     ],
     "tiny_qwen": [
         ("unmasked", "plain", {}),
         ("overlap", "overlap", {}),
-        ("overlap_anything", "overlap", {"variant": "anything"}),
+        ("one", "one", {}),
+        ("one_anything", "one", {"variant": "anything"}),
     ],
     "tiny_klein": [
         ("unmasked", "plain", {"max_sequence_length": 64}),
@@ -71,25 +77,36 @@ def final_latents(editor, img, plan, options) -> tuple[torch.Tensor, object]:
     return captured["latents"], result
 
 
-def run(backbone: str, report: dict) -> None:
+def parallel_editor(backbone: str, anything: bool = False, compiled: bool = False):
     from diffusers import ContextParallelConfig
 
     from replan.backbones import load_editor
 
+    editor = load_editor(backbone, device="cpu")
+    editor.enable_parallel(ContextParallelConfig(ulysses_degree=2, ulysses_anything=anything))
+    if compiled:
+        editor.compile(backend="eager")  # dynamo's whole graphs (fullgraph) without inductor's CPU compile time
+    editor.pipe.set_progress_bar_config(disable=True)
+    return editor
+
+
+def run(backbone: str, report: dict) -> None:
+    from torch._dynamo.utils import counters
+
+    from replan.backbones import load_editor
+
     ref = load_editor(backbone, device="cpu")
-    variants = {}
-    for name, anything in (("plain", False), ("anything", True)):
-        editor = load_editor(backbone, device="cpu")
-        editor.enable_parallel(ContextParallelConfig(ulysses_degree=2, ulysses_anything=anything))
-        variants[name] = editor
-    for e in (ref, *variants.values()):
-        e.pipe.set_progress_bar_config(disable=True)
+    ref.pipe.set_progress_bar_config(disable=True)
+    variants = {"plain": parallel_editor(backbone), "anything": parallel_editor(backbone, anything=True)}
+    if any(o.get("variant") == "compiled" for _, _, o in CASES[backbone]):
+        variants["compiled"] = parallel_editor(backbone, compiled=True)
     img, all_plans = image(), plans()
     for case, plan_name, options in CASES[backbone]:
         options = dict(options)
         variant = options.pop("variant", "plain")
-        editor = variants["anything" if variant == "anything" else "plain"]
+        editor = variants["plain" if variant == "natural" else variant]
         expected, _ = final_latents(ref, img, all_plans[plan_name], options)
+        graphs = counters["stats"]["unique_graphs"]
         split, padded = editor.processors.ulysses, editor.processors.padded_passes
         if variant == "natural":  # the mask in [text ; image] order, as if there were no all-to-all
             editor.processors.ulysses = None
@@ -106,6 +123,7 @@ def run(backbone: str, report: dict) -> None:
             "text_len": attention.layout.text_len if attention is not None else None,
             "builds": dict(attention.builds) if attention is not None else {},
             "rule_sets": len(attention.schedule.rule_sets) if attention is not None else 0,
+            "graphs": counters["stats"]["unique_graphs"] - graphs,
         }
 
 

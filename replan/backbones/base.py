@@ -30,7 +30,7 @@ from replan.attention import (
     wrap_processor,
 )
 from replan.attention.budget import LayoutSize, check_budget, default_budget, format_bytes, parse_bytes
-from replan.backbones.parallel import check_parallel_edit, enable_context_parallel
+from replan.backbones.parallel import check_parallel_compile, check_parallel_edit, enable_context_parallel
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
 from replan.distributed import EditGroup
@@ -155,6 +155,7 @@ class RegionEditor:
         class shares one function (``Module._call_impl``)."""
         if self.compiled:
             return
+        check_parallel_compile(self)
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

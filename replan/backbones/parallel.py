@@ -11,9 +11,13 @@ attend only within its own chunk); the device mesh is ``("group", "ring", "ulyss
 several groups; ``transformer.enable_parallelism`` splits the sequence; the processors learn the Ulysses split, so
 region masks are built in each rank's token order with the text padded to the split (``replan.attention.parallel``).
 
+Compiling (``editor.compile()`` after this) works with plain Ulysses: whole graphs, the all-to-all inside them, one
+graph per shape as without parallelism.
+
 Refused with a clear message: Ring attention with regions (diffusers' ring hands one mask to every key/value chunk,
 so a 2-D region mask cannot be carried), FlexAttention (diffusers registers no context-parallel flex backend),
-tensor parallelism, compiling before parallelising, head counts that do not divide without ``ulysses_anything``.
+tensor parallelism, compiling before parallelising, compiling with ``ulysses_anything`` (its all-to-all of unequal
+chunks does not trace), head counts that do not divide without ``ulysses_anything``.
 """
 
 from __future__ import annotations
@@ -72,6 +76,14 @@ def enable_context_parallel(editor, config) -> EditGroup:
         editor.processors.ulysses = UlyssesSplit(ulysses, bool(config.ulysses_anything))
     editor.parallel, editor.group = config, group
     return group
+
+
+def check_parallel_compile(editor) -> None:
+    """Refuse compiling what dynamo cannot trace under context parallelism (before anything is compiled)."""
+    config = editor.parallel
+    if config is not None and config.ulysses_anything:
+        raise ValueError("ulysses_anything cannot be compiled (diffusers' all-to-all of unequal chunks does not "
+                         "trace into a graph): drop --compile, or --ulysses_anything with a size that divides")
 
 
 def check_parallel_edit(editor, has_regions: bool, attention: str) -> UlyssesSplit | None:
