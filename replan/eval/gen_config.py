@@ -62,6 +62,8 @@ class GenerateConfig:
     device: str | None = None  # None: cuda (cuda:$LOCAL_RANK under torchrun) when available, else cpu
     dtype: str | None = None  # None: the backbone's on GPU, fp32 on CPU
     stage_offload: str = "none"  # none | cpu
+    ulysses: int = 1  # GPUs per sample (Ulysses context parallelism); torchrun ranks form groups of this size
+    ulysses_anything: bool = False  # unequal Ulysses chunks (sizes or head counts that do not divide)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,6 +109,12 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
     if cfg.steps is not None and (not isinstance(cfg.steps, int) or cfg.steps < 1):
         raise ValueError(f"steps must be a positive integer or null, got {cfg.steps!r}")
+    if not isinstance(cfg.ulysses, int) or isinstance(cfg.ulysses, bool) or cfg.ulysses < 1:
+        raise ValueError(f"ulysses must be a positive integer, got {cfg.ulysses!r}")
+    if cfg.ulysses_anything and cfg.ulysses == 1:
+        raise ValueError("ulysses_anything needs ulysses > 1")
+    if cfg.ulysses > 1 and cfg.stage_offload != "none":
+        raise ValueError("ulysses keeps the editor on each rank's GPU: set stage_offload: none")
     if not cfg.output_dir:
         raise ValueError("output_dir is empty")
 
@@ -172,6 +180,8 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
         settings["compile"] = True  # compiled kernels round differently
     if cfg.attention_budget is not None:
         settings["attention_budget"] = cfg.attention_budget  # may trim hint padding
+    if cfg.ulysses > 1:  # the same images up to float noise, like compile
+        settings["ulysses"] = {"degree": cfg.ulysses, "anything": cfg.ulysses_anything}
     if cfg.method == "replan":
         settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
                                "max_new_tokens": cfg.planner.max_new_tokens,
@@ -207,6 +217,16 @@ def _diff(old: dict, new: dict) -> str:
     keys = sorted(set(old) | set(new))
     parts = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
     return "; ".join(parts) or "unreadable run_config.json"
+
+
+def finished_ids(out: Path, samples, force: bool = False) -> set:
+    """Ids of the samples already complete in ``out`` (none with ``force``); stale temporary folders removed."""
+    done = set()
+    for sample in samples:
+        _clean_stale_tmp(out, sample.image_id)
+        if not force and (out / sample.image_id / RESULT).is_file():
+            done.add(sample.image_id)
+    return done
 
 
 def _clean_stale_tmp(out: Path, image_id: str) -> None:
