@@ -247,7 +247,7 @@ class RegionEditor:
         if attention not in ("dense", "flex"):
             raise ValueError(f"attention backend must be one of ('dense', 'flex'), got {attention!r}")
         budget = parse_bytes(attention_budget)
-        ulysses = check_parallel_edit(self, bool(plan.regions), attention)
+        ulysses = check_parallel_edit(self, bool(plan.regions), attention, options.get("accel"))
 
         gen_size = self.generation_size(image.size)
         boxes = executed_boxes(plan, expand, expand_mode, image.size)

@@ -51,18 +51,18 @@ def enable_context_parallel(editor, config) -> EditGroup:
         raise ValueError("this editor already runs with context parallelism")
     if editor.compiled:
         raise ValueError("enable context parallelism before compile(): the compiled blocks would not see the split")
-    if not is_initialized():
-        raise ValueError("context parallelism needs torch.distributed: launch with 'torchrun --nproc_per_node N' "
-                         "(or call replan.distributed.init_distributed() first)")
-    if torch.accelerator.device_count() < 1:
-        raise ValueError("context parallelism needs one accelerator (GPU) per rank and none is visible: diffusers "
-                         "places rank r on device r % device_count")
     transformer = editor.pipe.transformer
     heads = int(transformer.config.num_attention_heads)
     ulysses, ring = config.ulysses_degree, config.ring_degree
     if ulysses > 1 and heads % ulysses and not config.ulysses_anything:
         raise ValueError(f"the transformer's {heads} attention heads do not split into Ulysses-{ulysses}: use a "
                          f"degree that divides {heads}, or ulysses_anything (--ulysses_anything)")
+    if not is_initialized():
+        raise ValueError("context parallelism needs torch.distributed: launch with 'torchrun --nproc_per_node N' "
+                         "(or call replan.distributed.init_distributed() first)")
+    if torch.accelerator.device_count() < 1:
+        raise ValueError("context parallelism needs one accelerator (GPU) per rank and none is visible: diffusers "
+                         "places rank r on device r % device_count")
     if config.mesh is None:
         config.mesh = group_mesh(editor.device.type, ring, ulysses)
     group = EditGroup.of_size(ring * ulysses)
@@ -86,11 +86,14 @@ def check_parallel_compile(editor) -> None:
                          "trace into a graph): drop --compile, or --ulysses_anything with a size that divides")
 
 
-def check_parallel_edit(editor, has_regions: bool, attention: str) -> UlyssesSplit | None:
+def check_parallel_edit(editor, has_regions: bool, attention: str, accel=None) -> UlyssesSplit | None:
     """Refuse what context parallelism cannot carry, before any model work; returns the Ulysses split (or None)."""
     config = editor.parallel
     if config is None:
         return None
+    if accel not in (None, "none") and getattr(accel, "enabled", True):
+        raise ValueError("region acceleration (accel) cannot run under context parallelism yet: its edited-only "
+                         "passes would need the K/V cache kept after the all-to-all; drop --accel or --ulysses")
     if has_regions and config.ring_degree > 1:
         raise ValueError("Ring attention cannot carry a region mask (diffusers' ring hands the same mask to every "
                          "key/value chunk): use Ulysses (ContextParallelConfig(ulysses_degree=N), --ulysses N)")

@@ -22,14 +22,18 @@ import torch
 
 from replan.distributed import free_port
 
+MODULE = "replan.testing.parallel"  # (``__name__`` is "__main__" when this runs as a script)
 
-def allow_cpu() -> None:
-    """Let diffusers' context parallelism run on a machine without an accelerator (gloo on the CPU)."""
+
+def allow_cpu(followers: bool = True) -> None:
+    """Let diffusers' context parallelism run on a machine without an accelerator (gloo on the CPU); with
+    ``followers`` the edit server's follower ranks are started through this module too."""
     if torch.accelerator.device_count() == 0:
         torch.accelerator.device_count = lambda: 1
-    import replan.serve.followers as followers
+    if followers:
+        import replan.serve.followers as module
 
-    followers.LAUNCHER = [sys.executable, "-m", __name__]  # spawned follower ranks get the patch too
+        module.LAUNCHER = [sys.executable, "-m", MODULE]
 
 
 def cpu_env(extra: dict | None = None) -> dict:
@@ -46,7 +50,7 @@ def launch(nproc: int, module: str, args=(), *, env: dict | None = None, timeout
            cwd: str | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` as ``nproc`` gloo ranks under torchrun on this machine (CPU patch applied)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", __name__, module, *map(str, args)]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", MODULE, module, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cpu_env(env), cwd=cwd)
 
 
@@ -54,7 +58,7 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         raise SystemExit("usage: python -m replan.testing.parallel MODULE [ARGS…]")
-    allow_cpu()
+    allow_cpu(followers=argv[0] != "replan.serve.followers")  # (a follower spawns nothing)
     sys.argv = [argv[0], *argv[1:]]
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
 
