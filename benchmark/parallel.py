@@ -3,6 +3,7 @@
     python benchmark/parallel.py                                   # CPU, gloo, tiny Kontext: proves the plumbing only
     python benchmark/parallel.py --device cuda --ranks 1 2 4       # GPUs: FLUX.1 Kontext shapes, 1024², 6 regions
     python benchmark/parallel.py --device cuda --model black-forest-labs/FLUX.1-Kontext-dev   # the real checkpoint
+    python benchmark/parallel.py --real-shapes --shrink --size 256 --steps 1 --repeats 1       # the GPU path, on a CPU
 
 For each rank count N the script starts N processes (``torchrun --nproc_per_node N`` of this file with ``--worker``;
 N = 1 runs without parallelism). Every rank loads the editor, makes one warm-up edit and ``--repeats`` timed edits of
@@ -60,8 +61,10 @@ def regions_plan(size: int, n: int) -> RegionPlan:
 
 
 # ---------------------------------------------------------------------------------------------------- editors
-def kontext_real_shapes(device, dtype):
-    """FLUX.1 Kontext: the real transformer shape (random weights), tiny CLIP/T5/VAE of the widths it expects."""
+def kontext_real_shapes(device, dtype, shrink: bool = False):
+    """FLUX.1 Kontext: the real transformer shape (random weights), tiny CLIP/T5/VAE of the widths it expects.
+
+    ``shrink``: one block of each kind and two heads (the same widths elsewhere) — to check this path on a CPU."""
     from backbones import REAL, random_transformer
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -84,8 +87,11 @@ def kontext_real_shapes(device, dtype):
                         use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
     scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
                                                 max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    spec = REAL["flux_kontext"]
+    if shrink:
+        spec = {**spec, "config": {**spec["config"], "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2}}
     pipe = FluxKontextPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
-                               tokenizer_2=tok2, transformer=random_transformer(REAL["flux_kontext"], device, dtype))
+                               tokenizer_2=tok2, transformer=random_transformer(spec, device, dtype))
     pipe.to(device, dtype)
     return FluxKontextEditor(pipe, resolve("flux_kontext"))
 
@@ -95,9 +101,9 @@ def load(args, device):
 
     if args.model:
         return load_editor("flux", args.model, device=device)
-    if device.type == "cpu":
+    if device.type == "cpu" and not args.real_shapes:
         return load_editor("tiny", device=device)
-    return kontext_real_shapes(device, torch.bfloat16)
+    return kontext_real_shapes(device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.shrink)
 
 
 # ---------------------------------------------------------------------------------------------------- one rank
@@ -121,7 +127,7 @@ def worker(args) -> None:
         editor.enable_parallel(ContextParallelConfig(ulysses_degree=ranks))
     if args.compile:
         editor.compile()
-    size = args.size if device.type == "cuda" or args.model else 128
+    size = args.size if device.type == "cuda" or args.model or args.real_shapes else 128
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
     plan = regions_plan(size, args.regions)
     options = {"steps": args.steps, "seed": 0}
@@ -160,6 +166,7 @@ def run_ranks(n: int, args, tmp: Path) -> tuple[list[dict], np.ndarray]:
     forwarded = ["--device", args.device, "--regions", str(args.regions), "--steps", str(args.steps),
                  "--repeats", str(args.repeats), "--size", str(args.size), "--worker", str(out)]
     forwarded += (["--model", args.model] if args.model else []) + (["--compile"] if args.compile else [])
+    forwarded += (["--real-shapes"] if args.real_shapes else []) + (["--shrink"] if args.shrink else [])
     script = str(Path(__file__).resolve())
     if n == 1:
         cmd = [sys.executable, script, *forwarded]
@@ -170,7 +177,7 @@ def run_ranks(n: int, args, tmp: Path) -> tuple[list[dict], np.ndarray]:
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *forwarded]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if args.device == "cpu":
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+        env["OMP_NUM_THREADS"] = "1"  # the same per rank for every count (the ranks share the cores anyway)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{n} rank(s) failed:\n{done.stderr[-4000:]}")
@@ -209,9 +216,14 @@ def main():
     ap.add_argument("--size", type=int, default=1024, help="GPU / --model: image side in pixels")
     ap.add_argument("--model", default=None, help="a FLUX.1 Kontext checkpoint instead of random real shapes")
     ap.add_argument("--compile", action="store_true", help="compile the transformer blocks (after parallelising)")
+    ap.add_argument("--real-shapes", action="store_true", help="CPU: the GPU editor (real Kontext widths) instead of "
+                    "the tiny one")
+    ap.add_argument("--shrink", action="store_true", help="with the real shapes: one block of each kind, two heads "
+                    "(checks the GPU path on a CPU)")
     ap.add_argument("--save", action="store_true", help="write to benchmark/results/ instead of outputs/benchmarks/")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.real_shapes = args.real_shapes or args.shrink
     gpu = args.device.startswith("cuda")
     args.steps = args.steps or (8 if gpu else 2)
     if args.worker:
@@ -224,7 +236,8 @@ def main():
         for n in counts:
             per_count[n], images[n] = run_ranks(n, args, Path(tmp))
             print(f"{n} rank(s): {per_count[n]}", flush=True)
-    setting = (f"{'FLUX.1 Kontext ' + (args.model or 'real shapes, random weights') if gpu else 'tiny Kontext'}, "
+    model = args.model or ("real shapes" + (" (shrunk)" if args.shrink else "") + ", random weights")
+    setting = (f"{'FLUX.1 Kontext ' + model if gpu or args.model or args.real_shapes else 'tiny Kontext'}, "
                f"{args.regions} regions, {args.steps} steps, median of {args.repeats}")
     report = {"env": environment(torch.device(args.device)), "setting": setting,
               "rows": summarise(per_count, images)}
