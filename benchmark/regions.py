@@ -45,9 +45,10 @@ def save_real_size_backbones(path: Path) -> Path:
 
 
 def run(device: str, batch: int, steps: int, warmup: int, latency_runs: int, work: Path) -> dict:
+    from replan.regions.config import GeneratorConfig, TrainConfig
     from replan.regions.descriptions import offline_pair
     from replan.regions.model import RegionGenerator
-    from replan.regions.train import GeneratorConfig, ProxyGenerator, TrainConfig, compute_losses
+    from replan.regions.objective import ProxyGenerator, compute_losses
     from replan.testing.regions import save_tiny_regions_backbones, shape_image
 
     cuda = device == "cuda"

@@ -1,4 +1,5 @@
-"""YAML configs that map 1:1 to dataclasses, shared by every entry point that reads one.
+"""YAML configs that map 1:1 to dataclasses, shared by every entry point that reads one, and the run guard: a run
+folder records its settings in ``run_config.json`` and refuses a run made with other settings.
 
     data = apply_overrides(read_yaml("configs/train/stage1.yaml"), ["grpo.max_steps=2", "model.path=tiny"])
     check_keys(data, TrainConfig, "stage1.yaml")
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -69,3 +71,62 @@ def apply_overrides(data: dict, overrides) -> dict:
             target = target[part]
         target[parts[-1]] = coerce_numbers(yaml.safe_load(value)) if value.strip() else None
     return data
+
+
+# ---------------------------------------------------------------------------------------------------- run guard
+RUN_CONFIG = "run_config.json"
+
+
+def recorded_settings(out: str | Path) -> dict | None:
+    """The settings recorded in ``out/run_config.json`` (None when there is no record; {} when it is unreadable)."""
+    path = Path(out) / RUN_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8")).get("settings")
+    except (ValueError, AttributeError, OSError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def settings_diff(old: dict, new: dict, prefix: str = "") -> str:
+    """``"a.b: 1 → 2; c: 'x' → 'y'"`` over the keys that differ (nested mappings by dotted key)."""
+    parts = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = settings_diff(a, b, f"{prefix}{key}.")
+            parts += [inner] if inner else []
+        elif a != b:
+            parts.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return "; ".join(parts)
+
+
+def check_run_settings(out: str | Path, settings: dict, *, force: bool = False,
+                       way_out: str = "use another output_dir") -> bool:
+    """Refuse (one-line ``ValueError``) to reuse a folder whose ``run_config.json`` records other settings.
+
+    Returns True when the folder already records exactly ``settings``, False when it records none (or ``force``).
+    Every writer of a run folder — eval generation, GRPO, learnable-regions training — goes through this check, so
+    a run never resumes or mixes with a different one."""
+    old = recorded_settings(out)
+    if old is None:
+        return False
+    normalised = json.loads(json.dumps(settings))  # tuples → lists, as they read back from JSON
+    if old == normalised:
+        return True
+    if not force:
+        diff = settings_diff(old, normalised) or f"unreadable {RUN_CONFIG}"
+        raise ValueError(f"{out} holds a run made with other settings ({diff}); {way_out}")
+    return False
+
+
+def record_run_settings(out: str | Path, settings: dict, **extra) -> Path:
+    """Write ``out/run_config.json`` = ``{**extra, "settings": settings}`` atomically (staged in ``out`` itself)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RUN_CONFIG
+    tmp = out / f".{RUN_CONFIG}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({**extra, "settings": settings}, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

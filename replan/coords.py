@@ -22,6 +22,11 @@ import torch
 Box = tuple[float, float, float, float]
 Size = tuple[int, int]  # (width, height)
 
+# Which frame a planner reply's boxes are read in: "processor" (the frame the VLM saw after its processor resized the
+# image, mapped back to original pixels; right at any size) or "original" (read as original-image pixels, as the
+# official code does everywhere; off by up to ±14 px per side below ~12.8 MP and wrong above).
+BOX_FRAMES = ("processor", "original")
+
 
 def as_box(values: Sequence[float]) -> Box:
     """Return ``values`` as a 4-tuple of finite floats or raise ``ValueError`` naming the problem."""
@@ -158,6 +163,13 @@ def smart_resize(
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
+
+
+def processor_frame(image_size: Size, min_pixels: int = 4 * 28 * 28, max_pixels: int = 16384 * 28 * 28) -> Size:
+    """(W, H) of the frame Qwen2.5-VL's processor gives an image of ``image_size`` (``smart_resize``, default bounds
+    the ``qwen_vl_utils`` ones): what a planner reply's boxes refer to under ``box_frame="processor"``."""
+    h, w = smart_resize(int(image_size[1]), int(image_size[0]), min_pixels=min_pixels, max_pixels=max_pixels)
+    return (w, h)
 
 
 def mask_to_patch_mask(mask, original_size: Size, grid_size: tuple[int, int], patch: int = 16) -> torch.Tensor:

@@ -33,11 +33,12 @@ from pathlib import Path
 from replan import __version__
 from replan.backbones import names
 from replan.distributed import shutdown
+from replan.backbones.base import lora_source
 from replan.images import load_image
-from replan.parse import PlanParseError
+from replan.parse import PARSE_MODES, PlanParseError, parse_mode
 from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline
 from replan.plan import RegionPlan
-from replan.planner import KINDS, PlannerError, load_template
+from replan.planner import BOX_FRAMES, KINDS, PlannerError, load_template
 
 logger = logging.getLogger("replan.infer")
 
@@ -52,15 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", "--diffusion_model_name", dest="model", help="editor weights: hub id or local dir")
     ap.add_argument("--planner", choices=KINDS, default="local", help="local Qwen2.5-VL or an OpenAI-compatible API")
     ap.add_argument("--vlm_ckpt_path", help="planner checkpoint (hub id or local dir; 'tiny' = offline random)")
-    ap.add_argument("--lora_path", help="LoRA adapter for the local planner (needs peft)")
+    ap.add_argument("--lora_path", help="LoRA for the diffusion editor (diffusers format; a dir, a .safetensors file "
+                    "or a hub id), loaded with load_lora_weights as official")
+    ap.add_argument("--vlm_lora_path", help="LoRA adapter for the local planner (PEFT format; needs peft)")
     ap.add_argument("--base_url", help="OpenAI-compatible endpoint (or REPLAN_PLANNER_BASE_URL)")
     ap.add_argument("--api_key", help="endpoint key (or REPLAN_PLANNER_API_KEY)")
     ap.add_argument("--planner_retries", type=int, default=4, help="endpoint retries on 5xx/timeouts")
-    ap.add_argument("--vlm_prompt_template_path", help="planner prompt template file (default: replan's)")
+    ap.add_argument("--prompt_template", "--vlm_prompt_template_path", dest="prompt_template",
+                    help="planner prompt template file, e.g. the official one from 'python -m replan.templates "
+                    "fetch' (default: replan's wording of it)")
+    ap.add_argument("--box_frame", choices=BOX_FRAMES, default="processor",
+                    help="how planner boxes are read: processor = in the frame the VLM saw, mapped to the image "
+                    "(default); original = as image pixels, as official")
     ap.add_argument("--plan", help="a plan JSON to execute instead of planning")
     ap.add_argument("--no_plan", action="store_true", help="baseline: the instruction as the global prompt, no regions")
-    ap.add_argument("--strict_plan", action="store_true", help="fail on a malformed planner reply instead of "
-                    "falling back to a global edit")
+    ap.add_argument("--parse", choices=PARSE_MODES, default=None,
+                    help="how planner replies are read: lenient (default; repairs and records), strict (fail on a "
+                    "malformed reply) or official (as the official code: no repairs, else a global edit)")
+    ap.add_argument("--strict_plan", action="store_true", help="the same as --parse strict")
     ap.add_argument("--stage_offload", choices=STAGE_OFFLOAD, default="none",
                     help="cpu: keep only the active stage (planner or editor) on the GPU")
     ap.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
@@ -110,11 +120,15 @@ def load_pipeline(args, device: str) -> RePlanPipeline:
     if args.planner == "openai":
         planner_kwargs = {k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v}
         planner_kwargs["max_retries"] = args.planner_retries
-    if args.vlm_prompt_template_path:
-        planner_kwargs["template"] = load_template(args.vlm_prompt_template_path)
+    if args.prompt_template:
+        planner_kwargs["template"] = load_template(args.prompt_template)
+        planner_kwargs["template_name"] = args.prompt_template
+    planner_kwargs["box_frame"] = args.box_frame
+    planner_kwargs["parse"] = parse_mode(args.parse, args.strict_plan)
     return RePlanPipeline.from_pretrained(
         backbone=args.backbone, planner=args.planner if needs_planner else None, model=args.model,
-        vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, device=device, torch_dtype=args.dtype,
+        vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path,
+        device=device, torch_dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, planner_kwargs=planner_kwargs,
         compile=args.compile, attention_budget=args.attention_budget,
         parallel=parallel_config(args),
@@ -147,17 +161,20 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
         plan = RegionPlan(instruction.strip(), image_size=image.size)
     elif not instruction or not instruction.strip():
         raise ValueError("the instruction is empty: pass --instruction (or --plan to execute a saved plan)")
-    out = pipe(image, instruction, plan=plan, strict_plan=args.strict_plan, **edit_options(args))
+    out = pipe(image, instruction, plan=plan, **edit_options(args))
     if not pipe.is_leader:  # another rank of the edit's group: the leader writes
         return out_dir
     if out.planner_text and not out.plan.regions and out.plan.repairs:
         why = next((r for r in out.plan.repairs if "region" in r), out.plan.repairs[0])
         print(f"warning: the planner reply gave no usable regions ({why}); ran a global edit", file=sys.stderr)
+    planner = pipe.planner.provenance() if out.planner_text and pipe.planner is not None else None
     config = {
         "replan_version": __version__, "image": str(image_path), "instruction": instruction,
         "backbone": pipe.editor.spec.name, "model": args.model or pipe.editor.spec.model_id,
         "planner": None if plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
-        "lora_path": args.lora_path, "plan_file": args.plan, "no_plan": args.no_plan,
+        "lora_path": args.lora_path, "vlm_lora_path": args.vlm_lora_path,
+        "parse": None if plan is not None else parse_mode(args.parse, args.strict_plan),
+        "plan_file": args.plan, "no_plan": args.no_plan, "planner_provenance": planner,
         "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
         "compile": args.compile, "attention_budget": args.attention_budget,
         "parallel": {"ulysses": args.ulysses, "ulysses_anything": args.ulysses_anything} if args.ulysses > 1 else None,
@@ -172,13 +189,20 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
     files = {"result.png": lambda p: out.image.save(p)}
     if not args.only_save_image:
         files.update({
-            "plan.json": lambda p: out.plan.save(p),
+            "plan.json": lambda p: p.write_text(plan_json(out.plan, planner), encoding="utf-8"),
             "planner_response.txt": lambda p: p.write_text(out.planner_text, encoding="utf-8"),
             "overlay.png": lambda p: out.overlay.save(p),
             "config.json": lambda p: p.write_text(json.dumps(config, indent=2, default=str) + "\n"),
         })
     write_atomically(out_dir, files)
     return out_dir
+
+
+def plan_json(plan: RegionPlan, planner: dict | None = None) -> str:
+    """The plan file: the plan, plus under ``"planner"`` what produced it (template name and SHA-256, box frame,
+    planner frame) when a planner did; ``RegionPlan.load`` reads it back either way."""
+    data = plan.to_dict() | ({"planner": planner} if planner else {})
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
 def replay_command(args, image_path, backbone: str, trimmed: bool = False) -> str:
@@ -188,6 +212,8 @@ def replay_command(args, image_path, backbone: str, trimmed: bool = False) -> st
              "--backbone", backbone]
     if args.model:
         parts += ["--model", args.model]
+    if args.lora_path:
+        parts += ["--lora_path", args.lora_path]
     flags = {"steps": "--steps", "seed": "--seed", "expand": "--expand", "expand_mode": "--expand_mode",
              "switch": "--switch_ratio", "attention": "--attention", "guidance": "--guidance"}
     options = edit_options(args)
@@ -265,6 +291,9 @@ def main(argv=None) -> int:
     device = args.device or (None if args.ulysses > 1 else _default_device())
     pipe = None
     try:
+        parse_mode(args.parse, args.strict_plan)
+        if args.lora_path:
+            lora_source(args.lora_path)  # a missing LoRA is reported before any model loads
         pipe = load_pipeline(args, device)
         if args.image is None:
             return interactive(pipe, args, Path(args.output_dir))

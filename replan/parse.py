@@ -4,11 +4,19 @@ Grammar (replan-spec §1.5)::
 
     <think>TEXT</think><gen_image>TEXT</gen_image><region>[{"bbox_2d": [x1,y1,x2,y2], "point_2d": [x,y], "hint": "..."}]</region>
 
-``strict=True`` raises ``PlanParseError`` naming what is wrong and where. The default lenient mode repairs what can be
-repaired (code fences, trailing commas, single quotes, a missing think block, a truncated region list, swapped
-corners, boxes partly outside the image), drops what cannot be used (zero-area boxes, items without a box or hint)
-and records every repair in ``plan.repairs``. A reply without ``<region>`` is a plain global edit, as official.
-Whatever the input, the result is a plan or a ``PlanParseError``; never another exception.
+Three modes (``mode=``; ``strict=True`` is the same as ``mode="strict"``):
+
+* ``lenient`` (default): repairs what can be repaired (code fences, trailing commas, single quotes, a missing think
+  block, a truncated region list, swapped corners), drops what cannot be used (zero-area boxes, boxes entirely
+  outside the image, items without a box or hint) and records every repair in ``plan.repairs``.
+* ``strict``: raises ``PlanParseError`` naming what is wrong and where.
+* ``official``: reads the reply as the official code does, with no repairs (``replan.parse_official``); whatever the
+  official code would not execute becomes a plain global edit.
+
+In every mode a box is kept as the planner wrote it (mapped from ``planner_size`` when given), even when it sticks
+out of the image: the editor expands the raw box and clamps it afterwards, as official. A reply without
+``<region>`` is a plain global edit, as official. Whatever the input, the result is a plan or a
+``PlanParseError``; never another exception.
 """  # noqa: E501 (the grammar line is quoted verbatim)
 
 from __future__ import annotations
@@ -18,9 +26,14 @@ import json
 import math
 import numbers
 import re
+from dataclasses import replace
 
 from replan.coords import Size, box_area, clip_box, planner_to_original
+from replan.parse_official import find_block, parse_official
 from replan.plan import Region, RegionPlan, _fmt_box
+
+PARSE_MODES = ("lenient", "strict", "official")
+_find_block = find_block  # the former private name, still imported by replan.train.rewards
 
 _FENCE = re.compile(r"```[a-zA-Z]*[ \t]*\n?(.*?)```", re.S)
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
@@ -35,10 +48,22 @@ class PlanParseError(ValueError):
         super().__init__(message if position is None else f"{message} (at character {position})")
 
 
+def parse_mode(mode: str | None = None, strict: bool = False) -> str:
+    """The parse mode from ``mode`` and the older ``strict`` flag (``strict=True`` means ``"strict"``)."""
+    if mode is None:
+        return "strict" if strict else "lenient"
+    if mode not in PARSE_MODES:
+        raise ValueError(f"unknown parse mode {mode!r}; choose one of {', '.join(PARSE_MODES)}")
+    if strict and mode != "strict":
+        raise ValueError(f"strict=True (--strict_plan) contradicts parse mode {mode!r} (--parse); give one of them")
+    return mode
+
+
 def parse_plan(
     text: str | bytes,
     image_size: Size | None = None,
     *,
+    mode: str | None = None,
     strict: bool = False,
     planner_size: Size | None = None,
 ) -> RegionPlan:
@@ -46,12 +71,19 @@ def parse_plan(
 
     Args:
         text: the planner's reply.
-        image_size: (W, H) of the original image; enables clipping (lenient) or bounds checks (strict).
-        strict: raise on any deviation from the grammar instead of repairing.
+        image_size: (W, H) of the original image; lenient mode drops boxes entirely outside it, strict mode
+            refuses them (official mode keeps them).
+        mode: ``"lenient"`` (default), ``"strict"`` or ``"official"`` (see the module docstring).
+        strict: the same as ``mode="strict"`` (kept for existing callers).
         planner_size: (W, H) of the frame the planner saw; boxes are mapped from it to ``image_size``.
     """
+    mode = parse_mode(mode, strict)
     try:
-        return _Parser(strict, image_size, planner_size).run(text)
+        parser = _Parser(mode == "strict", image_size, planner_size)
+        if mode == "official":
+            plan = parse_official(parser.as_text(text), parser.image_size, parser.planner_size)
+            return replace(plan, repairs=tuple(parser.repairs) + plan.repairs) if parser.repairs else plan
+        return parser.run(text)
     except PlanParseError:
         raise
     except (RecursionError, MemoryError) as e:  # pathological inputs
@@ -74,7 +106,7 @@ class _Parser:
 
     # ------------------------------------------------------------------------------------------------ top level
     def run(self, text) -> RegionPlan:
-        text = self._as_text(text)
+        text = self.as_text(text)
         raw = text
         if not self.strict:
             fenced = _FENCE.fullmatch(text.strip())
@@ -98,7 +130,7 @@ class _Parser:
             repairs=tuple(self.repairs),
         )
 
-    def _as_text(self, text) -> str:
+    def as_text(self, text) -> str:
         if isinstance(text, (bytes, bytearray)):
             try:
                 return bytes(text).decode("utf-8")
@@ -112,7 +144,7 @@ class _Parser:
         return text
 
     def _block(self, text: str, tag: str, required_before: tuple[str, ...]) -> tuple[str | None, tuple | None]:
-        m = _find_block(text, tag)
+        m = find_block(text, tag)
         if m:
             return m
         start = text.find(f"<{tag}>")
@@ -126,7 +158,7 @@ class _Parser:
         return None, None
 
     def _region_block(self, text: str) -> tuple[str | None, tuple | None]:
-        m = _find_block(text, "region")
+        m = find_block(text, "region")
         if m:
             return m
         start = text.find("<region>")
@@ -234,18 +266,10 @@ class _Parser:
         if x1 > x2 or y1 > y2:
             self.fail_or_repair(f"region {i} box {_fmt_box(box)} has swapped corners", "corners swapped back")
             box = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
-        if self.image_size:
-            clipped = list(clip_box(box, self.image_size))
-            if clipped != box:
-                w, h = self.image_size
-                if box_area(clipped) <= 0:
-                    self.fail_or_repair(f"region {i} box {_fmt_box(box)} lies outside the {w}x{h} image", "dropped")
-                    return None
-                self.fail_or_repair(
-                    f"region {i} box {_fmt_box(box)} lies partly outside the {w}x{h} image",
-                    f"clipped to {_fmt_box(clipped)}",
-                )
-                box = clipped
+        if self.image_size and box_area(clip_box(box, self.image_size)) <= 0 < box_area(box):
+            w, h = self.image_size  # partly outside is fine: the editor expands the raw box, then clamps
+            self.fail_or_repair(f"region {i} box {_fmt_box(box)} lies outside the {w}x{h} image", "dropped")
+            return None
         if box_area(box) <= 0:
             self.fail_or_repair(f"region {i} box {_fmt_box(box)} has zero area", "dropped")
             return None
@@ -299,22 +323,6 @@ def _complete_objects(text: str) -> list:
                 except (ValueError, RecursionError):
                     pass
     return objects
-
-
-def _find_block(text: str, tag: str) -> tuple[str, tuple[int, int]] | None:
-    """``<tag>body</tag>`` with the first opening tag and the first closing tag after it, or ``None``.
-
-    Same result as ``re.search(r"<tag>(.*?)</tag>", text, re.S)`` but linear: that regex rescans to the end of the
-    text from every unclosed opening tag, which takes minutes on a long degenerate reply (``"<think>" * 50_000``).
-    """
-    open_tag, close_tag = f"<{tag}>", f"</{tag}>"
-    start = text.find(open_tag)
-    if start < 0:
-        return None
-    end = text.find(close_tag, start + len(open_tag))
-    if end < 0:
-        return None
-    return text[start + len(open_tag) : end], (start, end + len(close_tag))
 
 
 def _json_error(e: Exception) -> tuple[str, int | None]:

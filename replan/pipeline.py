@@ -78,6 +78,7 @@ class RePlanPipeline:
         model: str | None = None,
         vlm_ckpt_path: str | None = None,
         lora_path: str | None = None,
+        vlm_lora_path: str | None = None,
         device=None,
         torch_dtype=None,
         stage_offload: str = "none",
@@ -91,7 +92,9 @@ class RePlanPipeline:
         """Load an editor (``backbone`` name or alias; ``model`` overrides its weights) and a planner (``"local"``,
         ``"openai"``, a ``Planner`` instance, or ``None`` for plan-only-from-file use).
 
-        ``stage_offload="cpu"``: the inactive stage waits on the CPU. ``offload="model" | "sequential"``: diffusers'
+        ``lora_path``: a LoRA for the editor (diffusers ``load_lora_weights``, as the official ``--lora_path``);
+        ``vlm_lora_path``: a PEFT adapter merged into the local planner. ``stage_offload="cpu"``: the inactive stage
+        waits on the CPU. ``offload="model" | "sequential"``: diffusers'
         model / sequential CPU offload inside the editor (lower peak memory, slower); it manages the editor's
         devices itself, so it excludes ``stage_offload``. ``compile``: compile the editor's repeated transformer
         blocks (``RegionEditor.compile``). ``attention_budget``: bytes or a size such as ``"8GB"`` for the region
@@ -113,14 +116,14 @@ class RePlanPipeline:
             device = init_distributed(device)
         first_device = "cpu" if stage_offload == "cpu" else device
         editor = load_editor(backbone, model, device=device if offload != "none" else first_device,
-                             torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs)
+                             torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs, lora_path=lora_path)
         editor.attention_budget = budget
         if parallel is not None and not editor.enable_parallel(parallel).leader:
             planner = None  # the group's leader plans and sends the plan
         if compile:  # after parallelism: the compiled blocks must see the split
             editor.compile()
         if isinstance(planner, str):
-            planner = load_planner(planner, vlm_ckpt_path, lora_path=lora_path, device=first_device,
+            planner = load_planner(planner, vlm_ckpt_path, lora_path=vlm_lora_path, device=first_device,
                                    torch_dtype=torch_dtype, **(planner_kwargs or {}))
         return cls(editor, planner, stage_offload, device)
 

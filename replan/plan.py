@@ -230,17 +230,20 @@ class RegionPlan:
             )
 
     def validate(self, image_size: Size | None = None) -> None:
-        """Strict validation: every box lies inside the image (and has area, checked by ``Region``)."""
+        """Check a plan given as input: every box overlaps the image (``Region`` already ensures it has area).
+
+        A box partly outside the image is valid: the editor expands the raw box and clamps it afterwards, as
+        official. A box entirely outside is refused (it usually means the boxes are in another frame).
+        """
         size = image_size or self.image_size
         if size is None:
             return
         w, h = size
         for i, r in enumerate(self.regions, 1):
-            x1, y1, x2, y2 = r.bbox
-            if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+            if box_area(clip_box(r.bbox, size)) <= 0:
                 raise ValueError(
-                    f"region {i} box {_fmt_box(r.bbox)} lies (partly) outside the {w}x{h} image; "
-                    "clip it with plan.clipped() or fix the box"
+                    f"region {i} box {_fmt_box(r.bbox)} lies outside the {w}x{h} image; fix the box, or use "
+                    "plan.rescaled((W, H)) if the boxes were made for an image of another size"
                 )
 
     # ----------------------------------------------------------------------------------------------- transforms
@@ -286,7 +289,9 @@ class RegionPlan:
         return replace(self, regions=tuple(regions), repairs=tuple(repairs), image_size=tuple(size))
 
     def expanded_boxes(self, value: float, mode: str = "ratio", image_size: Size | None = None) -> list[Box]:
-        """Boxes grown as the editor will use them (official ``expand_bbox``; int-truncated, clamped)."""
+        """Boxes grown as the editor will use them (official ``expand_bbox``): the raw box is expanded, then clamped
+        to the image and int-truncated. A box entirely outside the image comes back inverted (``x1 > x2``): it covers
+        no patch, as official."""
         size = image_size or self.image_size
         if size is None:
             raise ValueError("expanding boxes needs the image size: pass image_size=(W, H)")
@@ -432,7 +437,9 @@ def draw_overlay(
     boxes = boxes if boxes is not None else plan.boxes
     for i, (box, region) in enumerate(zip(boxes, plan.regions), 1):
         color = _COLORS[(i - 1) % len(_COLORS)]
-        x1, y1, x2, y2 = box
+        x1, y1, x2, y2 = clip_box(box, (w, h))  # a box sticking out of the image is drawn clipped
+        if x2 <= x1 or y2 <= y1:
+            continue  # nothing of it lies inside the image
         if region.mask is None:
             draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=line)
         label = f"{i}: {region.hint}"

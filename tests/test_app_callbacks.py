@@ -33,17 +33,21 @@ def test_plan_round_trips_through_the_annotator():
     assert plan.boxes == PLAN.boxes and plan.hints == PLAN.hints and notes == []
 
 
-def test_boxes_outside_the_image_are_clipped_and_bad_boxes_left_out():
+def test_boxes_partly_outside_are_kept_raw_and_bad_boxes_left_out():
     value = {"image": np.asarray(IMAGE), "boxes": [
-        {"xmin": -20, "ymin": 100, "xmax": 40, "ymax": 140, "label": "a cat"},  # dragged past the corner
+        {"xmin": -20, "ymin": 100, "xmax": 40, "ymax": 140, "label": "a cat"},  # past the corner: expand, then clamp
         {"xmin": 50, "ymin": 50, "xmax": 90, "ymax": 90, "label": "  "},  # no hint
         {"xmin": 70, "ymin": 20, "xmax": 70, "ymax": 60, "label": "flat"},  # no area
         {"xmin": 90, "ymin": 80, "xmax": 30, "ymax": 10, "label": "swapped"},  # corners swapped by a resize
+        {"xmin": 170, "ymin": 10, "xmax": 200, "ymax": 30, "label": "gone"},  # nothing inside the image
     ]}
     plan, notes = annotator_to_plan(value, "")
-    assert plan.boxes == [(0, 100, 40, 120), (30, 10, 90, 80)]
+    assert plan.boxes == [(-20, 100, 40, 140), (30, 10, 90, 80)]
+    assert plan.expanded_boxes(0.15) == [(0, 94, 49, 120), (21, 0, 99, 90)]  # dx 9, dy 6 / dx 9, dy 10.5
     assert any("no hint" in n for n in notes) and any("no area" in n for n in notes)
-    assert any("clipped" in n for n in notes)
+    assert any("box 5 lies outside the image" in n for n in notes)
+    preview = mask_preview(IMAGE, plan, default_rules(2), (7, 10), False, 0.15)  # draws the clamped boxes
+    assert preview.size == IMAGE.size
 
 
 @pytest.mark.parametrize("value, message", [
@@ -141,7 +145,22 @@ def test_app_run_with_and_without_regions(demo):
     stock = editor.pipe(image=editor.pipe.image_processor.resize(source, h, w), prompt="warm", height=h, width=w,
                         max_area=w * h, _auto_resize=False, num_inference_steps=2, guidance_scale=2.5,
                         generator=__import__("torch").Generator().manual_seed(0)).images[0]
-    assert np.array_equal(np.asarray(image), np.asarray(stock.resize((160, 128), Image.LANCZOS)))
+    assert np.array_equal(np.asarray(image), np.asarray(stock.resize((160, 128), Image.BICUBIC)))
+
+
+def test_app_run_shows_the_attention_budget(demo):
+    value = plan_to_annotator(IMAGE.resize((160, 128)), RegionPlan("warm", PLAN.regions, image_size=(160, 128)))
+    run, editor = _fn(demo, "run"), demo.replan_pipe.editor
+    matrix = default_matrix(2, False)
+    try:
+        editor.attention_budget = 1000  # nothing fits: the message, and the app keeps working
+        image, _, _, status = run(value, "warm", matrix, 0.5, 0.15, 2, 2.5, 0, progress=lambda *a, **k: None)
+        assert "region(s) make a" in status and "attention budget" in status
+        editor.attention_budget = 5 * 10**6  # padded hints (~2k tokens, ~16 MB) over it, trimmed (~4 MB) within
+        image, _, _, status = run(value, "warm", matrix, 0.5, 0.15, 2, 2.5, 0, progress=lambda *a, **k: None)
+        assert image.size == (160, 128) and "Hint padding trimmed: the padded layout" in status
+    finally:
+        editor.attention_budget = None
 
 
 def test_a_dropped_box_does_not_break_run_or_preview(demo):

@@ -3,6 +3,8 @@ OpenAI-compatible judge server: caching, partial resume, corrupt caches, missing
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -90,6 +92,7 @@ class JudgeServer:
 
     def __init__(self, delay: float = 0.0):
         self.delay, self.fail, self.hold_after, self.epoch = delay, set(), None, 0
+        self.override: dict[tuple[str, str], int] = {}  # (image_id, dimension) -> the score to answer instead
         self.received: list[tuple[str, str]] = []
         self.answered: list[tuple[str, str]] = []
         self.errors: list[str] = []
@@ -115,7 +118,7 @@ class JudgeServer:
                 time.sleep(server.delay)
                 if call in server.fail:
                     return self._send(400, {"error": {"message": "content policy"}})
-                score = SCORES[call[0]][DIMENSIONS.index(call[1])]
+                score = server.override.get(call, SCORES[call[0]][DIMENSIONS.index(call[1])])
                 text = json.dumps({"reasoning": f"{call[1]} of {call[0]}", SCORE_KEYS[call[1]]: score})
                 with server.lock:
                     server.answered.append(call)
@@ -133,8 +136,13 @@ class JudgeServer:
         text = "".join(p["text"] for p in content if p["type"] == "text")
         (key,) = [k for k in SCORE_KEYS.values() if f'"{k}"' in content[-1]["text"]]
         dimension = {v: k for k, v in SCORE_KEYS.items()}[key]
-        (image_id,) = [i for instr, i in ID_OF.items() if instr in text]
         assert sum(p["type"] == "image_url" for p in content) == (1 if dimension == "quality" else 2)
+        if dimension == "quality":  # the quality judge sees the edited image only (as official): tell it by its pixels
+            assert not any(instr in text for instr in ID_OF)
+            url = next(p["image_url"]["url"] for p in content if p["type"] == "image_url")
+            pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+            return RESULT_IDS[pixels.tobytes()], dimension
+        (image_id,) = [i for instr, i in ID_OF.items() if instr in text]
         return image_id, dimension
 
     def release(self) -> None:
@@ -166,12 +174,20 @@ def dataset(tmp_path_factory):
     return save_tiny_ivedit(tmp_path_factory.mktemp("ivedit"))
 
 
+RESULT_IDS: dict[bytes, str] = {}  # result pixels -> image id, for the judge stand-in
+
+
+def save_result(path: Path, image_id: str, image: Image.Image) -> None:
+    RESULT_IDS[np.asarray(image).tobytes()] = image_id
+    image.save(path / image_id / "result.png")
+
+
 def make_results(path: Path) -> Path:
     """Result images for 1000-1003; 1004 has a folder (a failed generation) but no result.png."""
     for i, image_id in enumerate(SCORES):
         (path / image_id).mkdir(parents=True)
         arr = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(path / image_id / "result.png")
+        save_result(path, image_id, Image.fromarray(arr))
     (path / "1004").mkdir()
     (path / "1004" / "error.txt").write_text("edit failed: RuntimeError: out of memory\n\nTraceback ...")
     (path / "run_config.json").write_text(json.dumps({"backbone": "tiny"}))
@@ -233,10 +249,43 @@ def test_evaluate_end_to_end_with_cache_resume_and_corrupt_files(dataset, tmp_pa
                                                   [("1001", "quality"), ("1001", "consistency")])
     assert any("corrupt" in r.getMessage() for r in caplog.records)
     # a changed result image is judged again; the numbers stay the same (the same scripted scores)
-    Image.new("RGB", (48, 40), (9, 9, 9)).save(results / "1002" / "result.png")
+    save_result(results, "1002", Image.new("RGB", (48, 40), (9, 9, 9)))
     assert ev.main(args(dataset, results, server.url, out)) == 0
     assert sorted(server.answered[22:]) == sorted(("1002", d) for d in DIMENSIONS)
     assert close(json.loads(out.read_text())["aggregate"], EXPECTED)
+
+
+def test_off_scale_scores_count_as_given_are_counted_and_never_asked_again(dataset, tmp_path, server, capsys):
+    results, out = make_results(tmp_path / "out"), tmp_path / "eval.json"
+    server.override = {("1000", "effect"): 4, ("1001", "target_following"): 3}  # off 5|3|1 and off 5|1
+    assert ev.main(args(dataset, results, server.url, out, "--limit", "2")) == 0
+    assert len(server.answered) == 8  # one call each: an off-scale score is not retried
+    report = json.loads(out.read_text())
+    assert report["score_parse"] == "official"
+    assert report["off_scale"] == {"used": 2, "failed": 0, "by_dimension": {"quality": 0, "target_following": 1,
+                                                                          "effect": 1, "consistency": 0}}
+    s1000, s1001 = report["samples"]
+    assert s1000["scores"]["effect"] == 4 and s1000["off_scale"] == ["effect"] and s1000["status"] == "ok"
+    # by hand: (q, t, e, c) = (4, 5, 4, 5); w = 4/5; overall = 18/4; weighted = (4·.8 + 5 + 4 + 5·.8)/4
+    assert s1000["overall"] == pytest.approx(4.5) and s1000["weighted"] == pytest.approx(4.05)
+    assert s1001["scores"]["target_following"] == 3 and s1001["off_scale"] == ["target_following"]
+    assert s1001["overall"] == pytest.approx((5 + 3 + 1 + 3) / 4)
+    assert report["aggregate"]["overall"] == pytest.approx((4.5 + 3) / 2)
+    assert {d: t["name"] for d, t in report["templates"].items()} == {
+        d: f"replan:eval/prompts/{d}.txt" for d in DIMENSIONS}
+    assert report["templates"]["effect"]["sha256"] == report["templates_sha256"]["effect"]
+    assert "2 off-scale score(s) used" in capsys.readouterr().out
+    # strict reading re-reads the cached replies: the two off-scale calls fail, nothing is asked again
+    assert ev.main(args(dataset, results, server.url, out, "--limit", "2", "--score_parse", "strict")) == 0
+    assert len(server.answered) == 8
+    strict = json.loads(out.read_text())
+    assert strict["off_scale"]["used"] == 0 and strict["off_scale"]["failed"] == 2
+    s1000 = strict["samples"][0]
+    assert s1000["scores"]["effect"] is None and s1000["status"] == "failed"
+    assert s1000["errors"]["effect"].startswith("off-scale")
+    assert s1000["overall"] == pytest.approx((4 + 5 + 0 + 5) / 4) and strict["failed"] == 2
+    assert ev.main(args(dataset, results, server.url, out, "--limit", "2")) == 0  # and back, still without calls
+    assert len(server.answered) == 8 and json.loads(out.read_text())["samples"][0]["scores"]["effect"] == 4
 
 
 def test_a_failed_judge_call_counts_as_zero_and_is_asked_again_next_run(dataset, tmp_path, server):

@@ -136,9 +136,12 @@ def evaluation(results_dir, scores, breakdown, failed=0):
 def test_report_tables_and_charts(runs, tmp_path, capsys):
     a = tmp_path / "a.json"
     b = tmp_path / "b.json"
-    a.write_text(json.dumps(evaluation("outputs/eval/replan_flux_kontext/", [3.456, 4.0, 3.0, 3.5, 3.489, 2.7],
-                                       [("Spatial", 3, [3, 4, 3, 3, 3.25, 2.5]),
-                                        ("Text", 1, [4, 5, 4, 4, 4.25, 3.5])])))
+    rubrics = {d: {"name": f"official:{d}.txt@bc51afc", "sha256": f"{i}" * 64}
+               for i, d in enumerate(("quality", "target_following", "effect", "consistency"))}
+    a.write_text(json.dumps({**evaluation("outputs/eval/replan_flux_kontext/", [3.456, 4.0, 3.0, 3.5, 3.489, 2.7],
+                                          [("Spatial", 3, [3, 4, 3, 3, 3.25, 2.5]),
+                                           ("Text", 1, [4, 5, 4, 4, 4.25, 3.5])]),
+                             "score_parse": "official", "off_scale": {"used": 7, "failed": 0}, "templates": rubrics}))
     b.write_text(json.dumps(evaluation("outputs/eval/baseline_flux_kontext", [3.0, 4.2, 2.5, 2.0, 2.931, 2.1],
                                        [("Spatial", 3, [2, 4, 2, 2, 2.5, 1.5])], failed=1)))
     fid = tmp_path / "fid.json"
@@ -152,7 +155,12 @@ def test_report_tables_and_charts(runs, tmp_path, capsys):
     assert "| replan_flux_kontext | **3.46** | 4.00 | **3.00** | **3.50** | **3.49** | **2.70** |" in md
     assert "| baseline_flux_kontext | 3.00 | **4.20** | 2.50 | 2.00 | 2.93 | 2.10 |" in md
     assert "| replan_flux_kontext | **3.96** | 4.50 |" in md  # judged_only
-    assert re.search(r"\| baseline_flux_kontext \| gemini-2.5-pro \| TainU/IV-Edit:test \| 2 \| 1 \| – \|", md)
+    run = r"\| gemini-2.5-pro \| TainU/IV-Edit:test \| 2 \| "
+    assert re.search(r"\| baseline_flux_kontext " + run + r"1 \| – \| – \| – \|", md)
+    assert re.search(r"\| replan_flux_kontext " + run + r"0 \| – \| official \| 7 \|", md)
+    assert ("| replan_flux_kontext | official:quality.txt@bc51afc (000000000000) | "
+            "official:target_following.txt@bc51afc (111111111111) |") in md
+    assert "| baseline_flux_kontext | – | – | – | – |" in md  # an older run without rubric records
     assert "## Breakdown by referring_type" in md
     assert "| Spatial | 3 | **3.25** | 2.50 |" in md and "| Text | 1 | 4.25 | – |" in md  # Overall
     assert "| Spatial | 3 | **2.50** | 1.50 |" in md  # Weighted

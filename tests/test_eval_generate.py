@@ -1,5 +1,6 @@
 """python -m replan.eval.generate on the offline IV-Edit fixture with the tiny backbone and the tiny planner."""
 
+import hashlib
 import json
 import socket
 from pathlib import Path
@@ -21,6 +22,7 @@ from replan.eval.generate import (
     sample_seed,
 )
 from replan.pipeline import RePlanPipeline
+from replan.planner import load_template
 from replan.testing.ivedit import tiny_ivedit_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,9 @@ def test_every_eval_config_maps_one_to_one_onto_the_dataclass():
     (["method=magic"], "method must be one of"),
     (["backbone=sdxl"], "unknown backbone"),
     (["steps"], "key=value"),
+    (["parse=exact"], "unknown parse mode 'exact'"),
+    (["strict_plan=true"], "strict_plan is now parse: strict"),
+    (["planner.lora_path=x"], "planner.lora_path is now planner.vlm_lora_path"),
 ])
 def test_bad_config_exits_2(tmp_path, capsys, args, message):
     assert main(["--config", TINY_YAML, f"output_dir={tmp_path / 'o'}", *args]) == 2
@@ -128,8 +133,17 @@ def test_replan_writes_every_file_per_sample(tmp_path, dataset, capsys):
         assert config["settings"]["switch"] == 0.0 and config["settings"]["expand"] == 0.15  # the eval entry point
         plan = json.loads((out / image_id / "plan.json").read_text())
         assert plan["raw_text"] == (out / image_id / "planner_response.txt").read_text()
+        # which template made the plan, and how its boxes were read
+        assert plan["planner"] == config["planner_provenance"] and plan["planner"]["box_frame"] == "processor"
+        assert plan["planner"]["template"] == "replan:planner/prompt.txt"
+        assert plan["planner"]["template_sha256"] == hashlib.sha256(load_template().encode()).hexdigest()
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["settings"]["method"] == "replan" and run_config["settings"]["steps"] == 2
+    assert run_config["settings"]["planner"]["template"] == "replan:planner/prompt.txt"
+    assert run_config["settings"]["planner"]["box_frame"] == "processor"
+    # the paper rows read replies as the official code; the tiny planner's noise becomes a global edit, said so
+    assert run_config["settings"]["parse"] == "official" and run_config["settings"]["lora_path"] is None
+    assert all("official" in json.loads((out / i / "plan.json").read_text())["repairs"][-1] for i in IDS)
 
 
 def test_baseline_is_the_stock_pipeline(baseline_run, dataset):
@@ -144,7 +158,7 @@ def test_baseline_is_the_stock_pipeline(baseline_run, dataset):
                         width=w, max_area=w * h, _auto_resize=False, num_inference_steps=2, guidance_scale=2.5,
                         generator=torch.Generator().manual_seed(sample_seed(42, "1001"))).images[0]
     assert np.array_equal(pixels(baseline_run / "1001" / "result.png"),
-                          np.asarray(stock.resize(image.size, Image.LANCZOS)))
+                          np.asarray(stock.resize(image.size, Image.BICUBIC)))
 
 
 def test_rephrase_with_the_tiny_planner_and_fallback_on_planner_failure(tmp_path, dataset, baseline_run,

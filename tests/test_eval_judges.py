@@ -24,9 +24,11 @@ from replan.eval.judges import (
     SCORE_KEYS,
     GenAIJudge,
     JudgeConfigError,
+    JudgeOffScale,
     JudgeParseError,
     OpenAIJudge,
     build_parts,
+    is_off_scale,
     load_templates,
     parse_judgement,
     parts_digest,
@@ -156,11 +158,12 @@ class Server:
         if dimension == "quality":
             assert kinds == ["text", "image", "text"], kinds
             assert texts[0].endswith(EDITED_MARKER) and ORIGINAL_MARKER not in "".join(texts)
+            assert INSTRUCTION not in "".join(texts)  # as official: the quality judge sees the edited image only
         else:
             assert kinds == ["text", "image", "text", "image", "text"], kinds
             assert texts[0].endswith(ORIGINAL_MARKER) and texts[1].endswith(EDITED_MARKER)
-            assert f"**Instruction**: {INSTRUCTION}" in texts[1] and REFERRING in texts[1]
-        assert INSTRUCTION in "".join(texts) and "{{{" not in "".join(texts)
+            assert f"**Editing Instruction**: {INSTRUCTION}" in texts[1] and REFERRING in texts[1]
+        assert "{{{" not in "".join(texts)
         return dimension, images
 
     def count(self) -> int:
@@ -204,12 +207,12 @@ def genai_judge(server, **kw) -> GenAIJudge:
 def test_default_templates_have_the_scales_markers_and_placeholders(templates):
     assert set(templates) == set(DIMENSIONS)
     for dim, text in templates.items():
-        assert SCORE_KEYS[dim] in text and "{{{instruction}}}" in text and text.count(EDITED_MARKER) == 1
+        assert SCORE_KEYS[dim] in text and text.count(EDITED_MARKER) == 1
         assert text.count(ORIGINAL_MARKER) == (0 if dim == "quality" else 1)
-        if dim != "quality":
-            assert "{{{referring_expression}}}" in text
-    assert "from 1 to 5" in templates["quality"] and "only 5 or 1" in templates["target_following"]
-    assert "only 5, 3 or 1" in templates["effect"] and "only 5, 3 or 1" in templates["consistency"]
+        placeholders = set(re.findall(r"\{\{\{([^{}]+)\}\}\}", text))
+        assert placeholders == (set() if dim == "quality" else {"instruct", "ref_exp"}), dim  # the official names
+    assert "(1 to 5)" in templates["quality"] and "[5 or 1]" in templates["target_following"]
+    assert "[5, 3, or 1]" in templates["effect"] and "[5, 3, or 1]" in templates["consistency"]
 
 
 def test_build_parts_puts_each_image_after_its_marker(templates):
@@ -220,9 +223,10 @@ def test_build_parts_puts_each_image_after_its_marker(templates):
     assert [isinstance(p, str) for p in effect] == [True, False, True, False, True]
     assert effect[1] is ORIGINAL and effect[3] is EDITED
     # an instruction that contains a marker or a placeholder cannot move an image or be substituted again
-    tricky = build_parts("effect", templates["effect"], f"write '{EDITED_MARKER}' {{{{{{referring_expression}}}}}}",
+    tricky = build_parts("effect", templates["effect"], f"write '{EDITED_MARKER}' {{{{{{ref_exp}}}}}}",
                          REFERRING, ORIGINAL, EDITED)
-    assert tricky[1] is ORIGINAL and tricky[3] is EDITED and "{{{referring_expression}}}" in tricky[2]
+    assert tricky[1] is ORIGINAL and tricky[3] is EDITED and "{{{ref_exp}}}" in tricky[2]
+    assert f"**Editing Instruction**: write '{EDITED_MARKER}'" in tricky[2] and REFERRING in tricky[2]
     assert parts_digest("effect", effect) != parts_digest("effect", tricky)
     assert parts_digest("effect", effect) == parts_digest("effect", parts_for(templates, "effect"))
     assert render("a {{x}} {{{ instruction }}} {{{instruction}}}", {"instruction": "I"}) == "a {{x}} I I"
@@ -232,9 +236,14 @@ def test_custom_templates_load_and_bad_ones_raise_clear_errors(tmp_path, templat
     for dim, text in templates.items():
         (tmp_path / f"{dim}.txt").write_text("Custom. " + text)
     assert load_templates(tmp_path)["effect"].startswith("Custom. ")
+    # replan's earlier placeholder names still work
+    (tmp_path / "effect.txt").write_text(templates["effect"].replace("{{{instruct}}}", "{{{instruction}}}"))
+    effect = load_templates(tmp_path)["effect"]
+    assert INSTRUCTION in "".join(p for p in build_parts("effect", effect, INSTRUCTION, REFERRING, ORIGINAL, EDITED)
+                                  if isinstance(p, str))
     cases = {
-        "effect": (templates["effect"].replace("{{{referring_expression}}}", "REF"), "referring_expression"),
-        "quality": (templates["quality"].replace("{{{instruction}}}", "{{{instrucion}}}"), "unknown placeholder"),
+        "effect": (templates["effect"].replace("{{{ref_exp}}}", "REF"), "{{{ref_exp}}}"),
+        "quality": (templates["quality"] + "{{{instrucion}}}", "unknown placeholder"),
         "consistency": (templates["consistency"].replace(ORIGINAL_MARKER, "Original:"), "Original Image"),
         "target_following": (templates["target_following"] + EDITED_MARKER, "exactly 1"),
     }
@@ -272,20 +281,40 @@ def test_parse_judgement_fallbacks(dimension, text, score):
 
 
 @pytest.mark.parametrize("dimension,text", [
-    ("target_following", '{"reasoning": "x", "target_score": 3}'),  # outside 5|1
-    ("effect", '{"reasoning": "x", "effect_score": 4}'),  # outside 5|3|1
-    ("quality", '{"reasoning": "x", "quality_score": 0}'),
     ("quality", '{"reasoning": "x", "quality_score": true}'),
+    ("quality", '{"reasoning": "x", "quality_score": NaN}'),
+    ("effect", '{"reasoning": "x", "effect_score": Infinity}'),
+    ("effect", '{"reasoning": "x", "effect_score": "four"}'),
     ("effect", '{"reasoning": "x"}'),
-    ("effect", "4"),
     ("effect", "It is a 4 out of 5."),  # ambiguous
     ("quality", "no idea"),
     ("quality", ""),
     ("quality", "<think>5</think>"),
-], ids=["target-3", "effect-4", "quality-0", "bool", "no-key", "digit-4", "ambiguous", "words", "empty", "only-think"])
-def test_parse_judgement_rejects_invalid_replies(dimension, text):
-    with pytest.raises(JudgeParseError):
-        parse_judgement(text, dimension)
+], ids=["bool", "nan", "inf", "word", "no-key", "ambiguous", "words", "empty", "only-think"])
+def test_parse_judgement_rejects_replies_without_a_number(dimension, text):
+    for score_parse in ("official", "strict"):
+        with pytest.raises(JudgeParseError) as info:
+            parse_judgement(text, dimension, score_parse)
+        assert not isinstance(info.value, JudgeOffScale)
+
+
+@pytest.mark.parametrize("dimension,text,score", [
+    ("target_following", '{"reasoning": "x", "target_score": 3}', 3),  # off 5|1
+    ("effect", '{"reasoning": "x", "effect_score": 4}', 4),  # off 5|3|1
+    ("consistency", '{"reasoning": "x", "consistency_score": 7}', 7),
+    ("quality", '{"reasoning": "x", "quality_score": 0}', 0),
+    ("effect", '{"reasoning": "x", "effect_score": 4.5}', 4.5),
+    ("effect", "4", 4),
+])
+def test_off_scale_scores_are_used_as_given_officially_and_fail_strictly(dimension, text, score):
+    got, reasoning = parse_judgement(text, dimension)  # official is the default
+    assert got == score and type(got) is type(score) and is_off_scale(got, dimension)
+    with pytest.raises(JudgeOffScale) as info:
+        parse_judgement(text, dimension, "strict")
+    assert info.value.score == score and "outside the scale" in str(info.value)
+    assert not is_off_scale(5, dimension) and not is_off_scale(None, dimension)
+    with pytest.raises(ValueError, match="score_parse"):
+        parse_judgement(text, dimension, "lenient")
 
 
 # --------------------------------------------------------------------------------------------------- openai judge
@@ -308,15 +337,28 @@ def test_openai_judge_scores_every_dimension_with_images_at_the_markers(server, 
 def test_openai_judge_retries_bad_replies_until_a_valid_score(server, templates):
     server.script = [
         (200, chat("{'reasoning': broken json")),  # malformed JSON, no score
-        (200, chat('{"reasoning": "x", "target_score": 3}')),  # outside the 5|1 scale
         (500, {"error": {"message": "engine overloaded"}}),
         (429, {"error": {"message": "slow down"}}),
         (200, {"choices": []}),
         (200, chat('```json\n{"reasoning": "on the target", "target_score": 1}\n```')),
     ]
     result = openai_judge(server, max_retries=5).judge("target_following", parts_for(templates, "target_following"))
-    assert (result.score, result.reasoning, result.attempts, result.error) == (1, "on the target", 6, None)
-    assert server.count() == 6 and server.errors == []
+    assert (result.score, result.reasoning, result.attempts, result.error) == (1, "on the target", 5, None)
+    assert server.count() == 5 and server.errors == [] and not result.off_scale
+
+
+def test_an_off_scale_score_is_never_asked_again(server, templates):
+    parts = parts_for(templates, "effect")
+    server.script = [(200, chat('{"reasoning": "almost", "effect_score": 4}'))]
+    result = openai_judge(server, max_retries=3).judge("effect", parts)  # official: used as given
+    assert (result.score, result.off_scale, result.error, result.attempts) == (4, True, None, 1)
+    server.script = [(200, chat('{"reasoning": "almost", "effect_score": 4}'))]
+    result = openai_judge(server, max_retries=3, score_parse="strict").judge("effect", parts)
+    assert (result.score, result.off_scale, result.attempts) == (None, True, 1)
+    assert result.error.startswith("off-scale:") and result.reasoning == "almost"
+    assert server.count() == 2
+    with pytest.raises(JudgeConfigError, match="score_parse"):
+        openai_judge(server, score_parse="loose")
 
 
 def test_openai_judge_bare_digit_and_fenced_replies(server, templates):
@@ -332,9 +374,9 @@ def test_openai_judge_gives_up_after_retries_with_the_last_error(server, templat
     result = openai_judge(server, max_retries=2).judge("effect", parts_for(templates, "effect"))
     assert result.score is None and result.attempts == 3 and server.count() == 3
     assert "failed after 3 attempt" in result.error and "HTTP 500: CUDA out of memory" in result.error
-    server.script = [(200, chat('{"reasoning": "x", "effect_score": 4}'))] * 2
+    server.script = [(200, chat('{"reasoning": "x"}'))] * 2
     result = openai_judge(server, max_retries=1).judge("effect", parts_for(templates, "effect"))
-    assert result.score is None and "outside the scale" in result.error and result.raw.endswith("4}")
+    assert result.score is None and "no numeric 'effect_score'" in result.error and result.raw.endswith('"x"}')
 
 
 def test_openai_judge_400_fails_fast_and_401_404_are_configuration_errors(server, templates):
@@ -425,7 +467,7 @@ def test_genai_request_building_offline(templates):
         assert content.parts[i].inline_data.mime_type == "image/png"
         assert same(Image.open(io.BytesIO(content.parts[i].inline_data.data)).convert("RGB"), image)
     assert config.response_mime_type == "application/json" and config.max_output_tokens == 16384
-    assert config.response_schema.required == ["reasoning", "consistency_score"]
+    assert config.response_schema.required == ["consistency_score", "reasoning"]  # as the official schema
     assert config.response_schema.property_ordering == ["reasoning", "consistency_score"]
     assert GenAIJudge("m", api_key="k").max_tokens >= 8192
 

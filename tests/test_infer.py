@@ -65,7 +65,7 @@ def test_no_plan_is_the_stock_backbone(tmp_path):
     stock = editor.pipe(image=editor.pipe.image_processor.resize(image, h, w), prompt="make it snowy", height=h,
                         width=w, max_area=w * h, _auto_resize=False, num_inference_steps=3, guidance_scale=2.5,
                         generator=__import__("torch").Generator().manual_seed(0)).images[0]
-    stock = stock.resize(image.size, Image.LANCZOS)
+    stock = stock.resize(image.size, Image.BICUBIC)
     assert np.array_equal(pixels(out / "result.png"), np.asarray(stock))
 
 
@@ -141,9 +141,12 @@ class _PlannerServer:
 
         from replan.testing.standins import JSONHandler
 
+        prompts = self.prompts = []  # the text part of each request: the prompt the planner built
+
         class Handler(JSONHandler):
             def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompts.extend(p["text"] for p in body["messages"][0]["content"] if p["type"] == "text")
                 self._send(200, {"choices": [{"message": {"content": reply}, "finish_reason": "stop"}]})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -173,6 +176,33 @@ def test_cli_with_an_openai_compatible_planner(tmp_path):
     assert (out / "planner_response.txt").read_text() == reply
     (region,) = plan.regions
     assert region.bbox == pytest.approx((87 * 640 / 644, 197 * 480 / 476, 208 * 640 / 644, 311 * 480 / 476))
+
+
+def test_cli_parse_modes(tmp_path, capsys):
+    # a reply with one box whose corners are swapped: lenient repairs it, official (as the official code, which
+    # raises on it) runs a global edit and says why, strict (and --strict_plan) refuses the reply
+    reply = ('<think>t</think><gen_image>make it warm</gen_image><region>[{"bbox_2d": [208, 311, 87, 197], '
+             '"hint": "a small cactus in a pot"}]</region>')
+    server = _PlannerServer(reply)
+    common = ["--image", DESK, "--instruction", "replace the used cup", "--planner", "openai", "--base_url",
+              server.url, "--backbone", "tiny", "--steps", "1", "--device", "cpu"]
+    try:
+        assert main(common + ["--output_dir", str(tmp_path / "lenient")]) == 0
+        assert main(common + ["--output_dir", str(tmp_path / "official"), "--parse", "official"]) == 0
+        capsys.readouterr()
+        for flags in (["--parse", "strict"], ["--strict_plan"]):
+            assert main(common + ["--output_dir", str(tmp_path / "strict"), *flags]) == 2
+            assert "swapped corners" in capsys.readouterr().err
+        assert main(common + ["--output_dir", str(tmp_path / "x"), "--parse", "lenient", "--strict_plan"]) == 2
+        assert "contradicts parse mode 'lenient'" in capsys.readouterr().err
+    finally:
+        server.close()
+    lenient, official = (RegionPlan.load(tmp_path / d / "plan.json") for d in ("lenient", "official"))
+    assert len(lenient.regions) == 1 and "swapped corners" in lenient.repairs[0]
+    assert official.regions == () and official.global_prompt == "make it warm"
+    assert "x2 <= x1" in official.repairs[0] and "global edit" in official.repairs[0]
+    assert json.loads((tmp_path / "official" / "config.json").read_text())["parse"] == "official"
+    assert not (tmp_path / "strict").exists()
 
 
 def test_cli_unreachable_endpoint_exits_3(tmp_path, capsys):
@@ -231,3 +261,40 @@ def test_offline_smoke_backbones_of_the_other_families(tmp_path, backbone):
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"] == backbone and len(config["resolved"]["boxes"]) == 2
     assert Image.open(out / "result.png").size == (640, 480)
+
+
+def test_prompt_template_box_frame_and_provenance_in_the_outputs(tmp_path):
+    """The planner gets the template file's text; outputs name it with its hash; --box_frame original reads the
+    reply's boxes as image pixels (official), the default maps them from the 644x476 frame the planner saw."""
+    import hashlib
+
+    reply = ('<think>the cup with coffee is the used one</think><gen_image>keep remaining part of image unchanged.'
+             '</gen_image><region>[{"bbox_2d": [87, 197, 208, 311], "hint": "a small cactus in a pot"}]</region>')
+    server = _PlannerServer(reply)
+    template = tmp_path / "official_like.txt"
+    template.write_text("Plan the edit as regions.\n\nThe user instruction: ", encoding="utf-8")
+    runs = {}
+    try:
+        for frame, flag in (("original", "--vlm_prompt_template_path"), ("processor", "--prompt_template")):
+            out = tmp_path / frame
+            args = ["--image", DESK, "--instruction", "replace the used cup", "--planner", "openai", "--base_url",
+                    server.url, "--output_dir", str(out), "--backbone", "tiny", "--steps", "1", "--device", "cpu",
+                    flag, str(template)]
+            assert main(args + (["--box_frame", "original"] if frame == "original" else [])) == 0
+            runs[frame] = out
+    finally:
+        server.close()
+    assert server.prompts == ["Plan the edit as regions.\n\nThe user instruction: \nreplace the used cup"] * 2
+    digest = hashlib.sha256(template.read_bytes()).hexdigest()
+    for frame, out in runs.items():
+        saved = json.loads((out / "plan.json").read_text())
+        expected = {"template": str(template), "template_sha256": digest, "box_frame": frame,
+                    "planner_frame": [644, 476]}
+        assert saved["planner"] == expected
+        assert json.loads((out / "config.json").read_text())["planner_provenance"] == expected
+    (raw,) = RegionPlan.load(runs["original"] / "plan.json").regions
+    (mapped,) = RegionPlan.load(runs["processor"] / "plan.json").regions
+    assert raw.bbox == (87, 197, 208, 311)
+    assert mapped.bbox == pytest.approx((87 * 640 / 644, 197 * 480 / 476, 208 * 640 / 644, 311 * 480 / 476))
+    with pytest.raises(SystemExit):
+        main(["--box_frame", "pixels"])

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from replan.coords import box_area, clip_box
 from replan.parse import PlanParseError, parse_plan
 from replan.plan import RegionPlan
 
@@ -274,11 +275,6 @@ MALFORMED = [
         "region 1 box [300, 250, 100, 50] has swapped corners"),
     Bad("swapped_x_only", _SWAPPED_X, [((100.0, 50.0, 300.0, 250.0), "a"), (BOX_B, "b")], ["swapped corners"],
         "swapped corners"),
-    Bad("partly_outside", _PARTLY, [((0.0, 20.0, 200.0, 100.0), "a")],
-        ["partly outside the 200x100 image; clipped to [0, 20, 200, 100]"], "partly outside the 200x100 image",
-        image_size=(200, 100)),
-    Bad("partly_outside_float", _PARTLY_FLOAT, [((150.5, 0.0, 200.0, 99.75), "a")],
-        ["clipped to [150.5, 0, 200, 99.75]"], "partly outside", image_size=(200, 100)),
     Bad("entirely_outside", _OUTSIDE, [(BOX_A, "a")], ["region 1 box [300, 10, 400, 50] lies outside the 200x100"],
         "lies outside the 200x100 image", image_size=(200, 100)),
     Bad("entirely_outside_negative", _OUTSIDE_NEG, [(BOX_A, "a")], ["lies outside"], "lies outside",
@@ -336,9 +332,8 @@ def test_malformed_lenient_repairs_and_records(case):
     for want, got in zip(case.repairs, plan.repairs):
         assert want in got, (want, plan.repairs)
     if case.image_size:
-        w, h = case.image_size
-        for x1, y1, x2, y2 in plan.boxes:
-            assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        for box in plan.boxes:
+            assert box_area(clip_box(box, case.image_size)) > 0  # kept boxes overlap the image
 
 
 @pytest.mark.parametrize("case", MALFORMED, ids=[c.id for c in MALFORMED])
@@ -384,11 +379,19 @@ def test_invalid_utf8_bytes():
     assert info.value.position == len(data) - 2
 
 
+@pytest.mark.parametrize("mode", ["lenient", "strict", "official"])
+@pytest.mark.parametrize("text, box", [(_PARTLY, (-10.0, 20.0, 250.0, 120.0)),
+                                       (_PARTLY_FLOAT, (150.5, -0.5, 200.25, 99.75))], ids=["int", "float"])
+def test_a_box_partly_outside_the_image_is_kept_raw_in_every_mode(mode, text, box):
+    # the editor expands the raw box and clamps afterwards (official); clipping here would change the expansion
+    plan = parse_plan(text, (200, 100), mode=mode)
+    assert plan.boxes == [box] and plan.repairs == ()
+
+
 def test_swapped_and_partly_outside_combined():
     plan = parse_plan(reply('[{"bbox_2d": [250, 120, -10, 20], "hint": "a"}]'), (200, 100))
-    assert plan.boxes == [(0.0, 20.0, 200.0, 100.0)]
-    assert len(plan.repairs) == 2
-    assert "swapped corners" in plan.repairs[0] and "clipped to [0, 20, 200, 100]" in plan.repairs[1]
+    assert plan.boxes == [(-10.0, 20.0, 250.0, 120.0)]
+    assert len(plan.repairs) == 1 and "swapped corners" in plan.repairs[0]
 
 
 def test_without_image_size_nothing_is_clipped():
@@ -450,14 +453,11 @@ def test_planner_frame_edge_maps_onto_the_image_edge_for_many_sizes():
             assert plan.boxes == [(0.0, 0.0, float(W), float(W))]
 
 
-def test_planner_size_maps_before_clipping_and_swapping():
+def test_planner_size_maps_before_swapping():
     body = '[{"bbox_2d": [1100, 10, 500, 100], "hint": "a"}]'  # swapped and past the 1008-wide frame
     plan = parse_plan(reply(body), (4032, 3024), planner_size=(1008, 756))
-    assert plan.boxes == [(2000.0, 40.0, 4032.0, 400.0)]
-    assert [r.split(";")[0] for r in plan.repairs] == [
-        "region 1 box [4400, 40, 2000, 400] has swapped corners",
-        "region 1 box [2000, 40, 4400, 400] lies partly outside the 4032x3024 image",
-    ]
+    assert plan.boxes == [(2000.0, 40.0, 4400.0, 400.0)]  # mapped, swapped back, kept past the border
+    assert [r.split(";")[0] for r in plan.repairs] == ["region 1 box [4400, 40, 2000, 400] has swapped corners"]
     with pytest.raises(PlanParseError, match=r"region 1 box \[4400, 40, 2000, 400\] has swapped corners"):
         parse_plan(reply(body), (4032, 3024), strict=True, planner_size=(1008, 756))
 
@@ -501,7 +501,7 @@ def check_plan(plan: RegionPlan, size=(640, 480)) -> None:
     assert all(isinstance(r, str) for r in plan.repairs)
     for r in plan.regions:
         x1, y1, x2, y2 = r.bbox
-        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, r.bbox
+        assert x1 < x2 and y1 < y2 and box_area(clip_box(r.bbox, (w, h))) > 0, r.bbox  # overlaps the image
         assert r.hint.strip() == r.hint and r.hint
         assert all(math.isfinite(v) for v in r.bbox)
 
@@ -512,6 +512,8 @@ def check_garbage(text) -> None:
     lenient = outcome(text, False)
     assert isinstance(lenient, RegionPlan), f"lenient mode raised {lenient!r} on {text!r:.200}"
     check_plan(lenient)
+    official = parse_plan(text, (640, 480), mode="official")  # never raises on text either
+    assert all(r.bbox[0] < r.bbox[2] and r.bbox[1] < r.bbox[3] and r.hint.strip() for r in official.regions)
     if isinstance(strict, RegionPlan):  # strict accepted it: lenient must agree without repairs
         assert strict.repairs == ()
         assert lenient.regions == strict.regions and lenient.repairs == ()

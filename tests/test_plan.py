@@ -398,17 +398,48 @@ def test_clipped_uses_own_size_and_needs_one():
 def test_validate():
     make_plan().validate()
     make_plan(image_size=None).validate()  # nothing to check against
-    plan = RegionPlan("g", (Region((0, 0, 10, 10), "in"), Region((190, 50, 201, 60), "out")), image_size=(200, 100))
+    # partly outside is valid: the editor expands the raw box and clamps afterwards (official)
+    RegionPlan("g", (Region((190, 50, 201, 60), "edge"), Region((-1, 0, 10, 10), "neg")), image_size=(200, 100)
+               ).validate()
+    plan = RegionPlan("g", (Region((0, 0, 10, 10), "in"), Region((200, 50, 260, 60), "out")), image_size=(200, 100))
     with pytest.raises(ValueError) as info:
         plan.validate()
     msg = str(info.value)
-    assert "region 2 box [190, 50, 201, 60] lies (partly) outside the 200x100 image" in msg
-    assert "plan.clipped()" in msg
+    assert "region 2 box [200, 50, 260, 60] lies outside the 200x100 image" in msg and "plan.rescaled" in msg
     plan.validate((300, 300))  # an explicit size wins
     with pytest.raises(ValueError, match="region 1 .* outside the 5x5 image"):
-        plan.validate((5, 5))
-    with pytest.raises(ValueError, match="outside"):
-        RegionPlan("g", (Region((-1, 0, 10, 10), "neg"),), image_size=(20, 20)).validate()
+        RegionPlan("g", (Region((6, 6, 9, 9), "a"),)).validate((5, 5))
+
+
+def test_expand_then_clamp_issue_example():
+    # issue 12 item 7: 640x480, box [-30, 100, 200, 300], expand 0.15, FLUX.1 Kontext → [0, 70, 234, 330] = 840 patches
+    from replan.backbones.flux_kontext import kontext_resolution
+    from replan.coords import box_to_patch_mask
+    from replan.parse import parse_plan
+
+    for mode in ("lenient", "strict", "official"):
+        plan = parse_plan('<think>t</think><gen_image>g</gen_image><region>[{"bbox_2d": [-30, 100, 200, 300], '
+                          '"hint": "h"}]</region>', (640, 480), mode=mode)
+        assert plan.boxes == [(-30.0, 100.0, 200.0, 300.0)]  # the raw box is kept
+        # dx = 230 * 0.15 = 34.5, dy = 200 * 0.15 = 30: [-64.5, 70, 234.5, 330] → clamp → int
+        assert plan.expanded_boxes(0.15) == [(0, 70, 234, 330)]
+    w, h = kontext_resolution((640, 480))
+    assert (w, h) == (1184, 880)
+    # cols 0 … ceil(234 * 1.85 / 16) = 28, rows floor(70 * 11/6 / 16) = 8 … ceil(330 * 11/6 / 16) = 38: 28 x 30
+    patches = box_to_patch_mask((0, 70, 234, 330), (640, 480), (h // 16, w // 16))
+    assert int(patches.sum()) == 840
+    clipped_first = RegionPlan("g", (Region((0, 100, 200, 300), "h"),), image_size=(640, 480))  # the old order
+    assert clipped_first.expanded_boxes(0.15) == [(0, 70, 230, 330)]
+    assert int(box_to_patch_mask((0, 70, 230, 330), (640, 480), (h // 16, w // 16)).sum()) == 810
+
+
+def test_expanded_box_entirely_outside_covers_no_patch():
+    plan = RegionPlan("g", (Region((700, 10, 800, 50), "gone"),), image_size=(640, 480))
+    (box,) = plan.expanded_boxes(0.15)  # [685, 4, 815, 56] → clamped: x1 = 685 > x2 = 640
+    assert box == (685, 4, 640, 56)
+    from replan.coords import box_to_patch_mask
+
+    assert not box_to_patch_mask(box, (640, 480), (30, 40)).any()
 
 
 def test_expanded_boxes_official_worked_example():
@@ -509,6 +540,17 @@ def test_draw_overlay_long_hint_and_box_at_top_edge():
     changed = _changed(image, out)
     assert changed[0, 320] and changed[240, 0] and changed[479, 320] and changed[240, 639]
     assert not changed[200:300, 300:400].any()
+
+
+def test_draw_overlay_draws_boxes_sticking_out_clipped_and_skips_boxes_outside():
+    image = Image.new("RGB", (200, 100), GREY)
+    plan = RegionPlan("g", (Region((-30, 20, 80, 140), "partly"), Region((300, 10, 400, 50), "gone")),
+                      image_size=(200, 100))
+    out = draw_overlay(image, plan, width=2)
+    same = draw_overlay(image, RegionPlan("g", (Region((0, 20, 80, 100), "partly"),), image_size=(200, 100)), width=2)
+    assert np.array_equal(np.asarray(out), np.asarray(same))  # drawn as its clipped box; the outside box not at all
+    inverted = draw_overlay(image, plan, boxes=[(0, 0, 90, 90), (685, 4, 640, 56)], width=2)  # expanded, clamped
+    assert _changed(image, inverted)[45, 0]
 
 
 def test_to_response_keeps_tag_text_in_hints_and_refuses_it_elsewhere():

@@ -6,7 +6,7 @@ import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from PIL import Image
 
-from replan.attention import RegionAttention, RuleSchedule, RuleSet, TokenLayout
+from replan.attention import GroupMembership, RegionAttention, RuleSchedule, RuleSet, TokenLayout, dense_mask
 from replan.backbones import load_editor, resolve
 from replan.backbones.qwen_image_edit import QwenImageEditor, RegionQwenAttnProcessor
 from replan.plan import Region, RegionPlan
@@ -72,7 +72,51 @@ def test_no_regions_equals_stock_pipeline(tiny_dirs, kind):
     w, h = result.generation_size
     stock = ed.pipe(image=image, prompt="make it warm", negative_prompt=" ", true_cfg_scale=4.0, height=h, width=w,
                     num_inference_steps=2, generator=torch.Generator().manual_seed(1)).images[0]
-    assert np.array_equal(np.asarray(result.image), np.asarray(stock.resize(image.size, Image.LANCZOS)))
+    assert np.array_equal(np.asarray(result.image), np.asarray(stock.resize(image.size, Image.BICUBIC)))
+
+
+@pytest.mark.parametrize("kind, resample", [("edit", Image.BICUBIC), ("plus", Image.LANCZOS)])
+def test_input_resize(tiny_dirs, kind, resample, monkeypatch):
+    """Qwen-Image-Edit: the VAE and the text encoder get the input PIL-resized with BICUBIC, as the official pipeline
+    (``image.resize((w, h))``); EditPlus keeps its pipeline's own (Lanczos) resizing."""
+    ed = editor_for(tiny_dirs, kind)
+    image = make_image()
+    seen = []
+    encode = ed.pipe.vae.encode
+    monkeypatch.setattr(ed.pipe.vae, "encode", lambda x, *a, **k: seen.append(x.detach().clone()) or encode(x, *a, **k))
+    result = ed.edit(image, PLAN, steps=2, seed=1)
+    w, h = result.generation_size
+    expected = image.resize((w, h), resample)
+    if kind == "edit":
+        assert np.array_equal(np.asarray(ed.prompt_image(image)), np.asarray(expected))
+    pixels = ed.pipe.image_processor.preprocess(expected, h, w)
+    assert torch.equal(seen[0][:, :, 0], pixels.to(seen[0].dtype))
+    other = Image.LANCZOS if resample == Image.BICUBIC else Image.BICUBIC
+    assert not torch.equal(seen[0][:, :, 0], ed.pipe.image_processor.preprocess(image.resize((w, h), other), h, w))
+
+
+def test_delete_main_prompt_as_official(tiny_dirs):
+    """The text is the hint spans alone: the main prompt and its image-prompt tokens are dropped; background patches
+    then read no text at all, box i reads hint i only."""
+    ed = editor_for(tiny_dirs, "edit")
+    image = make_image()
+    full = ed.edit(image, PLAN, steps=2, seed=1, switch=0.0)
+    result = ed.edit(image, PLAN, steps=2, seed=1, switch=0.0, delete_main_prompt=True)
+    layout = result.layout
+    assert layout.main is None and layout.image_prompt is None
+    names = layout.group_names()
+    assert "Main Prompt" not in names and "Image Prompt" not in names
+    assert [b - a for a, b in layout.hints] == [b - a for a, b in full.layout.hints]
+    assert layout.hints[0][0] == 0 and layout.text_len == sum(b - a for a, b in layout.hints)
+    mask = dense_mask(GroupMembership.from_layout(layout), result.schedule.at(0))[0, 0]
+    T, P = layout.text_len, layout.noise_grid.size
+    box1, box2 = (layout.region_token_mask(i, ("noise",))[T : T + P] for i in (1, 2))
+    noise_to_text = mask[T : T + P, :T]
+    assert not noise_to_text[~(box1 | box2)].any()
+    h1, h2 = (slice(*span) for span in layout.hints)
+    assert noise_to_text[box1][:, h1].all() and not noise_to_text[box1 & ~box2][:, h2].any()
+    assert result.image.size == image.size
+    assert not np.array_equal(np.asarray(result.image), np.asarray(full.image))
 
 
 def processor_ids(ed, text, prompt_image):
@@ -224,8 +268,6 @@ def test_bad_options(tiny_dirs):
         ed.edit(make_image(), PLAN, steps=1, guidance=3.0)
     with pytest.raises(ValueError, match="at least 2 steps"):
         ed.edit(make_image(), PLAN, steps=1)
-    with pytest.raises(ValueError, match="delete_main_prompt"):
-        ed.edit(make_image(), PLAN, steps=1, delete_main_prompt=True)
     long_plan = RegionPlan("x", tuple(Region((10, 10, 60, 60), "a very long hint " * 60) for _ in range(5)))
     with pytest.raises(ValueError, match="text tokens"):
         ed.edit(make_image(), long_plan, steps=1)

@@ -219,11 +219,20 @@ def test_cli_tiny_everything_and_errors(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
     out = tmp_path / "mb.json"
-    rc = evaluate.main(["--benchmark", "magicbrush", "--results_dir", str(run), "--dataset", "tiny", "--clip", "tiny",
-                        "--dino", "tiny", "--output_json", str(out), "--setting", "multi"])
-    assert rc == 0
+    argv = ["--benchmark", "magicbrush", "--results_dir", str(run), "--dataset", "tiny", "--clip", "tiny",
+            "--dino", "tiny", "--output_json", str(out), "--setting", "multi"]
+    # nothing to score: one line, exit 2, no output written, no model loaded
+    assert evaluate.main(argv) == 2 and not out.exists() and not (tmp_path / "cache" / "tiny-clip").exists()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: nothing to score") and "\n" not in err and "turn_" in err
+    final = [r for r in benchmarks.load_magicbrush("tiny") if r.turn == r.num_turns]
+    (run / final[0].session).mkdir()
+    (run / final[0].session / f"turn_{final[0].turn}.png").write_bytes(b"not a png")   # unreadable: still nothing
+    assert evaluate.main(argv) == 2 and "nothing could be scored" in capsys.readouterr().err
+    final[0].target.save(run / final[0].session / f"turn_{final[0].turn}.png")
+    assert evaluate.main(argv) == 0
     res = json.loads(out.read_text())
-    assert res["scores"]["multi_turn"]["count"] == 0 and res["scores"]["multi_turn"]["l1"] is None
+    assert res["scores"]["multi_turn"]["count"] == 1 and res["scores"]["multi_turn"]["l1"] == 0.0
     assert "tiny-clip" in res["checkpoints"]["clip"] and "tiny-dino" in res["checkpoints"]["dino"]
     rc = evaluate.main(["--benchmark", "magicbrush", "--results_dir", str(run), "--output_json", str(out)])
     assert rc == 2 and "needs --dataset" in capsys.readouterr().err

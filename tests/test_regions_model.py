@@ -1,13 +1,10 @@
 """Learnable regions: region generator shapes/threshold/save-load, losses vs hand computations, descriptions."""
 
 import json
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from replan.regions import losses as L
 from replan.regions.descriptions import Describer, DescriptionConfig, offline_pair, parse_pair, sample_key
 from replan.regions.model import RegionGenerator, RegionModelConfig
 from replan.testing.regions import save_tiny_regions_backbones, shape_image
@@ -83,70 +80,6 @@ def test_save_load_roundtrip_and_config_mismatch(model, backbones, tmp_path):
         bigger.load_head(path)
     with pytest.raises(ValueError, match="not a region-generator checkpoint"):
         RegionGenerator.load(tmp_path)
-
-
-# ------------------------------------------------------------------------------------------------------ losses
-A = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
-B = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
-
-
-def test_semantic_alignment_by_hand():
-    assert torch.allclose(L.cos_distance(A, B), torch.tensor([1.0, 0.0]), atol=1e-6)
-    c = torch.tensor([[1.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
-    sa = L.semantic_alignment(A, B, c, c)
-    e = torch.tensor([1 - 1 / math.sqrt(2), 1 + 1 / math.sqrt(2)])   # D(A, c)
-    o = torch.tensor([1 - 1 / math.sqrt(2), 1 + 1 / math.sqrt(2)])   # D(B, c)
-    assert torch.allclose(sa["sa_e"], e, atol=1e-6) and torch.allclose(sa["sa_o"], o, atol=1e-6)
-    assert torch.allclose(sa["sa"], e + o, atol=1e-6)
-
-
-def test_clip_terms_by_hand():
-    i_e, i_o = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 1.0]])
-    t_e, t_o = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    assert torch.allclose(L.clip_guidance(i_e, t_e), torch.tensor([1 - 2 / math.sqrt(5)]))
-    # unnormalised: (1, 0) vs (1, -1) → 1 − 1/√2
-    assert torch.allclose(L.clip_directional(i_e, i_o, t_e, t_o, normalize=False), torch.tensor([1 - 2 ** -0.5]))
-    de = F.normalize(i_e, dim=-1) - F.normalize(i_o, dim=-1)
-    dt = F.normalize(t_e, dim=-1) - F.normalize(t_o, dim=-1)
-    want = 1 - (de * dt).sum() / (de.norm() * dt.norm())
-    assert torch.allclose(L.clip_directional(i_e, i_o, t_e, t_o), want.view(1))
-    tok_a = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    tok_b = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
-    assert torch.allclose(L.self_similarity(tok_b), torch.tensor([[[1.0, 2 ** -0.5], [2 ** -0.5, 1.0]]]))
-    sq = 2 * 0.5  # two off-diagonal entries, each (0 − 1/√2)² = 0.5
-    assert torch.allclose(L.structural(tok_a, tok_b, "sum"), torch.tensor([sq]))
-    assert torch.allclose(L.structural(tok_a, tok_b, "mean"), torch.tensor([sq / 4]))
-    assert torch.allclose(L.structural(tok_a, tok_b, "fro"), torch.tensor([math.sqrt(sq)]))
-    with pytest.raises(ValueError):
-        L.structural(tok_a, tok_b, "max")
-    cl = L.clip_supervision(i_e, i_o, t_e, t_o, tok_a, tok_b, lambdas=(1.0, 2.0, 3.0), dir_normalize=False)
-    assert torch.allclose(cl["clip_total"], cl["clip"] + 2 * cl["dir"] + 3 * cl["struct"])
-    assert torch.allclose(L.total_loss(torch.tensor([1.0, 3.0]), torch.tensor([2.0]), 0.5, 2.0), torch.tensor(5.0))
-
-
-def test_straight_through_and_composite():
-    p = torch.tensor([[0.2, 0.7, 0.5]], requires_grad=True)
-    m = L.straight_through(p, 0.5)
-    assert m.tolist() == [[0.0, 1.0, 0.0]]
-    (m * torch.tensor([[1.0, 2.0, 3.0]])).sum().backward()
-    assert p.grad.tolist() == [[1.0, 2.0, 3.0]]
-    up = torch.tensor([[[[1.0, 0.0]]]])
-    gen, src = torch.full((1, 3, 1, 2), 5.0), torch.full((1, 3, 1, 2), -1.0)
-    assert L.composite(up, gen, src)[0, :, 0].tolist() == [[5.0, -1.0]] * 3
-
-
-def test_bernoulli_and_reinforce_by_hand():
-    p = torch.tensor([[0.9, 0.2], [0.5, 0.5]], requires_grad=True)
-    sample, logp = L.bernoulli_mask(p, torch.Generator().manual_seed(0))
-    assert set(sample.unique().tolist()) <= {0.0, 1.0}
-    want = (sample * p.log() + (1 - sample) * (1 - p).log()).sum(1)
-    assert torch.allclose(logp, want)
-    cost = torch.tensor([3.0, 1.0])
-    L.reinforce(logp, cost).backward()
-    # d/dp of mean((c − c̄) log p(m)) = (c − c̄)/B · (m/p − (1 − m)/(1 − p))
-    adv = (cost - cost.mean()).view(2, 1) / 2
-    grad = adv * (sample / p.detach() - (1 - sample) / (1 - p.detach()))
-    assert torch.allclose(p.grad, grad)
 
 
 # ------------------------------------------------------------------------------------------------ descriptions

@@ -210,7 +210,7 @@ def test_models(server):
     ({}, {"image": ("x.png", png_bytes(Image.new("RGB", (32, 32))), "image/png")}, "image", "at least 64"),
     ({"plan": '{"global_prompt": "x", "regions": [{"bbox": [90, 90, 20, 20], "hint": "h"}]}'}, {}, "plan",
      "zero area"),
-    ({"plan": '{"global_prompt": "x", "regions": [{"bbox": [0, 0, 900, 100], "hint": "h"}]}'}, {}, "plan",
+    ({"plan": '{"global_prompt": "x", "regions": [{"bbox": [700, 0, 900, 100], "hint": "h"}]}'}, {}, "plan",
      "outside"),
     ({"plan": '{"regions": []}'}, {}, "plan", "no 'global_prompt'"),
     ({"plan": '{"global_prompt": '}, {}, "plan", "not valid JSON"),
@@ -288,16 +288,34 @@ def test_429_when_the_queue_is_full(server):
 def test_execute_runs_the_regions(server, direct):
     image = Image.open(DESK).convert("RGB")
     response = DESK_PLAN.to_response()
-    r = execute(server, response=response, seed=5)
+    r = execute(server, response=response, seed=5, box_frame="original")  # the official server's reading
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) >= {"image_base64", "plan", "seconds"} and body["seconds"] > 0
+    assert body["box_frame"] == "original" and body["planner_size"] is None
     plan = RegionPlan.from_dict(body["plan"])
     assert plan.regions == DESK_PLAN.regions and plan.raw_text == response
     expected = direct(image, plan=parse_plan(response, image.size), seed=5, steps=2, entry="server")
     assert np.array_equal(pixels(body["image_base64"]), np.asarray(expected.image))
     # server defaults (switch 0, expand 0.15) are not the CLI's (switch 0.05): the same plan differs through edits
     assert expected.edit.boxes == [tuple(b) for b in body["boxes"]]
+
+
+def test_execute_reads_boxes_in_the_planner_frame_by_default(server):
+    response = DESK_PLAN.to_response()
+    # 640x480: smart_resize rounds each side to a multiple of 28 → 644x476, the frame Qwen2.5-VL saw
+    default = execute(server, response=response, steps=1).json()
+    assert default["box_frame"] == "processor" and default["planner_size"] == [644, 476]
+    expected = parse_plan(response, (640, 480), planner_size=(644, 476))
+    assert RegionPlan.from_dict(default["plan"]).regions == expected.regions != DESK_PLAN.regions
+    given = execute(server, response=response, steps=1, planner_size=[320, 240]).json()
+    assert given["planner_size"] == [320, 240]
+    assert RegionPlan.from_dict(given["plan"]).regions == parse_plan(response, (640, 480),
+                                                                     planner_size=(320, 240)).regions
+    assert_error(execute(server, response=response, box_frame="original", planner_size=[644, 476]), 400,
+                 "planner_size", "only used with box_frame 'processor'")
+    assert_error(execute(server, response=response, planner_size=[0, 476]), 400, "planner_size", "positive")
+    assert_error(execute(server, response=response, box_frame="frame"), 400, "box_frame")
 
 
 def test_execute_garbage_is_a_global_edit(server, direct):
@@ -307,6 +325,24 @@ def test_execute_garbage_is_a_global_edit(server, direct):
     assert plan.regions == () and plan.repairs
     expected = direct(Image.open(DESK), plan=RegionPlan("", image_size=(640, 480)), seed=1, steps=2, entry="server")
     assert np.array_equal(pixels(r.json()["image_base64"]), np.asarray(expected.image))
+
+
+def test_execute_reads_the_reply_in_the_requested_parse_mode(server, direct):
+    # official (GRPO reward parity): a box entirely outside the image is kept and executed (it covers no patch);
+    # lenient drops it; strict refuses a reply it cannot read
+    response = ('<think>t</think><gen_image>g</gen_image><region>[{"bbox_2d": [87, 197, 208, 311], "hint": "cactus"}, '
+                '{"bbox_2d": [700, 10, 800, 50], "hint": "gone"}]</region>')
+    r = execute(server, response=response, seed=2, parse="official", box_frame="original", delete_main_prompt=True)
+    assert r.status_code == 200, r.text
+    plan = RegionPlan.from_dict(r.json()["plan"])
+    assert [reg.hint for reg in plan.regions] == ["cactus", "gone"] and plan.repairs == ()
+    assert r.json()["boxes"][1] == [685, 4, 640, 56]
+    expected = direct(Image.open(DESK), plan=plan, seed=2, steps=2, entry="server", delete_main_prompt=True)
+    assert np.array_equal(pixels(r.json()["image_base64"]), np.asarray(expected.image))
+    lenient = RegionPlan.from_dict(execute(server, response=response, seed=2).json()["plan"])  # the server default
+    assert [reg.hint for reg in lenient.regions] == ["cactus"] and "lies outside" in lenient.repairs[0]
+    assert_error(execute(server, response="no plan here", parse="strict"), 400, "response", "plan grammar")
+    assert_error(execute(server, response=response, parse="exact"), 400, "parse")
 
 
 @pytest.mark.parametrize("body, param, text", [

@@ -1,5 +1,6 @@
 """GRPO training data (replan.train.data): the tiny IV-Edit fixture → TRL dataset and verl parquet."""
 
+import hashlib
 import io
 import json
 import re
@@ -23,9 +24,11 @@ def test_trl_dataset_rows(samples):
     ds = tdata.to_trl_dataset(TINY)
     assert len(ds) == len(samples) == 5  # the fixture's "filtered" row is skipped, as in evaluation
     assert set(ds.column_names) == {"prompt", "image", "instruction", "referring_expression", "image_id", "width",
-                                    "height"}
+                                    "height", "template", "template_sha256"}
     template = load_template()
     for row in ds:
+        assert row["template"] == "replan:planner/prompt.txt"
+        assert row["template_sha256"] == hashlib.sha256(template.encode()).hexdigest()
         sample = samples[row["image_id"]]
         assert row["prompt"] == [{"role": "user", "content": build_prompt(template, sample.instruction)}]
         assert isinstance(row["image"], Image.Image) and row["image"].mode == "RGB"
@@ -77,6 +80,24 @@ def test_verl_parquet(tmp_path, samples):
         assert info["referring_expression"] == sample.referring_expression
         assert info["task_name"] == "text_refinement_edit" and info["split"] == "test"
         assert info["image_path"] == ""
+        assert info["template"] == "replan:planner/prompt.txt"
+        assert info["template_sha256"] == hashlib.sha256(template.encode()).hexdigest()
+
+
+def test_prompt_template_file_builds_and_is_recorded_in_every_row(tmp_path):
+    import datasets
+
+    template = tmp_path / "my_prompt.txt"
+    template.write_text("Plan the edit.\nThe user instruction: ", encoding="utf-8")
+    out = tmp_path / "train.parquet"
+    assert tdata.main(["--dataset", "tiny", "--split", "test", "--out", str(out), "--prompt_template", str(template),
+                       "--limit", "2"]) == 0
+    for row in datasets.load_dataset("parquet", data_files=str(out), split="train"):
+        assert row["prompt"][0]["content"].startswith("<image>Plan the edit.\nThe user instruction: \n")
+        assert row["extra_info"]["template"] == str(template)
+        assert row["extra_info"]["template_sha256"] == hashlib.sha256(template.read_bytes()).hexdigest()
+    assert tdata.main(["--dataset", "tiny", "--split", "test", "--out", str(out), "--prompt_template",
+                       str(tmp_path / "missing.txt")]) == 2
 
 
 def test_verl_stage2_rows_keep_an_image_store(tmp_path):

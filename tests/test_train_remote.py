@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from replan.eval.judges import JudgeConfigError
+from replan.eval.judges import JudgeConfigError, load_templates
 from replan.testing.standins import JSONHandler
 from replan.train.remote import (
     EditClient,
@@ -168,7 +168,7 @@ class JudgeStandin(Standin):
     def read(request) -> tuple[str, str]:
         texts = "".join(p.get("text", "") for p in request["body"]["messages"][0]["content"])
         dimension = next(d for k, d in SCORE_KEY.items() if f'"{k}"' in texts)
-        return dimension, re.search(r"\*\*Instruction\*\*: (.*)", texts).group(1).strip()
+        return dimension, re.search(r"\*\*Editing Instruction\*\*: (.*)", texts).group(1).strip()
 
 
 @pytest.fixture
@@ -208,7 +208,7 @@ def test_values_equal_hand_computation(edit_server, judge_server):
         sample("no target"),                                # T0 E1 C0 → 1/3 + .181
         sample(response="garbage"),                         # not executed: .2·(−6)
         sample(response=reply(0)),                          # [] → not executed: .2·.825
-        sample(response=reply(6)),                          # 6 regions → not executed: .2·.865
+        sample(response=reply(7)),                          # 7 regions → not executed: .2·.865
         sample(response=reply(1, box=[50, 40, 10, 10])),    # swapped box → not executed: .2·.905
         sample(instruction=""),                             # missing instruction → .2·.905, logged
         sample(image=None),                                 # missing image → .2·.905
@@ -227,7 +227,7 @@ def test_values_equal_hand_computation(edit_server, judge_server):
     assert results[0]["editing"] == pytest.approx(0.905) and results[0]["planning"] == 1.0
     # only the three executable plans reached the edit server, each judged on three dimensions
     assert len(edit_server.posts()) == 3 and len(judge_server.posts()) == 9
-    assert "6 regions" in reward.last_details[5]["reason"] and "instruction" in reward.last_details[7]["reason"]
+    assert "7 regions" in reward.last_details[5]["reason"] and "instruction" in reward.last_details[7]["reason"]
 
 
 def test_requests_carry_the_image_plan_instruction_and_interleaved_images(edit_server, judge_server):
@@ -235,7 +235,10 @@ def test_requests_carry_the_image_plan_instruction_and_interleaved_images(edit_s
     response = "  \n" + reply(2) + "\n"
     make_reward(edit_server, judge_server)([sample("turn it blue", response, image)])
     (post,) = edit_server.posts()
-    assert set(post["body"]) == {"image_base64", "response", "instruction"}
+    assert set(post["body"]) == {"image_base64", "response", "instruction", "box_frame", "planner_size", "parse"}
+    assert post["body"]["parse"] == "official"  # read as the official reward server: boxes outside are executed
+    # 80x48: smart_resize rounds each side to a multiple of 28 → 84x56, the frame the policy saw
+    assert post["body"]["box_frame"] == "processor" and post["body"]["planner_size"] == [84, 56]
     assert same(unpng(post["body"]["image_base64"]), image)
     assert post["body"]["response"] == reply(2) and post["body"]["instruction"] == "turn it blue"
     edited = Image.fromarray(255 - np.asarray(image))
@@ -343,10 +346,23 @@ def test_judge_malformed_replies_and_fallbacks(edit_server, judge_server):
     assert results[0]["overall"] == pytest.approx(1.181) and not results[0]["judge_failed"]
     assert results[1]["judge_failed"] and results[1]["effect"] == 0 and results[1]["effect_score"] == 0
     assert results[1]["planning"] == pytest.approx(1 / 3)  # T only: C·E = 0
-    assert results[2]["judge_failed"] and results[2]["target"] == 0 and results[2]["planning"] == pytest.approx(2 / 3)
+    # target 4 is off its 5|1 scale: used as given (official), 4 >= 4 gives T = 1, asked once, counted
+    assert not results[2]["judge_failed"] and results[2]["target"] == 1 and results[2]["target_score"] == 4
+    assert results[2]["planning"] == 1.0 and results[2]["off_scale"] == 1 and results[0]["off_scale"] == 0
     attempts = [JudgeStandin.read(r) for r in judge_server.posts()]
-    assert attempts.count(("effect", "bad effect")) == 2 and attempts.count(("target", "bad target")) == 2
+    assert attempts.count(("effect", "bad effect")) == 2 and attempts.count(("target", "bad target")) == 1
     assert "effect" in reward.last_details[1]["judge_errors"]
+
+
+def test_strict_score_parse_fails_an_off_scale_score_without_asking_again(edit_server, judge_server):
+    judge_server.scores = {"bad target": {"target": 4}}
+    edit = EditClient(edit_server.url, timeout=5.0, backoff=0.01)
+    judge = JudgeClient(judge_server.url + "/v1", MODEL, timeout=5.0, max_retries=3, backoff=0.01,
+                        score_parse="strict")
+    (result,) = Stage2Reward(edit, judge, 1, ready_interval=0.02)([sample("bad target")])
+    assert result["judge_failed"] and result["target"] == 0 and result["target_score"] == 0 and result["off_scale"] == 0
+    assert result["planning"] == pytest.approx(2 / 3)  # E and C·E
+    assert [JudgeStandin.read(r)[0] for r in judge_server.posts()].count("target") == 1
 
 
 def test_judge_server_errors_count_as_failed_and_wrong_key_stops(edit_server, judge_server):
@@ -415,10 +431,10 @@ def test_reward_config_from_yaml_and_build(tmp_path, edit_server, judge_server, 
     reward.close()
 
 
-def test_templates_match_the_eval_rubric():
-    templates = load_reward_templates()
-    assert set(templates) == {"target", "effect", "consistency"}
-    assert "5 or 1" in templates["target"] and "5, 3 or 1" in templates["effect"]
-    assert "5, 3 or 1" in templates["consistency"]
+def test_templates_are_the_eval_rubrics():
+    """As official, the training judge uses the eval rubrics (the same files)."""
+    templates, rubrics = load_reward_templates(), load_templates()
+    assert templates == {"target": rubrics["target_following"], "effect": rubrics["effect"],
+                         "consistency": rubrics["consistency"]}
     with pytest.raises(ValueError, match="does not exist"):
         load_reward_templates("/no/such/dir")

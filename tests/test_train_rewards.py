@@ -56,7 +56,10 @@ CASES = {
     "valid 3 regions": (reply(regions(3)), 1, 0.75, 0.9, GOOD, 3, True, True),
     "valid 5 regions": (reply(regions(5)), 1, 0.75, 0.9, GOOD, 5, True, True),
     "0 regions": (reply([]), 1, 0.75, 0.5, 0.5 + 0.225 + 0.1, 0, True, False),
-    "6 regions": (reply(regions(6)), 1, 0.75, 0.7, 0.5 + 0.225 + 0.14, 6, True, False),  # official gate: executed
+    # 6+ regions miss the 1-5 bonus but reach Rg = .5 + .2 = .7: the official gate executes them; the official edit
+    # server runs at most 6 (31 attention groups), so 7+ would score 0 there and are not sent
+    "6 regions": (reply(regions(6)), 1, 0.75, 0.7, 0.5 + 0.225 + 0.14, 6, True, True),
+    "7 regions": (reply(regions(7)), 1, 0.75, 0.7, 0.5 + 0.225 + 0.14, 7, True, False),
     "9 regions": (reply(regions(9)), 1, 0.75, 0.7, 0.5 + 0.225 + 0.14, 9, True, False),
     # think 17 chars: .085 − 20; region +.25; gen 23 chars: .25 − 20; Rg .5 + .2 − 2 hints − 2 boxes
     "template example copied": (PROMPT_EXAMPLE, 1, -39.415, -3.3, 0.5 + 0.3 * -39.415 + 0.2 * -3.3, 2, True, False),
@@ -84,9 +87,15 @@ CASES = {
     "text after the tags": (reply(regions(1)) + " done", 0, 0.75, 0.9, 0.405, 1, False, False),
     "tags out of order": (f"<gen_image>{GEN}</gen_image><think>{THINK}</think><region>[]</region>", 0, 0.75, 0.5,
                           0.225 + 0.1, 0, False, False),
+    # the official edit server fails on these (planning 0), so they are not sent
     "swapped box": (reply([region(0, box=[300, 200, 100, 50])]), 1, 0.75, 0.9, GOOD, 1, True, False),
     "zero-width box": (reply([region(0, box=[100, 20, 100, 90])]), 1, 0.75, 0.9, GOOD, 1, True, False),
-    "whitespace-only hint": (reply([region(0, hint="   ")]), 1, 0.75, 0.9, GOOD, 1, True, False),
+    # executed as official (Rg counts it as a good hint; the edit server's parser leaves the region out)
+    "whitespace-only hint": (reply([region(0, hint="   ")]), 1, 0.75, 0.9, GOOD, 1, True, True),
+    # entirely outside a 640x480 image, and partly: executed as official, which clamps after expanding
+    "box outside the image": (reply([region(0), region(1, box=[700, 500, 800, 600])]), 1, 0.75, 0.9, GOOD, 2, True,
+                              True),
+    "box partly outside": (reply([region(0, box=[600, 400, 700, 500])]), 1, 0.75, 0.9, GOOD, 1, True, True),
     "long think and gen_image": (reply(regions(1), think="a" * 600, gen="b" * 600), 1, 0.25, 0.9, 0.755, 1, True,
                                  True),
     "think at the cap": (reply(regions(1), think="a" * 512), 1, 0.75, 0.9, GOOD, 1, True, True),
@@ -95,7 +104,7 @@ CASES = {
     "spaces around tags": ("\n < think > " + THINK + " </ think >\n\n< gen_image >" + GEN + "</gen_image >\n<region>"
                            + json.dumps(regions(2), indent=2) + "</region>\n", 1, 0.75, 0.9, GOOD, 2, True, True),
     "spaces inside the region tag": (reply(regions(1)).replace("<region>", "< region >"), 1, 0.75, 0.9, GOOD, 1, True,
-                                     False),  # scored as official, but the server would not see the regions
+                                     True),  # scored and executed as official: the server then sees no regions
     "garbage bytes": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe garbage", 0, -20, 0, -6.0, 0, False, False),
     "utf-8 bytes": (reply(regions(1)).encode(), 1, 0.75, 0.9, GOOD, 1, True, True),
     "none": (None, 0, 0, 0, 0.0, 0, False, False),
@@ -106,14 +115,18 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_editing_score_hand_computed(name):
     response, f, q, rg, overall, n, valid, executable = CASES[name]
-    s = editing_score(response, (640, 480))
+    s = editing_score(response)
     assert tuple(s) == EDITING_KEYS
     assert s["format"] == f and s["quality"] == pytest.approx(q) and s["region"] == pytest.approx(rg)
     assert s["overall"] == pytest.approx(overall) and s["n_regions"] == n
     assert s["valid"] is valid and s["executable"] is executable
     assert s["overall"] == pytest.approx(0.5 * s["format"] + 0.3 * s["quality"] + 0.2 * s["region"])
-    ok, reason = should_execute(response, (640, 480))
+    ok, reason = should_execute(response)
     assert ok is executable and (reason == "ok") is ok and reason
+    # the official gate is F = 1 and Rg >= 0.7; it differs only where the official server fails (planning 0 there)
+    official_gate = s["format"] == 1.0 and s["region"] >= 0.7
+    server_fails = name in ("7 regions", "9 regions", "swapped box", "zero-width box")
+    assert executable is (official_gate and not server_fails)
 
 
 def test_maximum_and_placeholder_costs():
@@ -134,10 +147,12 @@ def test_every_template_placeholder_is_penalised():
 
 
 def test_gate_reasons_and_the_official_gate():
-    assert should_execute(reply(regions(6)))[1] == "6 regions; at most 5 are executed"
+    assert should_execute(reply(regions(6))) == (True, "ok")
+    assert should_execute(reply(regions(7)))[1] == "7 regions; the edit server runs at most 6"
     assert "empty region list" in should_execute(reply([]))[1]
     assert "x2 <= x1" in should_execute(reply([region(0, box=[300, 200, 100, 50])]))[1]
-    assert "example hint or box" in should_execute(reply([region(0, hint="how to edit for this region")]))[1]
+    reason = should_execute(reply([region(0), region(1, hint="how to edit for this region")]))[1]
+    assert reason == "region 2 copies the template's example hint or box (Rg -0.30 < 0.7)"  # .5 + .2 - 1
     assert should_execute("nonsense")[1].startswith("format")
     assert "not text" in should_execute(None)[1]
     # everything executed passes the official gate F = 1 and Rg >= 0.7
@@ -147,24 +162,10 @@ def test_gate_reasons_and_the_official_gate():
             assert s["format"] == 1.0 and s["region"] >= 0.7
 
 
-def test_image_size_drops_boxes_outside_the_image():
-    response = reply([region(0), region(1, box=[700, 500, 800, 600])])
-    assert should_execute(response) == (True, "ok")  # without a size nothing is known to be outside
-    ok, reason = should_execute(response, (640, 480))
-    assert not ok and "1 of 2 regions" in reason
-    assert editing_score(response, (640, 480))["executable"] is False
-    assert should_execute(reply([region(0, box=[600, 400, 700, 500])]), (640, 480)) == (True, "ok")  # partly inside
-    assert should_execute(reply(regions(1)), "not a size") == (True, "ok")  # a bad size is ignored
-
-
 def test_batch_wrapper():
     responses = [c[0] for c in CASES.values()]
     assert stage1_rewards(responses) == [editing_score(r) for r in responses]
-    sizes = [(640, 480)] * len(responses)
-    assert stage1_rewards(responses, sizes) == [editing_score(r, (640, 480)) for r in responses]
     assert stage1_rewards([]) == []
-    with pytest.raises(ValueError, match="image sizes"):
-        stage1_rewards(["a", "b"], [(1, 1)])
 
 
 # ------------------------------------------------------------------------------------------ official regexes as oracles
@@ -209,7 +210,7 @@ def test_normalise_and_format_match_the_official_regexes():
 ])
 def test_pathological_replies_are_fast_and_safe(text):
     start = time.perf_counter()
-    s = editing_score(text, (64, 64))
+    s = editing_score(text)
     assert time.perf_counter() - start < 2.0
     assert tuple(s) == EDITING_KEYS and s["executable"] is False
 
@@ -220,8 +221,8 @@ def test_pathological_replies_are_fast_and_safe(text):
     ('```json\n{"reasoning": "meh", "effect_score": 3}\n```', "effect", 3),
     ("5", "consistency", 5),
     ("consistency_score: 1", "consistency", 1),
-    ('{"effect_score": 4}', "effect", None),  # outside the 5|3|1 scale
-    ('{"target_score": 3}', "target", None),  # outside the 5|1 scale
+    ('{"effect_score": 4}', "effect", 4),  # off the 5|3|1 scale: used as given, as official
+    ('{"target_score": 3}', "target", 3),  # off the 5|1 scale
     ('{"target_score": 5}', "target_following", 5),  # eval names work too
     ("I cannot judge this.", "effect", None),
     ("", "effect", None),
@@ -230,6 +231,8 @@ def test_pathological_replies_are_fast_and_safe(text):
 ])
 def test_parse_judge_score(text, dimension, score):
     assert parse_judge_score(text, dimension) == score
+    scale = {"target": (1, 5), "effect": (1, 3, 5), "consistency": (1, 3, 5)}.get(dimension, (1, 5))
+    assert parse_judge_score(text, dimension, "strict") == (score if score in scale else None)
 
 
 EDIT = editing_score(reply(regions(1)))  # overall .905
@@ -255,7 +258,21 @@ def test_planning_score_hand_computed(t, e, c, marks, planning):
     assert s["editing"] == pytest.approx(0.905) and s["format"] == 1.0 and s["n_regions"] == 1
     assert (s["target_score"], s["effect_score"], s["consistency_score"]) == tuple(0 if v is None else v
                                                                                   for v in (t, e, c))
-    assert s["executed"] is (any(v is not None for v in (t, e, c)))
+    assert s["executed"] is (any(v is not None for v in (t, e, c))) and s["off_scale"] == 0
+
+
+@pytest.mark.parametrize(("t", "e", "c", "marks", "planning", "off"), [
+    (5, 4, 5, (1, 1, 1), 1.0, 1),  # effect 4 (off 5|3|1) counts 4 >= 4: E = 1, and C counts
+    (5, 2, 5, (1, 0, 1), 1 / 3, 1),  # effect 2: E = 0, so C does not count
+    (3, 5, 5, (0, 1, 1), 2 / 3, 1),  # target 3 (off 5|1) < 4
+    (7, 7, 4, (1, 1, 1), 1.0, 3),  # 7s and a consistency 4 all clear the threshold
+    (0, 4, 0, (0, 1, 0), 1 / 3, 3),
+])
+def test_planning_score_with_off_scale_judge_scores_hand_computed(t, e, c, marks, planning, off):
+    s = planning_score(t, e, c, EDIT)
+    assert (s["target"], s["effect"], s["consistency"]) == marks and s["off_scale"] == off
+    assert s["planning"] == pytest.approx(planning) and s["overall"] == pytest.approx(planning + 0.2 * 0.905)
+    assert (s["target_score"], s["effect_score"], s["consistency_score"]) == (t, e, c)
 
 
 def test_planning_score_variants_and_bad_inputs():

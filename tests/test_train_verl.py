@@ -92,7 +92,7 @@ def test_stage1_adapter_fixed_keys():
     keys = {"score", *EDITING_KEYS}
     for r in results:
         assert set(r) == keys and all(isinstance(v, float) for v in r.values())
-    assert results[0]["score"] == pytest.approx(stage1_rewards([GOOD_PLAN], [(96, 80)])[0]["overall"])
+    assert results[0]["score"] == pytest.approx(stage1_rewards([GOOD_PLAN])[0]["overall"])
     assert results[0]["format"] == 1.0 and results[1]["format"] == 0.0
     assert results[3]["score"] == 0.0  # not a string: scored 0, never raised
 

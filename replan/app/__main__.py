@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from replan.backbones import names
-from replan.planner import KINDS
+from replan.parse import PARSE_MODES
+from replan.planner import BOX_FRAMES, KINDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help="editor weights: hub id or local dir")
     ap.add_argument("--planner", choices=KINDS, default="local")
     ap.add_argument("--vlm_ckpt_path", help="planner checkpoint ('tiny' = offline random); for openai: the model name")
-    ap.add_argument("--lora_path")
+    ap.add_argument("--lora_path", help="LoRA for the diffusion editor (diffusers format), as official")
+    ap.add_argument("--vlm_lora_path", help="LoRA adapter for the local planner (PEFT format; needs peft)")
+    ap.add_argument("--parse", choices=PARSE_MODES, default="lenient",
+                    help="how planner replies are read (official: as the official code, no repairs)")
     ap.add_argument("--base_url", help="OpenAI-compatible planner endpoint")
     ap.add_argument("--api_key")
     ap.add_argument("--no_planner", action="store_true", help="start without a planner (draw plans by hand)")
+    ap.add_argument("--prompt_template", "--vlm_prompt_template_path", dest="prompt_template",
+                    help="planner prompt template file (default: replan's wording of the official one)")
+    ap.add_argument("--box_frame", choices=BOX_FRAMES, default="processor",
+                    help="how planner boxes are read: processor (default) or original (as official)")
     ap.add_argument("--stage_offload", choices=["none", "cpu"], default="none")
     ap.add_argument("--attention", choices=["dense", "flex"], default="dense",
                     help="mask implementation (flex: use with --compile)")
@@ -45,13 +53,16 @@ def load(args):
     import torch
 
     from replan.pipeline import RePlanPipeline
+    from replan.planner import load_template
 
-    planner_kwargs = {}
+    planner_kwargs = {"parse": args.parse, "box_frame": args.box_frame}
     if args.planner == "openai":
-        planner_kwargs = {k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v}
+        planner_kwargs.update({k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v})
+    if args.prompt_template:
+        planner_kwargs.update(template=load_template(args.prompt_template), template_name=args.prompt_template)
     return RePlanPipeline.from_pretrained(
         backbone=args.backbone, planner=None if args.no_planner else args.planner, model=args.model,
-        vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path,
+        vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), torch_dtype=args.dtype,
         stage_offload=args.stage_offload, planner_kwargs=planner_kwargs, compile=args.compile,
         attention_budget=args.attention_budget,

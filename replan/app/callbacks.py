@@ -6,13 +6,12 @@ message for the person at the screen; the UI shows it and keeps working.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from replan.attention import GroupMembership, RuleSet, TokenLayout, default_rules, dense_mask, short_label
+from replan.coords import box_area, clip_box
 from replan.images import check_image_size, to_rgb
 from replan.plan import Region, RegionPlan
 
@@ -50,8 +49,8 @@ def plan_to_annotator(image: Image.Image, plan: RegionPlan) -> dict:
 
 
 def annotator_to_plan(value: dict | None, global_prompt: str) -> tuple[RegionPlan, list[str]]:
-    """The plan the person drew, and notes on what was fixed: boxes dragged outside the image are clipped, boxes
-    with no area or no hint are left out."""
+    """The plan the person drew, and notes on what was left out: boxes with no area, no hint, or nothing inside the
+    image. A box partly outside the image is kept as it is: the editor expands it, then clamps it (official)."""
     if not value or value.get("image") is None:
         raise AppError("Upload an image first (or pick an example).")
     image = as_image(value["image"])
@@ -66,12 +65,13 @@ def annotator_to_plan(value: dict | None, global_prompt: str) -> tuple[RegionPla
             notes.append(f"box {i} has no hint; left out (give it one to use it)")
         elif x2 <= x1 or y2 <= y1:
             notes.append(f"box {i} has no area; left out")
+        elif box_area(clip_box((x1, y1, x2, y2), image.size)) <= 0:
+            notes.append(f"box {i} lies outside the image; left out")
         else:
             regions.append(Region((x1, y1, x2, y2), hint))
     if len(regions) > MAX_REGIONS:
         raise AppError(f"{len(regions)} boxes: the app takes at most {MAX_REGIONS}; delete some.")
-    plan = RegionPlan(global_prompt or "", tuple(regions), image_size=image.size).clipped()
-    return replace(plan, repairs=()), notes + list(plan.repairs)
+    return RegionPlan(global_prompt or "", tuple(regions), image_size=image.size), notes
 
 
 # ------------------------------------------------------------------------------------------------ attention matrix
@@ -161,5 +161,7 @@ def mask_preview(image: Image.Image, plan: RegionPlan, rules: RuleSet, grid_size
     preview = Image.blend(image.convert("RGB"), overlay, 0.55)
     draw = ImageDraw.Draw(preview)
     for i, box in enumerate(boxes):
-        draw.rectangle(box, outline=PALETTE[i % len(PALETTE)], width=2)
+        x1, y1, x2, y2 = clip_box(box, image.size)  # an expanded box is clamped; one outside the image is inverted
+        if x2 > x1 and y2 > y1:
+            draw.rectangle((x1, y1, x2, y2), outline=PALETTE[i % len(PALETTE)], width=2)
     return preview

@@ -136,10 +136,10 @@ def build_app(pipe, title: str = "RePlan", attention: str = "dense") -> gr.Block
             if plan.image_size and tuple(plan.image_size) != image.size:
                 plan = plan.rescaled(image.size)
                 note += " Its boxes were rescaled to this image."
-            plan.clipped(image.size).validate(image.size)
+            plan.validate(image.size)  # boxes partly outside stay as they are: expanded, then clamped (official)
         except (AppError, ValueError) as e:
             return gr.update(), gr.update(), fail(AppError(f"That plan cannot be used: {e}"))
-        return plan_to_annotator(image, plan.clipped(image.size)), plan.global_prompt, note
+        return plan_to_annotator(image, plan), plan.global_prompt, note
 
     def preview(value, global_prompt, matrix, expand):
         try:

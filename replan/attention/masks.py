@@ -133,14 +133,12 @@ def block_mask(membership: GroupMembership, rules: RuleSet, device=None, block_s
     length = membership.num_tokens
     num_blocks = -(-length // block_size)
     pad = num_blocks * block_size - length
-    # the padding class (index C) attends to nothing and is seen by nothing; the table is padded further to a
-    # fixed capacity so that its shape depends on the class count only through a power-of-two bucket
-    capacity = class_capacity(num_classes + 1)
-    allowed_pad = torch.zeros(capacity, capacity, dtype=torch.bool)
+    # the padding class (index C) attends to nothing and is seen by nothing
+    allowed_pad = torch.zeros(num_classes + 1, num_classes + 1, dtype=torch.bool)
     allowed_pad[:num_classes, :num_classes] = allowed
     cls_pad = torch.cat([membership.token_class, torch.full((pad,), num_classes, dtype=torch.long)])
 
-    present = torch.zeros(num_blocks, capacity, dtype=torch.bool)
+    present = torch.zeros(num_blocks, num_classes + 1, dtype=torch.bool)
     present[torch.arange(num_blocks * block_size) // block_size, cls_pad] = True
     p = present.float()
     any_true = (p @ allowed_pad.float() @ p.T) > 0
@@ -153,7 +151,12 @@ def block_mask(membership: GroupMembership, rules: RuleSet, device=None, block_s
         order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
         return counts[None, None].to(device), order[None, None].to(device)
 
-    allowed_dev, cls_dev = allowed_pad.to(device), cls_pad.to(device)
+    # mask_mod's class table is padded to a capacity that depends on the class count only through a power-of-two
+    # bucket, so plans with the same token count hand a compiled kernel tensors of the same shapes
+    capacity = class_capacity(num_classes + 1)
+    table = torch.zeros(capacity, capacity, dtype=torch.bool)
+    table[: num_classes + 1, : num_classes + 1] = allowed_pad
+    allowed_dev, cls_dev = table.to(device), cls_pad.to(device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed_dev[cls_dev[q_idx], cls_dev[kv_idx]]

@@ -167,8 +167,18 @@ class RegionProcessors:
         self.active: RegionAttention | None = None
         self.ulysses: UlyssesSplit | None = None  # set when the transformer runs under Ulysses context parallelism
         self.padded_passes = 0  # passes whose text was padded to the Ulysses split (a trace for tests and logs)
+        self.parallel = None  # the diffusers ContextParallelConfig this transformer runs under (set with ``ulysses``)
+        self.group = None  # the ranks that compute its passes together (``replan.distributed.EditGroup``)
         self._padding: tuple[tuple, RegionCall] | None = None
         self._hook = transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        transformer._replan_region_processors = self
+
+    @classmethod
+    def install(cls, transformer, wrap: Callable | None = None) -> RegionProcessors:
+        """The transformer's region processors: installed now, or the ones already installed (a second editor over
+        the same pipeline shares them instead of wrapping the wrappers)."""
+        existing = getattr(transformer, "_replan_region_processors", None)
+        return existing if existing is not None else cls(transformer, wrap)
 
     @contextmanager
     def activate(self, region: RegionAttention):
@@ -224,6 +234,7 @@ class RegionProcessors:
     def remove(self) -> None:
         self._hook.remove()
         self.transformer.set_attn_processor(self.original)
+        self.transformer._replan_region_processors = None
 
 
 def wrap_processor(base):

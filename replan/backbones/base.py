@@ -13,8 +13,10 @@ once; masks reach them as data, so later edits of the same shape reuse the compi
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -38,6 +40,8 @@ from replan.images import check_image_size, to_rgb
 from replan.plan import RegionPlan
 
 logger = logging.getLogger(__name__)
+
+RESIZE_BACK = Image.BICUBIC  # the official pipelines call ``image.resize((W, H))``: PIL's default, BICUBIC
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -109,18 +113,18 @@ class RegionEditor:
         self.attention_budget: int | None = None
         self.compiled = False
         self._warned_eager_flex = False
-        self.processors = RegionProcessors(pipe.transformer, self.wrap_processor)  # before any enable_parallelism
-        self.parallel = None  # the diffusers ContextParallelConfig once enable_parallel() ran
-        self.group = EditGroup.single()  # the ranks computing this editor's edits together
+        self.processors = RegionProcessors.install(pipe.transformer, self.wrap_processor)  # before enable_parallel
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model: str | None = None, *, spec: BackboneSpec, device=None, torch_dtype=None,
-                        offload: str = "none", editor_kwargs: dict | None = None, **load_kwargs):
+                        offload: str = "none", editor_kwargs: dict | None = None, lora_path: str | None = None,
+                        **load_kwargs):
         """Load ``spec.pipeline_class`` from a hub id or local directory (``model``; default ``spec.model_id``).
 
         ``offload``: ``"none"`` (move to ``device``), ``"model"`` (diffusers model CPU offload onto ``device``) or
-        ``"sequential"`` (sequential CPU offload). ``editor_kwargs`` go to the editor's constructor.
+        ``"sequential"`` (sequential CPU offload). ``editor_kwargs`` go to the editor's constructor. ``lora_path``:
+        a LoRA for the editor in diffusers format (the official ``--lora_path``), see ``load_lora``.
         """
         import diffusers
 
@@ -131,6 +135,8 @@ class RegionEditor:
             pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **load_kwargs)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot load {spec.pipeline_class} from {source!r}: {e}") from e
+        if lora_path:
+            load_lora(pipe, lora_path)
         if offload == "model":
             pipe.enable_model_cpu_offload(device=device)
         elif offload == "sequential":
@@ -161,6 +167,16 @@ class RegionEditor:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.pipe.transformer.compile_repeated_blocks(**{"fullgraph": True, "dynamic": False, **compile_kwargs})
         self.compiled = True
+
+    @property
+    def parallel(self):
+        """The diffusers ``ContextParallelConfig`` of this editor's transformer (None without parallelism)."""
+        return self.processors.parallel
+
+    @property
+    def group(self) -> EditGroup:
+        """The ranks computing this editor's edits together (one process without parallelism)."""
+        return self.processors.group or EditGroup.single()
 
     def enable_parallel(self, config) -> EditGroup:
         """Compute each edit on several GPUs (diffusers context parallelism, ``ContextParallelConfig``); see
@@ -231,8 +247,7 @@ class RegionEditor:
         check_image_size(image.size)
         if plan.image_size is None:
             plan = RegionPlan(plan.global_prompt, plan.regions, plan.reasoning, image.size, plan.raw_text, plan.repairs)
-        plan.check_image(image.size)
-        plan.validate(image.size)
+        plan.check_image(image.size)  # boxes may stick out of the image: expanded, then clamped (official)
         defaults = self.spec.defaults(entry)
         steps = self.spec.steps if steps is None else int(steps)
         if steps < 1:
@@ -241,8 +256,9 @@ class RegionEditor:
         expand_mode = expand_mode or self.spec.expand_mode
         options = {"steps": steps, "delete_main_prompt": delete_main_prompt, **options}
         options["generator"] = generator or torch.Generator("cpu").manual_seed(int(seed))
-        if delete_main_prompt and not plan.regions:
-            raise ValueError("delete_main_prompt needs at least one region: the prompt would be empty")
+        if delete_main_prompt and not plan.regions:  # official: without regions the flag has no effect
+            logger.info("delete_main_prompt ignored: the plan has no regions (a plain global edit, as official)")
+            delete_main_prompt = options["delete_main_prompt"] = False
 
         if attention not in ("dense", "flex"):
             raise ValueError(f"attention backend must be one of ('dense', 'flex'), got {attention!r}")
@@ -251,6 +267,10 @@ class RegionEditor:
 
         gen_size = self.generation_size(image.size)
         boxes = executed_boxes(plan, expand, expand_mode, image.size)
+        for i, (x1, y1, x2, y2) in enumerate(boxes, 1):
+            if x2 <= x1 or y2 <= y1:
+                logger.warning("region %d box %s lies outside the image: no patch sees its hint (as official)",
+                               i, list(plan.regions[i - 1].bbox))
         result = EditResult(image=image, plan=plan, generation_size=gen_size, boxes=boxes)
         if not plan.regions:  # plain global edit: the stock pipeline, nothing active
             encoded = self.encode(plan, image, gen_size, options)
@@ -297,7 +317,8 @@ class RegionEditor:
                     + self.reference_grids(gen_size))
         n = len(plan.regions)
         main = tokens.main_len or 0
-        groups = (1 if tokens.main_len else 0) + (1 if self.spec.has_image_prompt else 0) + 3 * n + 2
+        fixed = (1 + int(self.spec.has_image_prompt)) if tokens.main_len else 0  # Main (and Qwen's Image Prompt)
+        groups = fixed + 3 * n + 2
 
         def size(hint_lens):
             return LayoutSize(n, main, sum(hint_lens), image, groups)
@@ -333,7 +354,40 @@ class RegionEditor:
 
     @staticmethod
     def _resize_back(out: Image.Image, size: Size) -> Image.Image:
-        return out if out.size == tuple(size) else out.resize(tuple(size), Image.LANCZOS)
+        """The output at the input size, resized with PIL's default filter (BICUBIC), as official."""
+        return out if out.size == tuple(size) else out.resize(tuple(size), RESIZE_BACK)
+
+
+def load_lora(pipe, lora_path: str, adapter_name: str = "default") -> None:
+    """Load a LoRA into a diffusers editor pipeline as official: ``pipe.load_lora_weights(path, adapter_name=
+    "default")``. ``lora_path``: a hub id, a directory holding ``pytorch_lora_weights.safetensors`` (what
+    ``save_lora_weights`` writes) or one ``.safetensors`` file. ``ValueError`` naming the fix when the pipeline takes
+    no LoRA, the path does not exist, or no weight of the file fits the editor (e.g. a planner adapter)."""
+    name = type(pipe).__name__
+    if not callable(getattr(pipe, "load_lora_weights", None)):
+        raise ValueError(f"{name} cannot load LoRA weights (it has no load_lora_weights): drop --lora_path")
+    source, kwargs = lora_source(lora_path)
+    hint = ("--lora_path is a LoRA for the diffusion editor (diffusers format, e.g. written by "
+            "save_lora_weights); a LoRA of the planner goes to --vlm_lora_path")
+    try:
+        pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
+    except Exception as e:  # diffusers raises KeyError/ValueError/OSError/... for weights of another model
+        raise ValueError(f"cannot load the LoRA {lora_path} into {name}: {type(e).__name__}: {e}. {hint}") from e
+    if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
+        raise ValueError(f"the LoRA {lora_path} has no weight that fits {name}: nothing was loaded. {hint}")
+    logger.info("loaded the editor LoRA %s as adapter %r", lora_path, adapter_name)
+
+
+def lora_source(lora_path: str) -> tuple[str, dict]:
+    """``(source, load_lora_weights kwargs)`` for a LoRA path; ``ValueError`` when a local path does not exist (a
+    bare ``owner/name`` that is not a local path is taken as a hub id)."""
+    path = Path(os.path.expanduser(str(lora_path)))
+    local = path.exists() or path.is_absolute() or str(lora_path).startswith((".", "~")) or path.suffix != "" \
+        or len(path.parts) != 2
+    if local and not path.exists():
+        raise ValueError(f"editor LoRA {lora_path} does not exist (--lora_path takes a diffusers LoRA directory, "
+                         "a .safetensors file or a hub id)")
+    return (str(path.parent), {"weight_name": path.name}) if path.is_file() else (str(path if local else lora_path), {})
 
 
 def executed_boxes(plan: RegionPlan, expand: float, expand_mode: str, image_size: Size) -> list:

@@ -43,7 +43,7 @@ def context_parallel_config(config):
 
 
 def enable_context_parallel(editor, config) -> EditGroup:
-    """Parallelise ``editor``'s transformer; returns this rank's ``EditGroup`` (also kept as ``editor.group``).
+    """Parallelise ``editor``'s transformer; returns this rank's ``EditGroup`` (then ``editor.group``).
 
     Collective: every rank of the world calls it, in the same order, with the same config."""
     config = context_parallel_config(config)
@@ -74,7 +74,7 @@ def enable_context_parallel(editor, config) -> EditGroup:
                            f"{missing[0]}): they would attend within their own chunk only")
     if ring == 1:
         editor.processors.ulysses = UlyssesSplit(ulysses, bool(config.ulysses_anything))
-    editor.parallel, editor.group = config, group
+    editor.processors.parallel, editor.processors.group = config, group  # shared by editors over this transformer
     return group
 
 

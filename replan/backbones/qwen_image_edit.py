@@ -3,6 +3,8 @@ FireRed-Image-Edit (``QwenImageEditPlusPipeline``) — as region editors (replan
 
 * Resolution: the pipeline's own ~1 MP size for the input's aspect ratio (``calculate_dimensions``; for EditPlus the
   VAE-image size), for both the generated image and the reference; the output is resized back by the base class.
+  Qwen-Image-Edit resizes the input with PIL's BICUBIC, as the official pipeline (``image.resize((w, h))``); stock
+  diffusers uses Lanczos. EditPlus keeps its pipeline's own resizing (the official code has no EditPlus pipeline).
 * Text: Qwen2.5-VL encodes the main prompt with the image; its vision-token span is the ``Image Prompt`` group,
   visible to and from every group. Each hint is encoded with the same template and the same image, then its
   vision span (and for EditPlus the "Picture 1: " label before it) is removed: a hint span is its text plus the
@@ -15,6 +17,9 @@ FireRed-Image-Edit (``QwenImageEditPlusPipeline``) — as region editors (replan
   own code, so it stays the stock pipeline bit for bit.
 * True CFG 4.0 with negative prompt " ": the negative pass has no hints and runs unmasked, as official; masks
   follow the text length of each pass. 2511's ``zero_cond_t`` comes with its transformer config.
+* ``delete_main_prompt``, as official: the text is the hint spans alone, so the image-prompt tokens (which live in the
+  main prompt's encoding) are gone too; the official rules still name ``Image Prompt`` but its group is empty, which
+  is what leaving the group out gives. The negative pass keeps its full prompt with the image.
 
 The stock ``QwenDoubleStreamAttnProcessor2_0`` rejects attention masks, so masked passes go through
 ``RegionQwenAttnProcessor``, which repeats its math with the region mask; unmasked passes call the stock processor.
@@ -116,6 +121,9 @@ class QwenImageEditor(RegionEditor):
         self.patch = pipe.vae_scale_factor * 2
         self.module = inspect.getmodule(type(pipe))  # read sizes through it, so patched module constants apply
         self.plus = hasattr(self.module, "VAE_IMAGE_SIZE")
+        if not self.plus:  # the official pipeline resizes the input with PIL's default filter, BICUBIC
+            processor = pipe.image_processor
+            pipe.image_processor = type(processor)(**{**processor.config, "resample": "bicubic"})
         tok = pipe.tokenizer
         self.vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
         self.vision_end = tok.convert_tokens_to_ids("<|vision_end|>")
@@ -156,10 +164,8 @@ class QwenImageEditor(RegionEditor):
 
         ``prepared``: ``inputs`` (the processor's tensors), ``ids`` (main prompt, system prefix included),
         ``head`` (system prefix + vision span: what precedes each hint), ``hints``/``negative`` (each one's own
-        tokens), ``image_prompt`` (the vision span after the prefix)."""
-        if options["delete_main_prompt"]:
-            raise ValueError("delete_main_prompt is not supported on Qwen-Image-Edit: the main prompt carries the "
-                             "image prompt tokens that every group attends to")
+        tokens), ``image_prompt`` (the vision span after the prefix; None when the main prompt is deleted)."""
+        delete_main = bool(options["delete_main_prompt"])
         template, tok = self.pipe.prompt_template_encode, self.pipe.tokenizer
         inputs = self.pipe.processor(text=[template.format(self._user_text(plan.prompt_text))],
                                      images=self.prompt_image(image), padding=True, return_tensors="pt")
@@ -174,8 +180,8 @@ class QwenImageEditor(RegionEditor):
         negative = None
         if self._cfg(options):
             negative = tok(options.get("negative_prompt", self.spec.negative_prompt) + suffix)["input_ids"]
-        main_len = len(ids) - prefix
-        text_len = main_len + sum(len(h) for h in hints)
+        main_len = None if delete_main else len(ids) - prefix
+        text_len = (main_len or 0) + sum(len(h) for h in hints)
         if self.processors.ulysses is not None:  # context parallelism may pad the text to its split
             text_len += self.processors.ulysses.degree - 1
         grid = max(gen_size[0], gen_size[1]) // self.patch
@@ -183,8 +189,8 @@ class QwenImageEditor(RegionEditor):
         if text_len + offset > ROPE_POSITIONS:
             raise ValueError(f"the plan is {text_len} text tokens, more than Qwen-Image's rotary table allows "
                              f"({ROPE_POSITIONS - offset} at this size): shorten the hints or use fewer regions")
-        prepared = {"inputs": inputs, "ids": ids, "head": ids[: prefix + end], "hints": hints, "negative": negative,
-                    "image_prompt": (start, end)}
+        prepared = {"inputs": inputs, "ids": None if delete_main else ids, "head": ids[: prefix + end], "hints": hints,
+                    "negative": negative, "image_prompt": None if delete_main else (start, end)}
         return TextTokens(main_len, [len(h) for h in hints], None, prepared)
 
     def _encode_batch(self, inputs, sequences: list[list[int]]) -> list[torch.Tensor]:
@@ -239,20 +245,22 @@ class QwenImageEditor(RegionEditor):
         tokens = tokens or self.text_tokens(plan, image, gen_size, options)
         t = tokens.prepared
         head, prefix = t["head"], len(self.prefix_ids)
-        sequences = [t["ids"]] + ([head + t["negative"]] if t["negative"] is not None else [])
-        sequences += [head + h for h in t["hints"]]
+        # with delete_main_prompt the official code drops the main prompt, image-prompt tokens included; the
+        # negative pass keeps its full prompt with the image
+        leading = ([t["ids"]] if t["ids"] is not None else []) + ([head + t["negative"]] if t["negative"] else [])
         with torch.no_grad():
-            states = self._encode_batch(t["inputs"], sequences)
-        main = states[0][prefix:]
-        negative = states[1][prefix:] if t["negative"] is not None else None
-        hints = [s[len(head):] for s in states[len(sequences) - len(t["hints"]):]]
-        return self._encoded(main.to(dtype), [h.to(dtype) for h in hints],
-                             None if negative is None else negative.to(dtype), t["image_prompt"])
+            states = self._encode_batch(t["inputs"], leading + [head + h for h in t["hints"]])
+        states = [s.to(dtype) for s in states]
+        main = states.pop(0)[prefix:] if t["ids"] is not None else None
+        negative = states.pop(0)[prefix:] if t["negative"] else None
+        hints = [s[len(head):] for s in states]
+        return self._encoded(main, hints, negative, t["image_prompt"])
 
-    def _encoded(self, main: torch.Tensor, hints: list[torch.Tensor], negative: torch.Tensor | None,
+    def _encoded(self, main: torch.Tensor | None, hints: list[torch.Tensor], negative: torch.Tensor | None,
                  image_prompt) -> EncodedPrompt:
-        main = main if main.dim() == 3 else main[None]
-        prompt_embeds = torch.cat([main] + [h[None] for h in hints], dim=1)
+        """Pipeline kwargs from (1, T, D) or (T, D) states; ``main`` None when the main prompt is deleted."""
+        main = None if main is None else main if main.dim() == 3 else main[None]
+        prompt_embeds = torch.cat(([main] if main is not None else []) + [h[None] for h in hints], dim=1)
         kwargs = {"prompt_embeds": prompt_embeds,
                   "prompt_embeds_mask": torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=self.device)}
         if negative is not None:
@@ -260,7 +268,8 @@ class QwenImageEditor(RegionEditor):
             kwargs["negative_prompt_embeds"] = negative
             kwargs["negative_prompt_embeds_mask"] = torch.ones(negative.shape[:2], dtype=torch.long,
                                                                device=self.device)
-        return EncodedPrompt(kwargs, main.shape[1], [h.shape[0] for h in hints], image_prompt=image_prompt)
+        return EncodedPrompt(kwargs, None if main is None else main.shape[1], [h.shape[0] for h in hints],
+                             image_prompt=image_prompt)
 
     # ------------------------------------------------------------------------------------------------ call
     def _cfg(self, options: dict) -> bool:

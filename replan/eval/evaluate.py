@@ -10,7 +10,13 @@ sample of the dataset split; a sample without one counts as 0 (status ``missing`
 judged in order and cached, one atomic write per finished call, in ``<results_dir>/<image_id>/judge-<model>.json``
 (the results, the model, the template hashes and a hash of exactly what the judge saw). A re-run reuses every
 finished call whose inputs are unchanged and asks only the rest, so an interrupted run resumes where it stopped. A
-call that failed (after retries) is recorded but asked again on the next run.
+call that failed (after retries) is recorded but asked again on the next run; a reply with a score is never asked
+again, whatever its value.
+
+Rubrics: replan's wording of the official ones by default; ``--prompts_dir`` takes a folder of the four files, e.g.
+the official ones (``python -m replan.templates fetch``). Scores: ``--score_parse official`` (default) uses a numeric
+score as given, as official (an off-scale 4 for effect counts 4); ``strict`` counts it as a failed call. The output
+records each rubric's name and SHA-256 and how many off-scale scores were used (or failed).
 
 Output: ``--output_json`` with every sample (scores, overall, weighted, status ``ok``/``failed``/``missing``), the
 aggregate over all samples (failures as 0, as official), the same over fully judged samples, and breakdowns by
@@ -37,11 +43,13 @@ from replan.eval.dataset import DEFAULT_DATASET, DEFAULT_SPLIT, EvalSample, load
 from replan.eval.judges import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
-    SCALES,
+    SCORE_PARSE,
     Judge,
     JudgeConfigError,
+    JudgeParseError,
     JudgeResult,
     build_parts,
+    describe_templates,
     load_templates,
     make_judge,
     parts_digest,
@@ -126,7 +134,9 @@ def judge_sample(sample: EvalSample, results_dir: Path, judge: Judge, templates:
         parts = build_parts(dim, templates[dim], sample.instruction, sample.referring_expression, sample.image, edited)
         digest = parts_digest(dim, parts)
         entry = entries.get(dim)
-        if entry and entry.get("input_sha256") == digest and entry.get("score") in SCALES[dim]:
+        cached = _reread(judge, dim, entry) if entry and entry.get("input_sha256") == digest else None
+        if cached is not None:  # keep the call's own record (attempts, seconds); the reading may have changed
+            entry = {**entry, **{k: getattr(cached, k) for k in ("score", "reasoning", "error", "off_scale")}}
             record["cached"] += 1
         else:
             if entry and entry.get("score") is not None:
@@ -146,15 +156,28 @@ def judge_sample(sample: EvalSample, results_dir: Path, judge: Judge, templates:
             write_json_atomic(cache_file, cache)
         record["scores"][dim] = entry.get("score")
         record["reasoning"][dim] = entry.get("reasoning", "")
+        if entry.get("off_scale"):
+            record["off_scale"].append(dim)
         if entry.get("error"):
             record["errors"][dim] = entry["error"]
     return _finish(record)
 
 
+def _reread(judge: Judge, dimension: str, entry: dict) -> JudgeResult | None:
+    """A cached reply read again with the judge's current ``score_parse``; None when it holds no score (ask again)."""
+    raw = entry.get("raw")
+    if not isinstance(raw, str):
+        return None
+    try:
+        return judge.read(dimension, raw)
+    except JudgeParseError:
+        return None
+
+
 def _new_record(sample: EvalSample) -> dict:
     return {"image_id": sample.image_id, "instruction": sample.instruction,
             "referring_expression": sample.referring_expression, "categories": dict(sample.categories),
-            "scores": dict.fromkeys(DIMENSIONS), "reasoning": {}, "errors": {}, "cached": 0}
+            "scores": dict.fromkeys(DIMENSIONS), "reasoning": {}, "errors": {}, "off_scale": [], "cached": 0}
 
 
 def _failed_record(sample: EvalSample, error: str) -> dict:
@@ -171,9 +194,10 @@ def _finish(record: dict, missing: bool = False) -> dict:
 
 
 def evaluate(samples: list[EvalSample], results_dir: str | Path, judge: Judge, templates: dict[str, str],
-             concurrency: int = 4, names=RESULT_NAMES) -> dict:
+             concurrency: int = 4, names=RESULT_NAMES, rubrics: dict | None = None) -> dict:
     """Judge every sample (a thread pool of ``concurrency`` samples at a time) and summarise. ``JudgeConfigError``
-    (e.g. a refused key) stops the run: pending samples are cancelled, finished calls stay cached."""
+    (e.g. a refused key) stops the run: pending samples are cancelled, finished calls stay cached. ``rubrics``:
+    the templates' ``{"name", "sha256"}`` to record (default: ``describe_templates(templates)``)."""
     results_dir = Path(results_dir)
     records: dict[int, dict] = {}
     from tqdm.auto import tqdm
@@ -197,8 +221,18 @@ def evaluate(samples: list[EvalSample], results_dir: str | Path, judge: Judge, t
             raise
     ordered = [records[i] for i in range(len(samples))]
     return {"judge": judge.name, "judge_model": judge.model, "results_dir": str(results_dir),
+            "score_parse": judge.score_parse, "templates": rubrics or describe_templates(templates),
             "templates_sha256": {d: template_hash(templates[d]) for d in DIMENSIONS},
-            "samples": ordered, **summarize(ordered)}
+            "off_scale": off_scale_counts(ordered, judge.score_parse), "samples": ordered, **summarize(ordered)}
+
+
+def off_scale_counts(records: list[dict], score_parse: str) -> dict:
+    """How many judge scores were off their dimension's scale: ``used`` as given (official) or ``failed`` (strict),
+    in total and per dimension."""
+    by_dim = {d: sum(d in (r.get("off_scale") or ()) for r in records) for d in DIMENSIONS}
+    total = sum(by_dim.values())
+    return {"used": total if score_parse == "official" else 0, "failed": total if score_parse == "strict" else 0,
+            "by_dimension": by_dim}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--project", default=None, help="Vertex AI project (else $GOOGLE_CLOUD_PROJECT)")
     a("--location", default=None, help="Vertex AI location (else $GOOGLE_CLOUD_LOCATION, else us-central1)")
     a("--concurrency", "--max_workers", type=int, default=4, help="samples judged at the same time (default 4)")
-    a("--prompts_dir", default=None, help="a folder with quality/target_following/effect/consistency.txt templates "
-      "(default: replan's own)")
+    a("--prompts_dir", default=None, help="a folder with quality/target_following/effect/consistency.txt rubrics, "
+      "e.g. the official ones from 'python -m replan.templates fetch' (default: replan's wording)")
+    a("--score_parse", choices=SCORE_PARSE, default="official", help="official (default): a numeric score counts as "
+      "given, off-scale too, as official; strict: an off-scale score fails that call (never asked again)")
     a("--output_json", default=None, help="default: <results_dir>/evaluation-<model>.json")
     a("--image_name", default="result.png", help="the result file in each sample folder (default result.png; "
       "final_result.png is also tried)")
@@ -253,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         judge = make_judge(args.judge, args.judge_model, base_url=args.base_url, api_key=args.api_key,
                            vertex=args.vertex, project=args.project, location=args.location,
                            max_retries=args.max_retries, backoff=args.backoff, timeout=args.timeout,
-                           max_tokens=args.max_tokens, temperature=args.temperature)
+                           max_tokens=args.max_tokens, temperature=args.temperature, score_parse=args.score_parse)
         try:
             samples = load_samples(args.dataset, args.split, args.limit)
         except OSError as e:  # ConnectionError: the hub is unreachable and there is no local copy
@@ -265,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     try:
-        report = evaluate(samples, results_dir, judge, templates, args.concurrency, names)
+        report = evaluate(samples, results_dir, judge, templates, args.concurrency, names,
+                          describe_templates(templates, args.prompts_dir))
     except JudgeConfigError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
@@ -282,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"IV-Edit {args.dataset} [{args.split}], judge {judge.model}: {len(samples)} samples, "
              f"{report['failed']} not fully judged ({report['missing']} without a result image)")
     print(format_table(report, title))
+    off = report["off_scale"]
+    rubrics = ", ".join(f"{d} {t['name']} ({t['sha256'][:12]})" for d, t in report["templates"].items())
+    print(f"rubrics: {rubrics}; score_parse {judge.score_parse}: {off['used']} off-scale score(s) used, "
+          f"{off['failed']} failed")
     print(f"wrote {output}")
     return 0
 

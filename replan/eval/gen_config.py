@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from replan import __version__
-from replan.config_io import apply_overrides, check_keys, read_yaml
+from replan.config_io import apply_overrides, check_keys, check_run_settings, read_yaml, recorded_settings
 from replan.infer import write_atomically
+from replan.parse import parse_mode
+from replan.templates import describe
 
 logger = logging.getLogger("replan.eval.generate")
 
@@ -32,8 +34,9 @@ class PlannerConfig:
     kind: str = "local"  # local (Qwen2.5-VL through transformers) | openai (an OpenAI-compatible endpoint)
     ckpt: str | None = None  # local: hub id / dir / "tiny"; openai: the served model name; None: the RePlan planner
     base_url: str | None = None  # openai: e.g. http://localhost:8000/v1 (else $REPLAN_PLANNER_BASE_URL); key from env
-    lora_path: str | None = None
+    vlm_lora_path: str | None = None  # a PEFT adapter merged into the local planner
     template: str | None = None  # planner prompt template file (None: replan's wording of the official one)
+    box_frame: str = "processor"  # how planner boxes are read: processor (the frame the VLM saw) | original (official)
     max_new_tokens: int | None = None  # None: the planner's default (2048; 64 for the tiny planner)
     max_retries: int = 4  # openai: retries on 5xx / timeouts
 
@@ -43,6 +46,7 @@ class GenerateConfig:
     method: str = "replan"
     backbone: str = "flux_kontext"
     model: str | None = None  # editor weights (hub id or local dir); None: the backbone's default
+    lora_path: str | None = None  # a LoRA for the editor (diffusers format), as the official --lora_path
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     dataset: str = "TainU/IV-Edit"  # hub id, local copy, data file, or "tiny" (offline fixture)
     split: str = "test"
@@ -57,7 +61,7 @@ class GenerateConfig:
     attention: str = "dense"  # dense | flex
     compile: bool = False  # compile the editor's transformer blocks once (use with attention: flex on a GPU)
     attention_budget: str | None = None  # e.g. "8GB"; None: half the device's free memory (larger plans fail)
-    strict_plan: bool = False  # True: a reply that breaks the plan grammar fails the sample (official: global edit)
+    parse: str = "official"  # how planner replies are read: official (the paper rows) | lenient | strict
     rephrase_template: str | None = None  # rephrase: template file; None: REPHRASE_TEMPLATE
     device: str | None = None  # None: cuda (cuda:$LOCAL_RANK under torchrun) when available, else cpu
     dtype: str | None = None  # None: the backbone's on GPU, fp32 on CPU
@@ -71,10 +75,15 @@ class GenerateConfig:
 
 def config_from_dict(data: dict, source: str = "config") -> GenerateConfig:
     """Build a config from a mapping with exactly the dataclass keys (unknown keys are an error)."""
+    if isinstance(data, dict) and "strict_plan" in data:
+        raise ValueError(f"{source}: strict_plan is now parse: strict (parse: official | lenient | strict)")
     data = check_keys(data, GenerateConfig, source)
     planner = data.pop("planner", None) or {}
     if isinstance(planner, str):  # shorthand: "planner: tiny"
         planner = {"ckpt": planner}
+    if isinstance(planner, dict) and "lora_path" in planner:
+        raise ValueError(f"{source}: planner.lora_path is now planner.vlm_lora_path (the top-level lora_path is the "
+                         "editor's LoRA, as the official --lora_path)")
     cfg = GenerateConfig(**data, planner=PlannerConfig(**check_keys(planner, PlannerConfig, source, "planner")))
     validate(cfg)
     return cfg
@@ -92,6 +101,8 @@ def validate(cfg: GenerateConfig) -> None:
     resolve(cfg.backbone)
     if cfg.planner.kind not in ("local", "openai"):
         raise ValueError(f"planner.kind must be local or openai, got {cfg.planner.kind!r}")
+    if cfg.planner.box_frame not in ("processor", "original"):
+        raise ValueError(f"planner.box_frame must be processor or original, got {cfg.planner.box_frame!r}")
     if cfg.attention not in ("dense", "flex"):
         raise ValueError(f"attention must be dense or flex, got {cfg.attention!r}")
     if not isinstance(cfg.compile, bool):
@@ -101,6 +112,7 @@ def validate(cfg: GenerateConfig) -> None:
     parse_bytes(cfg.attention_budget)
     if cfg.expand_mode not in (None, "ratio", "pixels"):
         raise ValueError(f"expand_mode must be ratio or pixels, got {cfg.expand_mode!r}")
+    parse_mode(cfg.parse)
     if cfg.stage_offload not in ("none", "cpu"):
         raise ValueError(f"stage_offload must be none or cpu, got {cfg.stage_offload!r}")
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
@@ -120,6 +132,11 @@ def validate(cfg: GenerateConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def planner_parse(cfg: GenerateConfig) -> str:
+    """How the planner's replies are read (``cfg.parse``: official, lenient or strict)."""
+    return parse_mode(cfg.parse)
+
+
 def sample_seed(seed: int, image_id: str) -> int:
     """``seed + int(image_id)`` for numeric ids, else ``seed + crc32(image_id)``: stable across runs and shards."""
     image_id = str(image_id)
@@ -162,7 +179,7 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
     """Everything that decides a sample's image, with defaults filled in: two runs whose settings are equal write
     the same images. Excluded: rank/world/limit/output_dir/device/stage_offload (they do not change the pixels)."""
     from replan.backbones.registry import resolve
-    from replan.planner import load_template
+    from replan.planner import describe_template, load_template
 
     spec = resolve(cfg.backbone)
     entry = spec.defaults("eval")
@@ -173,7 +190,7 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
         "expand": entry.expand if cfg.expand is None else float(cfg.expand),
         "expand_mode": cfg.expand_mode or spec.expand_mode,
         "switch": entry.switch if cfg.switch is None else float(cfg.switch),
-        "attention": cfg.attention, "dtype": cfg.dtype,
+        "attention": cfg.attention, "dtype": cfg.dtype, "lora_path": cfg.lora_path,
     }
     # only when set, so run folders made before these options existed keep matching
     if cfg.compile:
@@ -183,40 +200,31 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
     if cfg.ulysses > 1:  # the same images up to float noise, like compile
         settings["ulysses"] = {"degree": cfg.ulysses, "anything": cfg.ulysses_anything}
     if cfg.method == "replan":
-        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
-                               "max_new_tokens": cfg.planner.max_new_tokens,
-                               "template_sha256": _sha256(load_template(cfg.planner.template))}
-        settings["strict_plan"] = cfg.strict_plan
+        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt,
+                               "vlm_lora_path": cfg.planner.vlm_lora_path, "max_new_tokens": cfg.planner.max_new_tokens,
+                               "box_frame": cfg.planner.box_frame}
+        template = describe_template(load_template(cfg.planner.template), cfg.planner.template)
+        settings["planner"].update(template=template["name"], template_sha256=template["sha256"])
+        settings["parse"] = planner_parse(cfg)
     elif cfg.method == "rephrase":
-        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt, "lora_path": cfg.planner.lora_path,
-                               "max_new_tokens": cfg.planner.max_new_tokens}
-        settings["rephrase_template_sha256"] = _sha256(_read(cfg.rephrase_template, REPHRASE_TEMPLATE))
+        settings["planner"] = {"kind": cfg.planner.kind, "ckpt": cfg.planner.ckpt,
+                               "vlm_lora_path": cfg.planner.vlm_lora_path, "max_new_tokens": cfg.planner.max_new_tokens}
+        text = _read(cfg.rephrase_template, REPHRASE_TEMPLATE)
+        rephrase = describe(text, cfg.rephrase_template or "replan:eval/prompts/rephrase.txt")
+        settings.update(rephrase_template=rephrase["name"], rephrase_template_sha256=rephrase["sha256"])
     return settings
 
 
 def check_run_config(out: Path, cfg: GenerateConfig, settings: dict, force: bool) -> None:
-    """Write ``run_config.json`` once; refuse (``ValueError``) when it records other generation settings."""
-    path = out / RUN_CONFIG
+    """Write ``run_config.json`` once; refuse (``ValueError``) when it records other generation settings
+    (the run guard of ``replan.config_io``, shared with the trainers)."""
+    way_out = "use another output_dir, or --force to regenerate every sample with the new settings"
+    if check_run_settings(out, settings, force=force, way_out=way_out):
+        return
+    if force and recorded_settings(out) is not None:
+        logger.warning("--force: %s is overwritten with the new settings", out / RUN_CONFIG)
     record = {"replan_version": __version__, "settings": settings, "config": cfg.to_dict()}
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("settings")
-        except (ValueError, AttributeError):
-            old = None
-        if old == settings:
-            return
-        if not force:
-            diff = _diff(old or {}, settings)
-            raise ValueError(f"{out} holds a run made with other settings ({diff}); use another output_dir, or "
-                             "--force to regenerate every sample with the new settings")
-        logger.warning("--force: %s is overwritten with the new settings", path)
     write_atomically(out, {RUN_CONFIG: lambda p: p.write_text(json.dumps(record, indent=2) + "\n")})
-
-
-def _diff(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    parts = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-    return "; ".join(parts) or "unreadable run_config.json"
 
 
 def finished_ids(out: Path, samples, force: bool = False) -> set:

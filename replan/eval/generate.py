@@ -67,11 +67,12 @@ from replan.eval.gen_config import (  # noqa: F401  (re-exported: the public nam
     dist_env,
     finished_ids,
     load_config,
+    planner_parse,
     resolved_settings,
     sample_seed,
     validate,
 )
-from replan.infer import write_atomically
+from replan.infer import plan_json, write_atomically
 
 logger = logging.getLogger("replan.eval.generate")
 
@@ -150,12 +151,14 @@ class Generator:
         stage = "plan"
         try:
             if cfg.method == "replan":
-                plan, planner_text = self.pipe.plan(image, sample.instruction, strict=cfg.strict_plan)
+                plan, planner_text = self.pipe.plan(image, sample.instruction)  # the planner's parse mode
                 timings["plan"] = time.perf_counter() - start
                 reply = getattr(self.pipe.planner, "last_reply", None)
                 if reply is not None:
                     record["planner_reply"] = {"frame": list(reply.frame), **reply.extras}
-                files["plan.json"] = lambda p, plan=plan: plan.save(p)
+                record["planner_provenance"] = self.pipe.planner.provenance()
+                files["plan.json"] = lambda p, plan=plan: p.write_text(
+                    plan_json(plan, record["planner_provenance"]), encoding="utf-8")
             elif cfg.method == "rephrase":
                 stage = "rephrase"
                 prompt, planner_text, record["rephrase"] = self.group.on_leader(self.rephrase, sample.instruction)
@@ -184,7 +187,8 @@ class Generator:
         if "hint_padding" in out.edit.extras:  # trimmed to fit the attention budget
             record["edit"]["hint_padding"] = out.edit.extras["hint_padding"]
         record["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        files["plan.json"] = lambda p, plan=out.plan: plan.save(p)
+        files["plan.json"] = lambda p, plan=out.plan: p.write_text(plan_json(plan, record.get("planner_provenance")),
+                                                                    encoding="utf-8")
         files["config.json"] = lambda p: p.write_text(json.dumps(record, indent=2, default=str) + "\n")
         files[RESULT] = lambda p: out.image.save(p)  # last: its presence means the sample is complete
         self.write(sample_dir, files)
@@ -227,12 +231,17 @@ def load_pipeline(cfg: GenerateConfig, device: str):
                 kwargs["max_tokens"] = cfg.planner.max_new_tokens
         elif cfg.planner.max_new_tokens:
             kwargs["max_new_tokens"] = cfg.planner.max_new_tokens
-        if cfg.method == "replan" and cfg.planner.template:
-            kwargs["template"] = load_template(cfg.planner.template)
+        if cfg.method == "replan":
+            kwargs["box_frame"] = cfg.planner.box_frame
+            kwargs["parse"] = planner_parse(cfg)
+            if cfg.planner.template:
+                kwargs["template"] = load_template(cfg.planner.template)
+                kwargs["template_name"] = cfg.planner.template
     pipe = RePlanPipeline.from_pretrained(
         backbone=cfg.backbone, planner=planner, model=cfg.model, vlm_ckpt_path=cfg.planner.ckpt,
-        lora_path=cfg.planner.lora_path, device=device, torch_dtype=cfg.dtype, stage_offload=cfg.stage_offload,
-        planner_kwargs=kwargs, compile=cfg.compile, attention_budget=cfg.attention_budget, parallel=_parallel(cfg),
+        lora_path=cfg.lora_path, vlm_lora_path=cfg.planner.vlm_lora_path, device=device, torch_dtype=cfg.dtype,
+        stage_offload=cfg.stage_offload, planner_kwargs=kwargs, compile=cfg.compile,
+        attention_budget=cfg.attention_budget, parallel=_parallel(cfg),
     )
     if hasattr(pipe.editor.pipe, "set_progress_bar_config"):
         pipe.editor.pipe.set_progress_bar_config(disable=True)  # one bar per run, not one per sample

@@ -1,9 +1,15 @@
 """Judge prompts: template files, request parts (text and images at the markers), digests, reply parsing.
 
-Templates: one file per dimension (``quality.txt``, ``target_following.txt``, ``effect.txt``, ``consistency.txt``),
-placeholders ``{{{instruction}}}`` / ``{{{referring_expression}}}`` (regex ``\\{\\{\\{([^{}]+)\\}\\}\\}``; ``{{ }}``
-stays literal), images placed right after the markers ``**Original Image**:`` and ``**Edited Image**:`` (quality: the
-edited image only). Scales: quality 1-5, target_following 5|1, effect and consistency 5|3|1.
+Templates: one file per dimension (``quality.txt``, ``target_following.txt``, ``effect.txt``, ``consistency.txt``)
+with the official file names, structure and placeholders ``{{{instruct}}}`` / ``{{{ref_exp}}}``
+(``{{{instruction}}}`` / ``{{{referring_expression}}}`` are accepted too; regex ``\\{\\{\\{([^{}]+)\\}\\}\\}``;
+``{{ }}`` stays literal), images placed right after the markers ``**Original Image**:`` and ``**Edited Image**:``
+(quality: the edited image only, no placeholder). The official files (``python -m replan.templates fetch``) load as
+they are. Scales: quality 1-5, target_following 5|1, effect and consistency 5|3|1.
+
+Reading a reply (``SCORE_PARSE``): ``official`` (default) uses a numeric score as given, as the official code does: an
+off-scale 4 for effect counts 4 (``is_off_scale`` tells); ``strict`` turns an off-scale score into ``JudgeOffScale``.
+Neither mode asks the judge again for an off-scale value.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -20,21 +27,34 @@ from PIL import Image
 from replan.eval.scoring import DIMENSIONS
 from replan.images import to_rgb
 from replan.planner.openai_backend import _one_line
+from replan.templates import describe, sha256_text
 
 SCORE_KEYS = {"quality": "quality_score", "target_following": "target_score", "effect": "effect_score",
               "consistency": "consistency_score"}
 SCALES = {"quality": (1, 2, 3, 4, 5), "target_following": (1, 5), "effect": (1, 3, 5), "consistency": (1, 3, 5)}
 ORIGINAL_MARKER, EDITED_MARKER = "**Original Image**:", "**Edited Image**:"
-PLACEHOLDERS = ("instruction", "referring_expression")
-REQUIRED_PLACEHOLDERS = {"quality": ("instruction",), "target_following": PLACEHOLDERS, "effect": PLACEHOLDERS,
-                         "consistency": PLACEHOLDERS}
+# placeholder → what it is filled with; the official names first, replan's earlier names as aliases
+PLACEHOLDERS = {"instruct": "instruction", "ref_exp": "referring_expression", "instruction": "instruction",
+                "referring_expression": "referring_expression"}
+REQUIRED_PLACEHOLDERS = {"quality": (), "target_following": ("instruction", "referring_expression"),
+                         "effect": ("instruction", "referring_expression"),
+                         "consistency": ("instruction", "referring_expression")}
 PLACEHOLDER_RE = re.compile(r"\{\{\{([^{}]+)\}\}\}")
+SCORE_PARSE = ("official", "strict")
 
 Part = str | Image.Image
 
 
 class JudgeParseError(ValueError):
-    """A reply without an allowed score for its dimension."""
+    """A reply without a usable score for its dimension."""
+
+
+class JudgeOffScale(JudgeParseError):
+    """``strict`` reading: the reply has a score, but not one on its dimension's scale (never asked again)."""
+
+    def __init__(self, message: str, score, reasoning: str = ""):
+        super().__init__(message)
+        self.score, self.reasoning = score, reasoning
 
 
 # ---------------------------------------------------------------------------------------------------- templates
@@ -61,14 +81,23 @@ def load_templates(prompts_dir: str | Path | None = None, files: dict[str, str] 
     return templates
 
 
+def describe_templates(templates: dict[str, str], prompts_dir: str | Path | None = None,
+                       package: str = "replan.eval") -> dict[str, dict]:
+    """``{name: {"name", "sha256"}}``: which rubric each template is (official file, replan's own, or a user file)."""
+    where = f"replan:{package.split('.')[-1]}/prompts" if prompts_dir is None else str(prompts_dir)
+    return {name: describe(text, f"{where}/{name}.txt") for name, text in templates.items()}
+
+
 def check_template(dimension: str, text: str, where: str = "template") -> None:
     names = {m.strip() for m in PLACEHOLDER_RE.findall(text)}
     unknown = sorted(names - set(PLACEHOLDERS))
     if unknown:
         raise ValueError(f"{where}: unknown placeholder(s) {unknown}; allowed: {list(PLACEHOLDERS)}")
-    missing = [p for p in REQUIRED_PLACEHOLDERS[dimension] if p not in names]
+    filled = {PLACEHOLDERS[n] for n in names}
+    missing = [p for p in REQUIRED_PLACEHOLDERS[dimension] if p not in filled]
     if missing:
-        raise ValueError(f"{where}: missing placeholder(s) " + ", ".join("{{{" + p + "}}}" for p in missing))
+        official = {v: k for k, v in reversed(PLACEHOLDERS.items())}
+        raise ValueError(f"{where}: missing placeholder(s) " + ", ".join("{{{" + official[p] + "}}}" for p in missing))
     wanted = {ORIGINAL_MARKER: 0 if dimension == "quality" else 1, EDITED_MARKER: 1}
     for marker, count in wanted.items():
         if text.count(marker) != count:
@@ -79,7 +108,7 @@ def check_template(dimension: str, text: str, where: str = "template") -> None:
 
 
 def template_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return sha256_text(text)
 
 
 def render(text: str, values: dict[str, str]) -> str:
@@ -91,7 +120,8 @@ def build_parts(dimension: str, template: str, instruction: str, referring_expre
                 original: Image.Image | None, edited: Image.Image) -> list[Part]:
     """``[text, original, text, edited, text]`` (quality: ``[text, edited, text]``): each image right after its
     marker. The template is split before substitution, so a marker inside an instruction cannot move an image."""
-    values = {"instruction": instruction, "referring_expression": referring_expression}
+    given = {"instruction": instruction, "referring_expression": referring_expression}
+    values = {name: given[kind] for name, kind in PLACEHOLDERS.items()}
     if dimension == "quality":
         head, tail = template.split(EDITED_MARKER, 1)
         pieces: list[Part] = [render(head, values) + EDITED_MARKER, edited, render(tail, values)]
@@ -124,11 +154,11 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def response_schema(dimension: str) -> dict:
+    """The JSON schema sent with each call, as the official eval sends it (descriptions included)."""
     key = SCORE_KEYS[dimension]
-    allowed = ", ".join(map(str, SCALES[dimension]))
-    return {"type": "object", "properties": {"reasoning": {"type": "string"},
-                                             key: {"type": "integer", "description": f"one of {allowed}"}},
-            "required": ["reasoning", key]}
+    return {"type": "object", "properties": {
+        "reasoning": {"type": "string", "description": "A brief explanation for the score."},
+        key: {"type": "integer", "description": "A numerical score from 1 to 5."}}, "required": [key, "reasoning"]}
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
@@ -159,26 +189,36 @@ def _json_object(text: str) -> dict | None:
     return None
 
 
-def _as_int(value) -> int | None:
+def _as_number(value) -> int | float | None:
+    """A JSON score as a number: an int, a finite float (integral floats become ints), or a string of digits;
+    booleans, NaN and infinities are not scores."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return int(value) if value.is_integer() else value
     if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
         return int(value)
     return None
 
 
-def parse_judgement(text: str, dimension: str) -> tuple[int, str]:
+def is_off_scale(score, dimension: str) -> bool:
+    """True for a number that is not one of the dimension's scale values (e.g. 4 for effect, 7 anywhere)."""
+    return score is not None and score not in SCALES[dimension]
+
+
+def parse_judgement(text: str, dimension: str, score_parse: str = "official") -> tuple[int | float, str]:
     """``(score, reasoning)`` from a reply, or ``JudgeParseError``.
 
     Order: JSON (whole reply, fenced ```json, bare fence, embedded object) with the dimension's score key (or
     ``score``); without any JSON object, a number labelled as the score (``target_score: 5``, ``Score: 3``), else
-    the reply's only distinct standalone number (``"5"``, ``"5/5"``; ``"4 out of 5"`` is ambiguous). A score outside
-    the dimension's scale is invalid.
+    the reply's only distinct standalone number (``"5"``, ``"5/5"``; ``"4 out of 5"`` is ambiguous). A score off the
+    dimension's scale is used as given with ``score_parse="official"`` and raises ``JudgeOffScale`` with
+    ``"strict"``.
     """
+    if score_parse not in SCORE_PARSE:
+        raise ValueError(f"score_parse must be one of {', '.join(SCORE_PARSE)}, got {score_parse!r}")
     key, allowed = SCORE_KEYS[dimension], SCALES[dimension]
     text = _THINK_RE.sub("", text or "").strip()
     if not text:
@@ -186,9 +226,9 @@ def parse_judgement(text: str, dimension: str) -> tuple[int, str]:
     data = _json_object(text)
     if data is not None:
         value = data.get(key, data.get("score"))
-        score = _as_int(value)
+        score = _as_number(value)
         if score is None:
-            raise JudgeParseError(f"JSON reply has no integer {key!r}: {_one_line(text, 160)!r}")
+            raise JudgeParseError(f"JSON reply has no numeric {key!r}: {_one_line(text, 160)!r}")
         reasoning = data.get("reasoning")
         reasoning = reasoning if isinstance(reasoning, str) else ("" if reasoning is None else json.dumps(reasoning))
     else:
@@ -201,8 +241,8 @@ def parse_judgement(text: str, dimension: str) -> tuple[int, str]:
         else:
             raise JudgeParseError(f"no JSON and no unambiguous score in the reply: {_one_line(text, 160)!r}")
         reasoning = text
-    if score not in allowed:
-        raise JudgeParseError(f"{key} {score} is outside the scale {list(allowed)}")
+    if score not in allowed and score_parse == "strict":
+        raise JudgeOffScale(f"{key} {score} is outside the scale {list(allowed)}", score, reasoning)
     return score, reasoning
 
 

@@ -10,9 +10,14 @@ placeholders ``{{{instruction}}}`` / ``{{{referring_expression}}}`` (regex ``\\{
 stays literal), images placed right after the markers ``**Original Image**:`` and ``**Edited Image**:`` (quality: the
 edited image only). Scales: quality 1-5, target_following 5|1, effect and consistency 5|3|1.
 
+Templates: the four rubric files (replan's wording by default, the official files with ``--prompts_dir``), see
+``replan.eval.judge_prompts``. A reply's score is read with ``score_parse``: ``official`` (default) uses any numeric
+score as given (``JudgeResult.off_scale`` marks one off the dimension's scale); ``strict`` fails it. An off-scale
+score is never asked again.
+
 A judge call is retried (exponential backoff) on 5xx, 408/429, timeouts, connection errors, empty replies and replies
-that do not parse to an allowed score; any other 4xx fails that call at once; 401/403/404 (a wrong key, URL or model)
-raise ``JudgeConfigError`` because every later call would fail the same way.
+without a numeric score; any other 4xx fails that call at once; 401/403/404 (a wrong key, URL or model) raise
+``JudgeConfigError`` because every later call would fail the same way.
 """
 
 from __future__ import annotations
@@ -34,10 +39,14 @@ from replan.eval.judge_prompts import (  # noqa: F401  (re-exported: the judge A
     PLACEHOLDERS,
     SCALES,
     SCORE_KEYS,
+    SCORE_PARSE,
+    JudgeOffScale,
     JudgeParseError,
     Part,
     build_parts,
     check_template,
+    describe_templates,
+    is_off_scale,
     load_templates,
     parse_judgement,
     parts_digest,
@@ -72,13 +81,14 @@ class JudgeConfigError(ValueError):
 
 @dataclass
 class JudgeResult:
-    score: int | None
+    score: int | float | None
     reasoning: str = ""
     raw: str = ""
     error: str | None = None
     model: str = ""
     attempts: int = 0
     seconds: float = 0.0
+    off_scale: bool = False  # the judge gave a number off the dimension's scale (used as given, or failed if strict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +101,10 @@ class Judge:
     name = "judge"
 
     def __init__(self, model: str, *, max_retries: int = 3, backoff: float = 2.0, max_backoff: float = 60.0,
-                 timeout: float = 300.0, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float | None = None):
+                 timeout: float = 300.0, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float | None = None,
+                 score_parse: str = "official"):
+        if score_parse not in SCORE_PARSE:
+            raise JudgeConfigError(f"score_parse must be one of {', '.join(SCORE_PARSE)}, got {score_parse!r}")
         if not isinstance(model, str) or not model.strip():
             raise JudgeConfigError("no judge model: pass --judge_model, e.g. gemini-2.5-pro")
         if not isinstance(max_retries, int) or max_retries < 0:
@@ -102,6 +115,16 @@ class Judge:
             raise JudgeConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         self.model, self.max_retries, self.backoff, self.max_backoff = model.strip(), max_retries, backoff, max_backoff
         self.timeout, self.max_tokens, self.temperature = float(timeout), max_tokens, temperature
+        self.score_parse = score_parse
+
+    def read(self, dimension: str, raw: str) -> JudgeResult:
+        """A reply read with this judge's ``score_parse`` (also used on cached replies); ``JudgeParseError`` when it
+        holds no numeric score. A strict off-scale reply is a failed result, not an error."""
+        try:
+            score, reasoning = parse_judgement(raw, dimension, self.score_parse)
+        except JudgeOffScale as e:
+            return JudgeResult(None, e.reasoning, raw, f"off-scale: {e}", self.model, off_scale=True)
+        return JudgeResult(score, reasoning, raw, None, self.model, off_scale=is_off_scale(score, dimension))
 
     def _generate(self, dimension: str, parts: list[Part]) -> str:
         raise NotImplementedError
@@ -115,8 +138,9 @@ class Judge:
             retry_after = None
             try:
                 raw = self._generate(dimension, parts)
-                score, reasoning = parse_judgement(raw, dimension)
-                return JudgeResult(score, reasoning, raw, None, self.model, attempt, time.perf_counter() - start)
+                result = self.read(dimension, raw)
+                result.attempts, result.seconds = attempt, time.perf_counter() - start
+                return result
             except _Refused as e:
                 return JudgeResult(None, "", raw, f"refused: {e}", self.model, attempt, time.perf_counter() - start)
             except (_Transient, JudgeParseError) as e:
@@ -340,7 +364,7 @@ def _import_genai():
 
 def make_judge(kind: str, model: str, **kw) -> Judge:
     """``"genai"`` or ``"openai"``; unknown keyword arguments for the other backend are dropped."""
-    common = ("max_retries", "backoff", "max_backoff", "timeout", "max_tokens", "temperature")
+    common = ("max_retries", "backoff", "max_backoff", "timeout", "max_tokens", "temperature", "score_parse")
     if kind == "genai":
         names = (*common, "api_key", "vertex", "project", "location", "base_url")
         return GenAIJudge(model, **{k: v for k, v in kw.items() if k in names})

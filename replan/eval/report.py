@@ -7,6 +7,8 @@
 
 Writes ``<out>/report.md`` with
 
+* a table of the runs: judge, dataset, counts, the score parsing and how many off-scale judge scores it used, and
+  the rubrics each run was judged with (name and SHA-256 prefix; ``official:…`` marks the official files);
 * the main table in the paper's layout — Method | Quality | Target | Effect | Consistency | Overall | Weighted, two
   decimals, best value per column in bold when there are several runs — from each run's ``aggregate`` (missing or
   failed samples count as zeros, as official), then the same over judged samples only (``judged_only``);
@@ -137,6 +139,20 @@ def breakdown_table(runs: list[Run], key: str, score: str) -> list[str]:
     return _table([key, "n", *[r.label for r in runs]], rows)
 
 
+def rubric_table(runs: list[Run]) -> list[str]:
+    """One row per run: each dimension's rubric as ``name (sha256 prefix)``; ``–`` when the run did not record it."""
+    dims = ("quality", "target_following", "effect", "consistency")
+    rows = []
+    for r in runs:
+        rubrics = r.data.get("templates") if isinstance(r.data.get("templates"), dict) else {}
+        cells = []
+        for dim in dims:
+            t = rubrics.get(dim) if isinstance(rubrics.get(dim), dict) else {}
+            cells.append(f"{t['name']} ({str(t.get('sha256', ''))[:12]})" if t.get("name") else "–")
+        rows.append([r.label, *cells])
+    return ["Rubrics:", "", *_table(["Method", *dims], rows)]
+
+
 def fidelity_table(runs: list[Run]) -> list[str]:
     def psnr_cell(agg):
         if not isinstance(agg, dict) or agg.get("count", 0) == 0:
@@ -164,14 +180,17 @@ def markdown(judged: list[Run], fidelity: list[Run], charts: dict[str, str]) -> 
         lines += score_table(judged) + [""]
         if any(isinstance(r.data.get("judged_only"), dict) for r in judged):
             lines += ["## Scores over judged samples only", ""] + score_table(judged, "judged_only") + [""]
-        lines += ["| Method | Judge | Dataset | Samples | Not fully judged | Without result | Results |",
-                  "|:---|:---|:---|---:|---:|---:|:---|"]
+        lines += ["| Method | Judge | Dataset | Samples | Not fully judged | Without result | Score parse | "
+                  "Off-scale used | Results |", "|:---|:---|:---|---:|---:|---:|:---|---:|:---|"]
         for r in judged:
             d = r.data
             dataset = f"{d.get('dataset', '–')}:{d.get('split', '–')}"
+            off = d.get("off_scale") if isinstance(d.get("off_scale"), dict) else {}
             lines.append(f"| {r.label} | {d.get('judge_model', '–')} | {dataset} | {len(d.get('samples') or [])} | "
-                         f"{d.get('failed', '–')} | {d.get('missing', '–')} | {d.get('results_dir', '–')} |")
+                         f"{d.get('failed', '–')} | {d.get('missing', '–')} | {d.get('score_parse', '–')} | "
+                         f"{off.get('used', '–')} | {d.get('results_dir', '–')} |")
         lines.append("")
+        lines += rubric_table(judged) + [""]
         if "scores" in charts:
             lines += [f"![scores]({charts['scores']})", ""]
         for key in breakdown_keys(judged):

@@ -69,7 +69,7 @@ class OpenAIPlanner(Planner):
         backoff: seconds before the first retry, doubling each time up to ``max_backoff`` (a server's
             ``Retry-After`` is honoured up to ``max_backoff``).
         temperature, max_tokens: sampling; temperature 0 is greedy.
-        template, strict: as ``Planner``.
+        template, strict, parse, box_frame, template_name: as ``Planner``.
         min_pixels, max_pixels: the ``smart_resize`` bounds (defaults: the ``qwen_vl_utils`` values).
         frame: ``"resize"`` (default), ``"server"`` or ``"original"``; see the module docstring.
         extra_body: more fields merged into the request JSON (e.g. ``{"seed": 0, "top_p": 1.0}``).
@@ -91,12 +91,16 @@ class OpenAIPlanner(Planner):
         max_tokens: int = 2048,
         template: str | None = None,
         strict: bool = False,
+        parse: str | None = None,
+        box_frame: str = "processor",
+        template_name: str | None = None,
         min_pixels: int = DEFAULT_MIN_PIXELS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         frame: str = "resize",
         extra_body: dict | None = None,
     ):
-        super().__init__(template=template, strict=strict)
+        super().__init__(template=template, strict=strict, parse=parse, box_frame=box_frame,
+                         template_name=template_name)
         base_url = base_url or os.environ.get("REPLAN_PLANNER_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
         if not base_url or not base_url.strip():
             raise ValueError(

@@ -4,8 +4,9 @@
     plan = planner.plan(image, "replace the cup that was used with a cactus")
 
 flash-attn is used when installed (and on CUDA), SDPA otherwise. Decoding is greedy with at most 2048 new tokens.
-The boxes are read in the frame the processor resized the image to (``image_grid_thw × patch size``) and mapped
-back to original pixels, so they are right at any image size.
+With ``box_frame="processor"`` (default) the boxes are read in the frame the processor resized the image to
+(``image_grid_thw × patch size``) and mapped back to original pixels, so they are right at any image size;
+``box_frame="original"`` reads them as original pixels, as official.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ class QwenVLPlanner(Planner):
     name = "local"
 
     def __init__(self, model, processor, *, max_new_tokens: int = 2048, do_sample: bool = False,
-                 template: str | None = None, strict: bool = False):
-        super().__init__(template, strict)
+                 template: str | None = None, strict: bool = False, parse: str | None = None,
+                 box_frame: str = "processor", template_name: str | None = None):
+        super().__init__(template, strict, parse, box_frame, template_name)
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
@@ -91,7 +93,7 @@ class QwenVLPlanner(Planner):
             try:
                 from peft import PeftModel
             except ImportError as e:
-                raise ImportError("--lora_path needs peft: pip install 'replan[train]'") from e
+                raise ImportError("--vlm_lora_path needs peft: pip install 'replan[train]'") from e
             model = PeftModel.from_pretrained(model, lora_path).merge_and_unload()
         if device is not None:
             model.to(device)

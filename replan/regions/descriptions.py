@@ -8,7 +8,9 @@
 LLM backends: ``openai`` (OpenAI-compatible endpoint via ``OpenAIPlanner.generate_text``), ``transformers`` (a local
 causal LM, greedy) and ``offline`` — a deterministic template (NOT an LLM: swaps a colour/object word; for tests and
 smoke runs only). The prompt wording is ours (the paper gives none). Replies are cached in a JSONL file keyed by
-``sample_key(image bytes, caption)``; a cache row also records which generator wrote it.
+``sample_key(image bytes, caption)`` *and* by everything that produced them (``Describer.fingerprint``: the LLM and
+VLM ids, the prompt's sha256, ``max_new_tokens``, the t_o source): rows written by another LLM or prompt are never
+reused (they are regenerated), and ``reused``/``generated``/``stale`` count what happened.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import io
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +45,7 @@ class DescriptionConfig:
     base_url: str | None = None   # openai: endpoint (or REPLAN_PLANNER_BASE_URL / OPENAI_BASE_URL)
     max_new_tokens: int = 128
     cache: str | None = None      # JSONL path; None = in memory only
+    concurrency: int = 1          # LLM requests in flight per process (a vLLM server batches them)
 
 
 def sample_key(image, caption: str) -> str:
@@ -79,22 +83,63 @@ def parse_pair(text: str) -> tuple[str, str]:
     raise ValueError(f"no instruction/edited_caption JSON in the LLM reply: {text[:200]!r}")
 
 
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 class Describer:
-    def __init__(self, cfg: DescriptionConfig | None = None, llm=None, vlm=None):
-        """``llm``: a callable prompt → text (overrides ``cfg.llm``); ``vlm``: a planner with ``generate``."""
+    def __init__(self, cfg: DescriptionConfig | None = None, llm=None, vlm=None, llm_id: str | None = None):
+        """``llm``: a callable prompt → text (overrides ``cfg.llm``; ``llm_id`` names it in the cache key, default
+        ``"custom"``); ``vlm``: a planner with ``generate``."""
         self.cfg = cfg or DescriptionConfig()
-        self._llm, self._vlm = llm, vlm
+        self._llm, self._vlm, self.llm_id = llm, vlm, llm_id
+        self.custom = llm is not None
         self.cache: dict[str, dict] = {}
+        self.reused = self.generated = self.stale = 0
+        self._lock = threading.Lock()
         self.path = Path(self.cfg.cache) if self.cfg.cache else None
+        wanted = {self.fingerprint("pair"), self.fingerprint("target")}
         if self.path and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.cache[row["key"]] = row
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:  # a line cut by a kill: ignored
+                    row = None
+                if not isinstance(row, dict) or "key" not in row:
+                    continue
+                if row.get("fingerprint") in wanted:
+                    self.cache[self._slot(row["fingerprint"], row["key"])] = row
+                else:
+                    self.stale += 1
 
     @property
     def generator_name(self) -> str:
-        return "custom" if self._llm is not None else self.cfg.llm
+        return "custom" if self.custom else self.cfg.llm
+
+    def producer(self, kind: str) -> dict:
+        """What writes a row of ``kind`` (``pair``: training t_o/t_ins/t_e; ``target``: t_e at inference)."""
+        c = self.cfg
+        llm = {"llm": self.generator_name, "llm_model": None if self.custom else c.llm_model,
+               "llm_id": (self.llm_id or "custom") if self.custom else None,
+               "max_new_tokens": None if self.generator_name == "offline" else c.max_new_tokens,
+               "prompt_sha256": _sha(PAIR_PROMPT if kind == "pair" else TARGET_PROMPT)}
+        if kind == "pair":
+            llm["t_o_source"] = c.t_o_source
+            if c.t_o_source == "vlm":
+                llm["vlm"] = {"kind": c.vlm_kind, "path": c.vlm_path, "prompt_sha256": _sha(CAPTION_PROMPT)}
+        return llm
+
+    def fingerprint(self, kind: str) -> str:
+        return _sha(json.dumps(self.producer(kind), sort_keys=True))[:16]
+
+    @staticmethod
+    def _slot(fingerprint: str, key: str) -> str:
+        return f"{fingerprint}:{key}"
+
+    def summary(self) -> str:
+        where = f" in {self.path}" if self.path else ""
+        stale = f"; {self.stale} cached rows from another LLM/prompt ignored" if self.stale else ""
+        return f"descriptions: {self.reused} reused from the cache{where}, {self.generated} generated{stale}"
 
     # ---------------------------------------------------------------------------------------------- backends
     def llm(self, prompt: str) -> str:
@@ -131,35 +176,64 @@ class Describer:
     def training_texts(self, image, caption: str, image_bytes: bytes | None = None) -> dict:
         """``{"t_o", "t_ins", "t_e", "generator"}`` for one training sample (cached)."""
         key = sample_key(image_bytes if image_bytes is not None else image, caption)
-        if key in self.cache:
-            return self.cache[key]
+        fp = self.fingerprint("pair")
+        if self._slot(fp, key) in self.cache:
+            with self._lock:
+                self.reused += 1
+            return self.cache[self._slot(fp, key)]
         t_o = self.source_caption(image, caption)
         if self.generator_name == "offline":
             t_ins, t_e = offline_pair(t_o)
         else:
             t_ins, t_e = parse_pair(self.llm(PAIR_PROMPT.format(t_o=t_o)))
-        row = {"key": key, "t_o": t_o, "t_ins": t_ins, "t_e": t_e, "generator": self.generator_name}
+        row = {"key": key, "t_o": t_o, "t_ins": t_ins, "t_e": t_e, "generator": self.generator_name,
+               "fingerprint": fp, "producer": self.producer("pair")}
         self._store(row)
         return row
 
     def target(self, t_o: str, t_ins: str) -> str:
         """t_e = LLM(t_o, t_ins) at inference (cached on the two texts)."""
         key = "target:" + hashlib.sha256(f"{t_o}\0{t_ins}".encode()).hexdigest()[:32]
-        if key in self.cache:
-            return self.cache[key]["t_e"]
+        fp = self.fingerprint("target")
+        if self._slot(fp, key) in self.cache:
+            self.reused += 1
+            return self.cache[self._slot(fp, key)]["t_e"]
         if self.generator_name == "offline":
             t_e = offline_pair(t_o)[1]
         else:
             t_e = self.llm(TARGET_PROMPT.format(t_o=t_o, t_ins=t_ins)).strip().splitlines()[0].strip()
-        self._store({"key": key, "t_o": t_o, "t_ins": t_ins, "t_e": t_e, "generator": self.generator_name})
+        self._store({"key": key, "t_o": t_o, "t_ins": t_ins, "t_e": t_e, "generator": self.generator_name,
+                     "fingerprint": fp, "producer": self.producer("target")})
         return t_e
 
+    def many(self, samples) -> list:
+        """``training_texts`` for ``[{"image", "caption", "bytes"}, ...]`` with up to ``cfg.concurrency`` LLM requests
+        in flight; each entry is the row or the exception that sample raised (the caller skips and counts it)."""
+        def one(s):
+            try:
+                return self.training_texts(s["image"], s["caption"], s.get("bytes"))
+            except (ValueError, RuntimeError, OSError) as e:
+                return e
+
+        if self.cfg.concurrency <= 1 or len(samples) <= 1:
+            return [one(s) for s in samples]
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = [sample_key(s["bytes"] if s.get("bytes") is not None else s["image"], s["caption"]) for s in samples]
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # one request per distinct sample
+        with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(first))) as pool:
+            done = dict(zip(first, pool.map(one, [samples[i] for i in first.values()])))
+        return [done[k] for k in keys]
+
     def _store(self, row: dict) -> None:
-        self.cache[row["key"]] = row
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        with self._lock:  # rows come from several threads (``many``); each lands as one whole line
+            self.generated += 1
+            self.cache[self._slot(row["fingerprint"], row["key"])] = row
+            if self.path:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(line)
 
 
 class _TransformersLLM:

@@ -14,8 +14,10 @@ Edited images are read from ``--results_dir``:
   (turn 1 from the session input); only the final turn is compared with the final GT output (official "final turn").
 
 A sample without its image counts as missing (listed; excluded from the means — the means are over the scored
-samples, and ``missing`` says how many were not). Emu Edit rows without an input (output) caption get no CLIPdir
-(CLIPdir and CLIPout); those means are over the rows that have them (``n_clip_dir``/``n_clip_out``).
+samples, and ``missing`` says how many were not). When nothing at all can be scored the command stops with one line
+and exit status 2 (before loading any model when no result image exists). Emu Edit rows without an input (output)
+caption get no CLIPdir (CLIPdir and CLIPout); those means are over the rows that have them
+(``n_clip_dir``/``n_clip_out``).
 
 Checkpoints (recorded in the output; hub ids or local directories, ``tiny`` = offline random stand-ins for tests):
 CLIP ``openai/clip-vit-large-patch14`` for Emu Edit (spec §10.1's recommendation; InstructPix2Pix' ClipSimilarity),
@@ -146,6 +148,16 @@ def evaluate_magicbrush(records, results_dir: Path, clip, dino, settings=("singl
     return out
 
 
+def result_paths(benchmark: str, records, results_dir: Path, settings=("single_turn", "multi_turn")) -> list[Path]:
+    """Every result image the evaluation looks for (see the layout in the module docstring)."""
+    if benchmark == "emu":
+        return [results_dir / r.id / RESULT for r in records]
+    paths = [results_dir / r.id / RESULT for r in records] if "single_turn" in settings else []
+    if "multi_turn" in settings:
+        paths += [results_dir / r.session / f"turn_{r.turn}.png" for r in records if r.turn == r.num_turns]
+    return paths
+
+
 def evaluate(benchmark: str, results_dir, dataset: str | None = None, split: str | None = None,
              clip: str | None = None, dino: str = metrics.DINO, device: str | None = None, limit: int | None = None,
              settings=("single_turn", "multi_turn"), batch_size: int = 16) -> dict:
@@ -166,11 +178,19 @@ def evaluate(benchmark: str, results_dir, dataset: str | None = None, split: str
         records = benchmarks.load_magicbrush(dataset, split, limit)
     else:
         raise ValueError(f"benchmark must be 'emu' or 'magicbrush', got {benchmark!r}")
+    paths = result_paths(benchmark, records, results_dir, settings)
+    if not any(p.is_file() for p in paths):  # before any model loads
+        example = paths[0].relative_to(results_dir) if paths else RESULT
+        raise ValueError(f"nothing to score: none of the {len(paths)} result images exists under {results_dir} "
+                         f"(expected e.g. {example}); generate the edits first or fix --results_dir")
     clip_scorer, dino_scorer = load_scorers(clip, dino, device, batch_size)
     if benchmark == "emu":
         body = evaluate_emu(records, results_dir, clip_scorer, dino_scorer)
     else:
         body = evaluate_magicbrush(records, results_dir, clip_scorer, dino_scorer, settings)
+    if not any(s["count"] for s in body["scores"].values()):
+        raise ValueError(f"nothing could be scored: the {len(paths)} result images under {results_dir} are missing "
+                         f"or unreadable")
     return {
         "metric": f"regions_{benchmark}", "benchmark": benchmark, "results_dir": str(results_dir),
         "dataset": dataset, "split": split, "limit": limit,

@@ -6,7 +6,8 @@ path from the CLIP terms to the mask head (§6.4), which the paper does not stat
 * Gradient path (deviation, spec §6.4 proposal): the CLIP terms are computed on a proxy edit
   ``composite(up(M), I_gen, X) = up(M) ⊙ I_gen + (1 − up(M)) ⊙ X`` where ``I_gen`` is a frozen generator output treated
   as a constant; ``M`` is either ``straight_through(P, θ)`` (forward 1[P > θ], backward identity to P) or a
-  Bernoulli(P) sample whose log-probability is weighted by the (detached) CLIP cost (``reinforce``, score function).
+  Bernoulli(P) sample whose log-probability is weighted by the (detached) CLIP cost (``reinforce``, score function,
+  unbiased: leave-one-out baseline for B ≥ 2, ``RunningBaseline`` over earlier steps for B = 1).
 """
 
 from __future__ import annotations
@@ -89,12 +90,59 @@ def bernoulli_mask(probs, generator: torch.Generator | None = None):
     return sample, log_prob
 
 
-def reinforce(log_prob, cost, baseline=None):
-    """Score-function surrogate whose gradient is E[(cost − b) ∇ log p]: mean((sg(cost) − b) · log p).
-    ``baseline`` defaults to the batch mean of the cost (leave-none-out; deviation: the simplest variance reduction)."""
+def reinforce(log_prob, cost, baseline="loo"):
+    """Score-function surrogate: its gradient is mean_i (c_i − b_i) ∇ log p(m_i), an unbiased estimate of ∇ E[c].
+
+    ``log_prob`` and ``cost`` are (..., B): samples along the last dim (leading dims are independent groups). The
+    baseline b_i must not depend on sample i's own draw, or the estimate is biased: the batch mean *including* c_i
+    shrinks it by (1 − 1/B), to exactly zero at B = 1. So ``baseline`` is
+
+    * ``"loo"`` — leave-one-out, b_i = mean of the other B − 1 costs (needs B ≥ 2);
+    * a number or tensor (broadcast to (..., 1)) computed from *earlier* steps only, e.g. ``RunningBaseline.value``,
+      for B = 1 (a batch of one, or a batch cut to one by skipped samples);
+    * ``None`` — no baseline (unbiased, highest variance).
+    """
     cost = cost.detach()
-    b = cost.mean() if baseline is None else torch.as_tensor(baseline, dtype=cost.dtype, device=cost.device)
+    if isinstance(baseline, str):
+        if baseline != "loo":
+            raise ValueError(f"baseline must be 'loo', a number, a tensor or None, not {baseline!r}")
+        n = cost.shape[-1]
+        if n < 2:
+            raise ValueError("a leave-one-out baseline needs at least 2 samples per batch; pass a running baseline "
+                             "(RunningBaseline.value) for a batch of one")
+        b = (cost.sum(-1, keepdim=True) - cost) / (n - 1)
+    elif baseline is None:
+        b = torch.zeros((), dtype=cost.dtype, device=cost.device)
+    else:
+        b = torch.as_tensor(baseline, dtype=cost.dtype, device=cost.device).detach()
+        if b.ndim:
+            b = b.unsqueeze(-1)
     return ((cost - b) * log_prob).mean()
+
+
+class RunningBaseline:
+    """An exponential moving average of the batch-mean cost over *earlier* steps, for B = 1.
+
+    Read ``value`` before ``update`` with the current costs: the baseline then never depends on the current draw and
+    ``reinforce`` stays unbiased. ``value`` is None before the first update (no baseline: still unbiased).
+    ``cost`` may have leading dims (independent chains, as ``reinforce``); the mean is over the last dim.
+    """
+
+    def __init__(self, momentum: float = 0.9):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"baseline momentum must be in [0, 1), got {momentum}")
+        self.momentum = float(momentum)
+        self.value: torch.Tensor | None = None
+
+    def update(self, cost) -> None:
+        mean = cost.detach().float().mean(-1)
+        self.value = mean if self.value is None else self.momentum * self.value + (1 - self.momentum) * mean
+
+    def state_dict(self) -> dict:
+        return {"momentum": self.momentum, "value": None if self.value is None else self.value.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.momentum, self.value = float(state["momentum"]), state["value"]
 
 
 def composite(mask_up, generated, source):

@@ -21,33 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# the config lives in a torch-free module (a CLI checks its config before importing torch); re-exported here
+from replan.regions.config import RegionModelConfig
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HEAD_FILE = "region_head.safetensors"
+TINY = "tiny"  # offline random stand-ins (tests, smoke runs)
 CONFIG_FILE = "region_config.json"
-
-
-@dataclass
-class RegionModelConfig:
-    """Sizes and choices of the trainable head. Paper-silent choices ([gap] in the spec) are marked *deviation*."""
-
-    clip: str = "openai/clip-vit-large-patch14"  # vision + text towers (one CLIPModel checkpoint or dir)
-    t5: str = "google/flan-t5-base"              # encoder only
-    image_size: int = 224                        # deviation: input size not stated; ViT-L/14 → 16×16 patches
-    # deviation: ViT-L/14 tokens are 1024-wide; "clip" applies post-LN + the visual projection to every patch
-    # (dense-CLIP trick, gives d = 768 as the paper says); "linear" learns a width→d map; "none" keeps the raw width
-    patch_proj: str = "clip"
-    heads: int = 12                              # deviation: 12 × 64 for d = 768
-    cross_layers: int = 1                        # deviation: one pre-LN residual layer each
-    self_layers: int = 1
-    mlp_hidden: int = 256                        # deviation: MLP d→256→1, GELU
-    dropout: float = 0.0
-    theta: float = 0.5                           # deviation: threshold not given
-    upsample: str = "nearest"                    # deviation: nearest | bilinear (then re-thresholded at 0.5)
-    g_pool: str = "attn"                         # deviation: g = attn pooling (learned query) | mean; + 2-layer MLP
-    g_hidden: int = 1024
-    max_ins_tokens: int = 77
-    max_text_tokens: int = 77
 
 
 @dataclass
@@ -152,6 +133,7 @@ class RegionGenerator(nn.Module):
         self.head = RegionHead(cfg, vc.hidden_size, clip_vision.config.projection_dim, t5.config.d_model)
         self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self.eval()  # inference mode until a trainer calls ``head.train()``: dropout never acts outside training
 
     # ------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -166,13 +148,23 @@ class RegionGenerator(nn.Module):
 
         cfg = dataclasses.replace(config or RegionModelConfig(), **overrides)
         cfg.clip, cfg.t5 = clip or cfg.clip, t5 or cfg.t5
+        clip_dir, t5_dir = resolve_backbone(cfg.clip, "clip"), resolve_backbone(cfg.t5, "t5")
         kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        vision = CLIPVisionModelWithProjection.from_pretrained(cfg.clip, **kw)
-        text = CLIPTextModelWithProjection.from_pretrained(cfg.clip, **kw)
-        enc = T5EncoderModel.from_pretrained(cfg.t5, **kw)
-        mean, std = _image_stats(cfg.clip)
-        return cls(cfg, vision, text, enc, AutoTokenizer.from_pretrained(cfg.clip),
-                   AutoTokenizer.from_pretrained(cfg.t5), mean, std)
+        try:
+            vision = CLIPVisionModelWithProjection.from_pretrained(clip_dir, **kw)
+            text = CLIPTextModelWithProjection.from_pretrained(clip_dir, **kw)
+            clip_tok = AutoTokenizer.from_pretrained(clip_dir)
+        except OSError as e:
+            why = " ".join(str(e).split())[:200]
+            raise ValueError(f"cannot load CLIP from model.clip={cfg.clip!r}: {why}") from None
+        try:
+            enc = T5EncoderModel.from_pretrained(t5_dir, **kw)
+            t5_tok = AutoTokenizer.from_pretrained(t5_dir)
+        except OSError as e:
+            why = " ".join(str(e).split())[:200]
+            raise ValueError(f"cannot load FLAN-T5 from model.t5={cfg.t5!r}: {why}") from None
+        mean, std = _image_stats(clip_dir)
+        return cls(cfg, vision, text, enc, clip_tok, t5_tok, mean, std)
 
     def save(self, path: str | Path) -> Path:
         """Only the trainable head and the config (the frozen encoders are referenced by id/dir)."""
@@ -186,16 +178,22 @@ class RegionGenerator(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, config: RegionModelConfig | None = None, **kwargs) -> RegionGenerator:
-        """Rebuild from ``save``; with ``config``, a checkpoint made under a different config is an error."""
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise ValueError(f"{path} is not a region-generator checkpoint (no {CONFIG_FILE})")
-        saved = RegionModelConfig(**json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+        """Rebuild from ``save`` in inference mode (``eval()``); with ``config``, a checkpoint made under a different
+        config is an error."""
+        saved = cls.saved_config(path)
         if config is not None:
             check_same_config(saved, config, path)
         model = cls.from_pretrained(config=saved, **kwargs)
         model.load_head(path)
-        return model
+        return model.eval()
+
+    @staticmethod
+    def saved_config(path: str | Path) -> RegionModelConfig:
+        """The ``RegionModelConfig`` a checkpoint folder was saved with."""
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise ValueError(f"{path} is not a region-generator checkpoint (no {CONFIG_FILE})")
+        return RegionModelConfig(**json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
 
     def load_head(self, path: str | Path) -> None:
         from safetensors.torch import load_file
@@ -270,8 +268,14 @@ class RegionGenerator(nn.Module):
 
     @torch.no_grad()
     def predict(self, images, instructions: list[str], size=None):
-        """Inference: PIL images + instructions → hard masks at ``size`` (W, H) or the model size, (B, H, W) bool."""
-        out = self(self.preprocess(images), instructions)
+        """Inference: PIL images + instructions → hard masks at ``size`` (W, H) or the model size, (B, H, W) bool.
+        Runs in eval mode (no dropout: the same input always gives the same mask), then restores the mode."""
+        was_training = self.head.training
+        self.head.eval()
+        try:
+            out = self(self.preprocess(images), instructions)
+        finally:
+            self.head.train(was_training)
         w, h = size or (self.cfg.image_size, self.cfg.image_size)
         return self.upsample(out.mask, h, w)[:, 0] > 0.5
 
@@ -282,6 +286,16 @@ def check_same_config(saved: RegionModelConfig, wanted: RegionModelConfig, where
     if diff:
         pretty = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"{where} was saved with a different region-model config ({pretty})")
+
+
+def resolve_backbone(name: str, part: str) -> str:
+    """``"tiny"`` → the offline tiny CLIP (``part="clip"``) or FLAN-T5 (``"t5"``) stand-in, built once into the cache
+    (``replan.testing.regions``; ``model.image_size`` must then be 32); anything else is a hub id or a directory."""
+    if name != TINY:
+        return name
+    from replan.backbones.registry import build_offline
+
+    return str(build_offline("replan.testing.regions:save_tiny_regions_backbones", "tiny-regions") / part)
 
 
 def _image_stats(clip: str):

@@ -12,15 +12,20 @@
     ``mask`` and ``stream`` → 400 (unsupported); other OpenAI fields are ignored.
     → 200 ``{"created", "data": [{"b64_json", "revised_prompt": <global prompt>}], "output_format", "size",
     "replan": {"request_id", "model", "backbone", "plan": <RegionPlan dict>, "planned", "boxes", "seed", "steps",
-    "timings"}}``. Defaults: the backbone's CLI entry point.
+    "planner": <template name, sha256, box frame, planner frame> | null, "timings"}}``. Defaults: the backbone's CLI
+    entry point. A ``plan`` sent as text is read in original pixels.
 
 ``POST /v1/plans/execute`` (JSON, the GRPO reward):
     ``{"image_base64", "response": <planner text>, "instruction", "seed"?, "steps"?, "expand"?, "switch"?,
-    "rules"? {"Query, Key": bool}, "guidance"?, "expand_mode"?, "planner_size"? [W, H], "delete_main_prompt"?,
-    "bboxes_attend_to_each_other"?}`` (``expand_value`` / ``attention_rules`` accepted as the official names). The
-    reply is parsed leniently; an unusable reply runs a global edit, as official. Defaults: the backbone's reward
-    server entry point (FLUX.1 Kontext: switch 0, expand 0.15) or, without one, its eval entry point.
-    → 200 ``{"image_base64": <PNG b64>, "plan": <RegionPlan dict>, "seconds", "boxes", "request_id", "timings"}``.
+    "rules"? {"Query, Key": bool}, "guidance"?, "expand_mode"?, "box_frame"? "processor"|"original",
+    "planner_size"? [W, H], "delete_main_prompt"?, "bboxes_attend_to_each_other"?}`` (``expand_value`` /
+    ``attention_rules`` accepted as the official names). The reply's boxes are read in ``box_frame`` (default: the
+    server's ``--box_frame``, itself ``processor``): ``processor`` maps them from ``planner_size`` (the frame the
+    planner saw; default Qwen2.5-VL's ``smart_resize`` of the image) to pixels, ``original`` reads them as pixels (the
+    official server). The reply is parsed leniently; an unusable reply runs a global edit, as official. Defaults: the
+    backbone's reward server entry point (FLUX.1 Kontext: switch 0, expand 0.15) or, without one, its eval entry
+    point. → 200 ``{"image_base64": <PNG b64>, "plan": <RegionPlan dict>, "seconds", "boxes", "box_frame",
+    "planner_size", "request_id", "timings"}``.
 
 ``GET /health`` → ``{"status": "loading"|"ready"|"failed", "backbone", "queue": <edits waiting>, "busy",
 "max_queue", "planner", ["load_seconds"], ["error"]}`` with HTTP 200 / 503 (+ Retry-After) / 500.

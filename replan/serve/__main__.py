@@ -21,6 +21,7 @@ import logging
 import sys
 
 from replan.backbones import names
+from replan.parse import PARSE_MODES
 
 PLANNERS = ("local", "openai", "none")
 
@@ -33,9 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--planner", choices=PLANNERS, default="local",
                     help="planner for edits sent without a plan; 'none' serves plans and no_plan edits only")
     ap.add_argument("--vlm_ckpt_path", help="planner checkpoint ('tiny' = offline random); for openai: the model")
-    ap.add_argument("--lora_path", help="LoRA adapter for the local planner (needs peft)")
+    ap.add_argument("--lora_path", help="LoRA for the diffusion editor (diffusers format), as official")
+    ap.add_argument("--vlm_lora_path", help="LoRA adapter for the local planner (PEFT format; needs peft)")
+    ap.add_argument("--parse", choices=PARSE_MODES, default="lenient",
+                    help="how planner replies (planned here or posted) are read; official: as the official code, "
+                    "no repairs (GRPO reward parity); a request may override it")
     ap.add_argument("--base_url", help="OpenAI-compatible planner endpoint (or REPLAN_PLANNER_BASE_URL)")
     ap.add_argument("--api_key", help="planner endpoint key (or REPLAN_PLANNER_API_KEY)")
+    ap.add_argument("--prompt_template", "--vlm_prompt_template_path", dest="prompt_template",
+                    help="planner prompt template file (default: replan's wording of the official one)")
+    ap.add_argument("--box_frame", choices=["processor", "original"], default="processor",
+                    help="how planner boxes are read, by this server's planner and by /v1/plans/execute unless a "
+                    "request says otherwise: processor (default) or original (as the official edit server)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--stage_offload", choices=["none", "cpu"], default="none",
@@ -71,7 +81,9 @@ def config_from_args(args):
 
     return ServeConfig(
         backbone=args.backbone, model=args.model, planner=args.planner, vlm_ckpt_path=args.vlm_ckpt_path,
-        lora_path=args.lora_path, base_url=args.base_url, api_key=args.api_key, device=args.device, dtype=args.dtype,
+        lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path, parse=args.parse, base_url=args.base_url,
+        api_key=args.api_key, prompt_template=args.prompt_template, box_frame=args.box_frame, device=args.device,
+        dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, attention=args.attention, queue=args.queue,
         max_image_mb=args.max_image_mb, compile=args.compile, attention_budget=args.attention_budget,
         ulysses=args.ulysses, ulysses_anything=args.ulysses_anything,

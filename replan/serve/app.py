@@ -42,6 +42,7 @@ from replan.serve.parsing import (
     new_request_id,
     planner_reply_plan,
     read_upload,
+    reply_frame,
     run_edit,
     user_plan,
 )
@@ -130,7 +131,7 @@ def _install_routes(app, service: EditService) -> None:
         image = await asyncio.to_thread(decode_image, data, "image")
         plan = None
         if req["plan"] is not None:
-            plan = user_plan(req["plan"], image.size)
+            plan = user_plan(req["plan"], image.size, parse=config.parse)
         elif req["no_plan"]:
             plan = RegionPlan(req["prompt"], image_size=image.size)
         elif not service.has_planner:
@@ -152,6 +153,7 @@ def _install_routes(app, service: EditService) -> None:
             "replan": {
                 "request_id": rid, "model": req["model"], "backbone": service.backbone, "plan": out.plan.to_dict(),
                 "planned": plan is None, "boxes": [list(b) for b in out.edit.boxes], "seed": req["seed"],
+                "planner": service.pipe.planner.provenance() if plan is None else None,
                 "steps": req["steps"] or service.pipe.editor.spec.steps,
                 "timings": {k: round(v, 4) for k, v in timings.items()},
             },
@@ -169,7 +171,9 @@ def _install_routes(app, service: EditService) -> None:
             raise validation_error(e.errors()) from None
         image = await asyncio.to_thread(decode_image, decode_base64(req.image_base64, "image_base64", limit),
                                         "image_base64")
-        plan = planner_reply_plan(req.response, image.size, req.planner_size)
+        box_frame = req.box_frame or config.box_frame
+        planner_size = reply_frame(box_frame, req.planner_size, image.size)
+        plan = planner_reply_plan(req.response, image.size, planner_size, req.parse or config.parse)
         if req.rules is not None:
             from replan.attention.rules import RuleSet
 
@@ -188,7 +192,8 @@ def _install_routes(app, service: EditService) -> None:
                     rid, *image.size, len(out.plan.regions), len(out.plan.repairs), queued, ran, seconds,
                     req.instruction[:80])
         return {"image_base64": b64, "plan": out.plan.to_dict(), "seconds": round(seconds, 4),
-                "boxes": [list(b) for b in out.edit.boxes], "request_id": rid,
+                "boxes": [list(b) for b in out.edit.boxes], "request_id": rid, "box_frame": box_frame,
+                "planner_size": list(planner_size) if planner_size else None,
                 "timings": {"queued": round(queued, 4), "edit": round(ran, 4), "total": round(seconds, 4)}}
 
 

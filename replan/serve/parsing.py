@@ -77,8 +77,8 @@ def too_large(param: str, limit: int) -> ServeError:
                       code="payload_too_large")
 
 
-def user_plan(text: str, image_size, param: str = "plan") -> RegionPlan:
-    """A plan sent by a client: a plan JSON object (validated strictly) or planner text (parsed leniently)."""
+def user_plan(text: str, image_size, param: str = "plan", parse: str = "lenient") -> RegionPlan:
+    """A plan sent by a client: a plan JSON object (validated strictly) or planner text (read in ``parse`` mode)."""
     text = text.strip()
     if not text:
         raise bad(f"'{param}' is empty", param)
@@ -98,18 +98,36 @@ def user_plan(text: str, image_size, param: str = "plan") -> RegionPlan:
             raise bad(f"'{param}' is not a valid plan: {e}", param) from None
         return plan
     try:
-        return parse_plan(text, image_size)
+        return parse_plan(text, image_size, mode=parse)
     except PlanParseError as e:
         raise bad(f"'{param}' could not be read as planner text: {e}", param) from None
 
 
-def planner_reply_plan(text: str, image_size, planner_size=None) -> RegionPlan:
-    """Official reward-server behaviour: read the reply leniently; anything unusable becomes a plain global edit."""
+def planner_reply_plan(text: str, image_size, planner_size=None, parse: str = "lenient") -> RegionPlan:
+    """The reward-server endpoint: read the reply in ``parse`` mode (``official``: exactly as the official server);
+    in lenient and official mode anything unusable becomes a plain global edit, in strict mode it is a 400."""
     try:
-        return parse_plan(text, image_size, planner_size=planner_size)
+        return parse_plan(text, image_size, mode=parse, planner_size=planner_size)
     except PlanParseError as e:
+        if parse == "strict":
+            raise bad(f"'response' does not follow the plan grammar: {e}", "response") from None
         return RegionPlan("", image_size=image_size, raw_text=text if isinstance(text, str) else "",
                           repairs=(f"{e}; ran a global edit",))
+
+
+def reply_frame(box_frame: str, planner_size, image_size) -> tuple[int, int] | None:
+    """The planner frame to read a reply's boxes in: ``planner_size`` (default: Qwen2.5-VL's ``smart_resize`` of
+    the image) for ``box_frame="processor"``; None (original pixels) for ``"original"``."""
+    from replan.coords import processor_frame
+
+    if box_frame == "original":
+        if planner_size is not None:
+            raise bad("'planner_size' is only used with box_frame 'processor'; drop it, or send box_frame "
+                      "'processor'", "planner_size")
+        return None
+    if planner_size is not None and not all(isinstance(v, int) and v > 0 for v in planner_size):
+        raise bad(f"'planner_size' must be two positive integers [W, H], got {list(planner_size)}", "planner_size")
+    return tuple(planner_size) if planner_size is not None else processor_frame(image_size)
 
 
 def parse_size(value: str | None) -> tuple[int, int] | None:
@@ -154,7 +172,9 @@ class ExecuteRequest(BaseModel):
     switch: float | None = Field(None, ge=0)
     rules: dict[str, bool] | None = Field(None, validation_alias=AliasChoices("rules", "attention_rules"))
     guidance: float | None = None
-    planner_size: tuple[int, int] | None = None
+    box_frame: Literal["processor", "original"] | None = None  # None: the server's --box_frame
+    planner_size: tuple[int, int] | None = None  # processor frame (W, H); None: smart_resize of the image
+    parse: Literal["lenient", "strict", "official"] | None = None  # None: the server's --parse
     delete_main_prompt: bool = False
     bboxes_attend_to_each_other: bool = True
 

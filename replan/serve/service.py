@@ -12,6 +12,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from replan.parse import PARSE_MODES
+
 logger = logging.getLogger("replan.serve")
 
 
@@ -31,9 +33,13 @@ class ServeConfig:
     model: str | None = None
     planner: str = "local"  # local | openai | none
     vlm_ckpt_path: str | None = None
-    lora_path: str | None = None
+    lora_path: str | None = None  # editor LoRA (diffusers format), as the official --lora_path
+    vlm_lora_path: str | None = None  # planner LoRA (PEFT adapter)
+    parse: str = "lenient"  # how planner replies are read: lenient | strict | official
     base_url: str | None = None  # openai planner endpoint
     api_key: str | None = None
+    prompt_template: str | None = None  # planner prompt template file (None: replan's wording of the official one)
+    box_frame: str = "processor"  # how planner boxes are read (its planner, and /v1/plans/execute by default)
     device: str | None = None  # default: cuda when available, else cpu
     dtype: str | None = None
     stage_offload: str = "none"
@@ -53,6 +59,16 @@ class ServeConfig:
             raise ValueError(f"ulysses must be a positive integer, got {self.ulysses!r}")
         if self.ulysses > 1 and (self.offload != "none" or self.stage_offload != "none"):
             raise ValueError("--ulysses keeps the editor on each rank's GPU: drop --offload and --stage_offload")
+        if self.parse not in PARSE_MODES:
+            raise ValueError(f"parse must be one of {', '.join(PARSE_MODES)}, got {self.parse!r}")
+        from replan.coords import BOX_FRAMES
+
+        if self.box_frame not in BOX_FRAMES:
+            raise ValueError(f"box_frame must be one of {', '.join(BOX_FRAMES)}, got {self.box_frame!r}")
+        if self.prompt_template is not None:
+            from replan.planner import load_template
+
+            load_template(self.prompt_template)  # a missing file is an error now, before any model loads
         if self.queue < 0:
             raise ValueError(f"queue must be >= 0, got {self.queue}")
         if not self.max_image_mb > 0:
@@ -87,13 +103,16 @@ def _load(config: ServeConfig, parallel):
     import torch
 
     from replan.pipeline import RePlanPipeline
+    from replan.planner import load_template
 
-    planner_kwargs = {}
+    planner_kwargs = {"parse": config.parse, "box_frame": config.box_frame}
     if config.planner == "openai":
-        planner_kwargs = {k: v for k, v in (("base_url", config.base_url), ("api_key", config.api_key)) if v}
+        planner_kwargs.update({k: v for k, v in (("base_url", config.base_url), ("api_key", config.api_key)) if v})
+    if config.prompt_template:
+        planner_kwargs.update(template=load_template(config.prompt_template), template_name=config.prompt_template)
     pipe = RePlanPipeline.from_pretrained(
         backbone=config.backbone, planner=None if config.planner == "none" else config.planner, model=config.model,
-        vlm_ckpt_path=config.vlm_ckpt_path, lora_path=config.lora_path,
+        vlm_ckpt_path=config.vlm_ckpt_path, lora_path=config.lora_path, vlm_lora_path=config.vlm_lora_path,
         device=config.device or (None if parallel else "cuda" if torch.cuda.is_available() else "cpu"),
         torch_dtype=config.dtype, stage_offload=config.stage_offload, offload=config.offload,
         planner_kwargs=planner_kwargs, compile=config.compile, attention_budget=config.attention_budget,

@@ -4,7 +4,8 @@
 L_CLIP, text tower for T_o/T_e, plus a ``CLIPImageProcessor`` and a character-level tokenizer) and ``dir/t5`` (a
 ``T5EncoderModel`` with a character-level tokenizer); both load back with the real ``from_pretrained``.
 ``tiny_image_text_dataset(...)`` builds a LAION-style ``datasets.Dataset`` (``image``/``caption``) of coloured shapes,
-optionally with bad rows (empty caption, undecodable image bytes).
+optionally with bad rows (empty caption, undecodable image bytes); ``save_tiny_image_text(dir)`` saves one to disk
+(``data.path: tiny``). ``write_tiny_shards(dir, ...)`` writes the same pairs as webdataset tar shards.
 """
 
 from __future__ import annotations
@@ -73,3 +74,45 @@ def tiny_image_text_dataset(n: int = 8, size: int = 48, bad_empty_caption: int =
         images.append(b"not an image")
         captions.append("a broken picture")
     return Dataset.from_dict({"image": images, "caption": captions})
+
+
+def save_tiny_image_text(path: str | Path, n: int = 32) -> Path:
+    """``tiny_image_text_dataset(n)`` saved with ``save_to_disk`` (``data.path: tiny`` of the regions trainer)."""
+    tiny_image_text_dataset(n).save_to_disk(str(path))
+    return Path(path)
+
+
+def write_tiny_shards(folder: str | Path, shards: int = 6, per_shard: int = 40, size: int = 16, bad_every: int = 0,
+                      truncate: tuple[int, ...] = ()) -> list[Path]:
+    """``shards`` webdataset tars of ``per_shard`` pairs each (``<key>.png`` + ``<key>.txt``); sample k's caption
+    ends with ``#k`` so a reader's output can be traced. Every ``bad_every``-th sample is bad (alternately an empty
+    caption and undecodable image bytes); the shards listed in ``truncate`` are cut in the middle of a member."""
+    import tarfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names, paths = list(COLOURS), []
+    for s in range(shards):
+        path = folder / f"shard-{s:04d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for i in range(per_shard):
+                k = s * per_shard + i
+                colour, shape = names[k % len(names)], SHAPES[(k // len(names)) % len(SHAPES)]
+                buf = io.BytesIO()
+                shape_image(colour, shape, size, offset=k % 3).save(buf, format="PNG")
+                image, caption = buf.getvalue(), f"a {colour} {shape} on a white background #{k}"
+                if bad_every and k % bad_every == bad_every - 1:
+                    if (k // bad_every) % 2:
+                        image = b"not an image"
+                    else:
+                        caption = " "
+                for name, data in ((f"{k:06d}.png", image), (f"{k:06d}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        if s in truncate:  # cut inside the data of the middle member (a cut at a header reads as a clean end)
+            with tarfile.open(path) as tf:
+                middle = tf.getmembers()[per_shard]
+            path.write_bytes(path.read_bytes()[: middle.offset_data + middle.size // 2])
+        paths.append(path)
+    return paths

@@ -77,6 +77,21 @@ def load_config(path: str | Path, overrides=()) -> TrainConfig:
     return config_from_dict(apply_overrides(read_yaml(path), overrides), str(path))
 
 
+# When to stop, how often to log or save, where to report: may change between a run and its resume.
+NOT_RECORDED = ("output_dir", "resume", "report_to")
+NOT_RECORDED_GRPO = ("max_steps", "save_steps", "logging_steps", "log_completions", "save_total_limit")
+
+
+def run_settings(cfg: TrainConfig) -> dict:
+    """What a GRPO output folder records in ``run_config.json``: the config as given (``model.path`` before ``tiny``
+    is resolved), without the fields that may change between a run and its resume."""
+    settings = cfg.to_dict()
+    for key in NOT_RECORDED:
+        settings.pop(key, None)
+    settings["grpo"] = {k: v for k, v in settings["grpo"].items() if k not in NOT_RECORDED_GRPO}
+    return settings
+
+
 def _report_to(value) -> list[str]:
     items = [value] if isinstance(value, str) else list(value or ["none"])
     items = [str(v).strip().lower() for v in items if str(v).strip()] or ["none"]

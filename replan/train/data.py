@@ -6,12 +6,17 @@ the image first, then ``template + "\\n" + instruction``; the chat template adds
 
 * TRL rows: ``prompt`` = ``[{"role": "user", "content": <prompt text>}]`` (TRL puts the ``image`` column's picture
   in front of the text itself), ``image`` (RGB), and the reward columns ``instruction`` (what the edit server gets),
-  ``referring_expression``, ``image_id``, ``width``, ``height``.
+  ``referring_expression``, ``image_id``, ``width``, ``height``, plus ``template`` / ``template_sha256`` (which
+  planner prompt built the row).
 * verl rows (``verl/utils/dataset/rl_dataset.py::RLHFDataset``): ``data_source``, ``prompt`` =
   ``[{"role": "user", "content": "<image>" + <prompt text>}]``, ``images`` = ``[{"bytes": ...}]``, ``ability``,
   ``reward_model`` = ``{"style": "rule" | "model", "ground_truth": answer}``, ``extra_info`` (``index``, ``split``,
-  ``instruction``, ``referring_expression``, ``image_id``, ``width``, ``height``, ``task_name`` and, with an image
-  store, ``image_path``: the stage-2 reward's fallback when verl does not hand it the raw image).
+  ``instruction``, ``referring_expression``, ``image_id``, ``width``, ``height``, ``task_name``, ``template``,
+  ``template_sha256`` and, with an image store, ``image_path``: the stage-2 reward's fallback when verl does not hand
+  it the raw image).
+
+The template is replan's wording of the official prompt unless ``template:`` / ``--prompt_template`` names a file
+(e.g. the official ``replan.txt`` from ``python -m replan.templates fetch``).
 
     python -m replan.train.data --dataset TainU/IV-Edit --split train --out data/train.parquet --format verl
     python -m replan.train.data --dataset tiny --split test --out data/tiny_hf --format hf
@@ -31,7 +36,7 @@ from pathlib import Path
 from PIL import Image
 
 from replan.images import to_rgb
-from replan.planner.base import build_prompt, load_template
+from replan.planner.base import build_prompt, describe_template, load_template
 
 logger = logging.getLogger("replan.train.data")
 
@@ -156,8 +161,15 @@ def prompt_text(cfg: DataConfig, instruction: str, template: str | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------------- TRL
-def trl_rows(cfg: DataConfig, records=None) -> list[dict]:
+def template_record(cfg: DataConfig) -> tuple[str, dict]:
+    """The template text and ``{"template": name, "template_sha256": hash}`` recorded in every row."""
     template = load_template(cfg.template)
+    info = describe_template(template, cfg.template)
+    return template, {"template": info["name"], "template_sha256": info["sha256"]}
+
+
+def trl_rows(cfg: DataConfig, records=None) -> list[dict]:
+    template, recorded = template_record(cfg)
     rows = []
     for r in records if records is not None else iter_records(cfg):
         rows.append({
@@ -168,13 +180,14 @@ def trl_rows(cfg: DataConfig, records=None) -> list[dict]:
             "image_id": r.image_id,
             "width": r.size[0],
             "height": r.size[1],
+            **recorded,
         })
     return rows
 
 
 def to_trl_dataset(cfg: DataConfig, records=None):
     """A ``datasets.Dataset`` for ``trl.GRPOTrainer`` (columns: prompt, image, instruction, referring_expression,
-    image_id, width, height)."""
+    image_id, width, height, template, template_sha256)."""
     import datasets
 
     rows = trl_rows(cfg, records)
@@ -188,6 +201,8 @@ def to_trl_dataset(cfg: DataConfig, records=None):
         "image_id": datasets.Value("string"),
         "width": datasets.Value("int32"),
         "height": datasets.Value("int32"),
+        "template": datasets.Value("string"),
+        "template_sha256": datasets.Value("string"),
     })
     return datasets.Dataset.from_list(rows, features=features)
 
@@ -204,7 +219,7 @@ def verl_rows(cfg: DataConfig, stage: int = 1, image_store: str | Path | None = 
     ``<image_id>.png`` and record its absolute path in ``extra_info.image_path``."""
     if stage not in TASKS:
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    template = load_template(cfg.template)
+    template, recorded = template_record(cfg)
     store = Path(image_store).resolve() if image_store else None
     if store is not None:
         store.mkdir(parents=True, exist_ok=True)
@@ -213,7 +228,7 @@ def verl_rows(cfg: DataConfig, stage: int = 1, image_store: str | Path | None = 
         data = r.image_bytes if r.image_bytes is not None else _png(r.image)
         extra = {"index": r.index, "split": cfg.split, "instruction": r.editing_instruction,
                  "referring_expression": r.referring_expression, "image_id": r.image_id,
-                 "width": r.size[0], "height": r.size[1], "task_name": TASKS[stage], "image_path": ""}
+                 "width": r.size[0], "height": r.size[1], "task_name": TASKS[stage], "image_path": "", **recorded}
         if store is not None:
             path = store / f"{_safe(r.image_id)}.png"
             r.image.save(path)
@@ -262,7 +277,9 @@ def main(argv=None) -> int:
     ap.add_argument("--instruction-column", default=DataConfig.instruction_column)
     ap.add_argument("--extra-info-column", default=DataConfig.extra_info_column, help="'none' if absent")
     ap.add_argument("--answer-column", default=DataConfig.answer_column)
-    ap.add_argument("--template", default=None, help="planner prompt template file (default: replan's)")
+    ap.add_argument("--prompt_template", "--template", dest="template", default=None,
+                    help="planner prompt template file, e.g. the official one from 'python -m replan.templates fetch' "
+                    "(default: replan's wording of it)")
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

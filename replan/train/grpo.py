@@ -13,8 +13,11 @@ fields); ``prompts_per_step`` (16) sets the gradient accumulation so that one op
 * Stage 1 reward: ``replan.train.rewards.stage1_rewards`` (format/quality/region). Stage 2: ``replan.train.remote.
   Stage2Reward`` (edit server + VLM judge); both servers must answer ready before the model is even loaded.
 * Checkpoints are Hugging Face model directories (``<output_dir>/checkpoint-<step>``, the final model in
-  ``output_dir``; with LoRA the adapter there and the merged model in ``output_dir/merged``). ``resume: auto``
-  continues from the last checkpoint after a crash.
+  ``output_dir``; with LoRA the adapter there and the merged model in ``output_dir/merged``, merged into a copy loaded
+  from disk so the trainer keeps its adapter). ``resume: auto`` continues from the last checkpoint after a crash.
+* The output folder records the run's settings (``run_config.json``, as eval generation does); a run with other
+  settings, or a fresh start (``resume=never``) over its checkpoints, is refused: a smoke run never continues a real
+  one, and the other way round (``configs/train/tiny.yaml`` writes to ``outputs/train/tiny``).
 
 Errors in the configuration (unknown keys, a missing dataset column, a model path that is not a model, unreachable
 reward servers) are one line on stderr and exit status 2, before any training.
@@ -41,114 +44,21 @@ from replan.train.config import (  # noqa: F401  (re-exported: the configuration
     _report_to,
     config_from_dict,
     load_config,
+    run_settings,
     validate,
+)
+from replan.train.loading import (  # noqa: F401  (re-exported)
+    build_dataset,
+    load_model,
+    merged_copy,
+    peft_config,
+    prompt_lengths,
+    resolve_model_path,
 )
 
 logger = logging.getLogger("replan.train.grpo")
 
 
-
-
-# ---------------------------------------------------------------------------------------------------- model
-def resolve_model_path(path: str) -> str:
-    """``"tiny"`` → the offline tiny checkpoint; a local directory must be a Hugging Face model (config.json);
-    anything else is taken as a hub id. One-line ``ValueError`` naming what is wrong otherwise."""
-    from replan.planner import TINY
-
-    if path == TINY:
-        from replan.backbones.registry import build_offline
-
-        return str(build_offline("replan.testing.qwenvl:save_tiny_qwen25vl", "tiny-qwen25vl"))
-    p = Path(path).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise ValueError(f"model path {p} is a file, not a Hugging Face model directory")
-        if (p / "config.json").is_file():
-            return str(p)
-        if (p / "fsdp_config.json").is_file() or any(p.glob("model_world_size_*_rank_*.pt")):
-            raise ValueError(f"{p} is a sharded verl checkpoint, not a model: merge it first "
-                             f"(scripts/train/merge.sh {p} <hf_dir>) and pass the merged directory")
-        if (p / "adapter_config.json").is_file():
-            raise ValueError(f"{p} is a LoRA adapter, not a model: pass the merged model ({p / 'merged'}) instead")
-        if (p / "huggingface" / "config.json").is_file():
-            raise ValueError(f"{p} is a verl actor checkpoint: merge it (scripts/train/merge.sh {p} <hf_dir>) first")
-        raise ValueError(f"{p} is not a Hugging Face model directory (no config.json)")
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ValueError(f"model path {path!r} does not exist (and is not a hub id like Qwen/Qwen2.5-VL-7B-Instruct)")
-    return path
-
-
-def _dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-            "fp32": torch.float32, "float32": torch.float32}[name]
-
-
-def load_model(cfg: ModelConfig):
-    """``(model, processor)`` from a resolved path (see ``resolve_model_path``)."""
-    from transformers import AutoModelForImageTextToText
-
-    from replan.planner.qwen_vl import default_attention, load_processor
-
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            cfg.path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation or default_attention())
-        processor = load_processor(cfg.path, cfg.min_pixels, cfg.max_pixels)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot load the planner from {cfg.path!r}: {' '.join(str(e).split())[:300]}") from None
-    if not hasattr(processor, "image_processor"):
-        raise ValueError(f"{cfg.path!r} has no image processor: it is not a vision-language model")
-    if cfg.freeze_vision_tower:
-        tower = getattr(getattr(model, "model", model), "visual", None)
-        if tower is None:
-            raise ValueError("model.freeze_vision_tower: the model has no 'visual' tower")
-        tower.requires_grad_(False)
-    return model, processor
-
-
-def peft_config(cfg: LoraSection):
-    if not cfg.enabled:
-        return None
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        raise ValueError("lora.enabled needs peft: pip install 'replan[train]'") from None
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                      task_type="CAUSAL_LM")
-
-
-# ---------------------------------------------------------------------------------------------------- data
-def prompt_lengths(processor, dataset) -> list[int]:
-    """Prompt tokens per row as the trainer will see them (chat template, image tokens included)."""
-    lengths = []
-    for row in dataset:
-        content = [{"type": "image"}, {"type": "text", "text": row["prompt"][0]["content"]}]
-        messages = [{"role": "user", "content": content}]
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        lengths.append(int(processor(text=[text], images=[row["image"]], return_tensors="pt")["input_ids"].shape[1]))
-    return lengths
-
-
-def build_dataset(cfg: TrainConfig, processor):
-    """The TRL dataset, without the prompts longer than ``max_prompt_length`` (TRL never truncates prompts; verl's
-    ``data.filter_overlong_prompts`` does the same)."""
-    from replan.train.data import to_trl_dataset
-
-    ds = to_trl_dataset(cfg.data)
-    if cfg.max_prompt_length:
-        lengths = prompt_lengths(processor, ds)
-        keep = [i for i, n in enumerate(lengths) if n <= cfg.max_prompt_length]
-        if len(keep) < len(ds):
-            logger.warning("dropped %d of %d prompts longer than max_prompt_length=%d tokens (longest %d)",
-                           len(ds) - len(keep), len(ds), cfg.max_prompt_length, max(lengths))
-        if not keep:
-            raise ValueError(f"every prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens "
-                             f"(shortest {min(lengths)}); raise it or lower model.max_pixels")
-        ds = ds.select(keep)
-    return ds
 
 
 # ---------------------------------------------------------------------------------------------------- rewards
@@ -181,34 +91,46 @@ class Stage1Reward:
 
     __name__ = "replan_format"
 
-    def __call__(self, prompts, completions, completion_ids=None, width=None, height=None, log_metric=None, **_):
+    def __call__(self, prompts, completions, completion_ids=None, log_metric=None, **_):
         from replan.train.rewards import stage1_rewards
 
-        texts = [_text(c) for c in completions]
-        sizes = [(int(w), int(h)) for w, h in zip(width, height)] if width is not None and height is not None else None
-        results = stage1_rewards(texts, sizes)
+        results = stage1_rewards([_text(c) for c in completions])
         _log_means(log_metric, results, "stage1")
         return [float(r["overall"]) for r in results]
 
 
+def planner_frame(processor, image) -> tuple[int, int]:
+    """(W, H) of the frame the policy sees ``image`` in: the processor's ``image_grid_thw`` × its patch size, exactly
+    what the trainer feeds the model (and what inference maps boxes from)."""
+    out = processor.image_processor(images=[image], return_tensors="pt")
+    _, grid_h, grid_w = (int(v) for v in out["image_grid_thw"][0])
+    patch = int(getattr(processor.image_processor, "patch_size", 14))
+    return (grid_w * patch, grid_h * patch)
+
+
 class Stage2RewardFn:
-    """TRL reward function: ``Stage2Reward`` (edit server + judge) on each completion; sub-scores are logged."""
+    """TRL reward function: ``Stage2Reward`` (edit server + judge) on each completion; sub-scores are logged. With a
+    ``processor`` each sample carries the planner frame from ``image_grid_thw`` (``box_frame="processor"``)."""
 
     __name__ = "replan_planning"
 
-    def __init__(self, reward):
-        self.reward = reward
+    def __init__(self, reward, processor=None):
+        self.reward, self.processor = reward, processor
 
     def __call__(self, prompts, completions, completion_ids=None, image=None, instruction=None,
                  referring_expression=None, log_metric=None, **_):
         from replan.images import to_rgb
 
         n = len(completions)
-        images = image if image is not None else [None] * n
-        samples = [{"image": to_rgb(images[i]) if images[i] is not None else None,
-                    "instruction": (instruction or [""] * n)[i],
+        images = [to_rgb(im) if im is not None else None for im in (image if image is not None else [None] * n)]
+        frames: dict[int, tuple[int, int]] = {}  # the 8 completions of a prompt share one image
+        if self.processor is not None and getattr(self.reward, "box_frame", "original") == "processor":
+            for im in images:
+                if im is not None and id(im) not in frames:
+                    frames[id(im)] = planner_frame(self.processor, im)
+        samples = [{"image": images[i], "instruction": (instruction or [""] * n)[i],
                     "referring_expression": (referring_expression or [""] * n)[i],
-                    "response": _text(completions[i])} for i in range(n)]
+                    "response": _text(completions[i]), "planner_size": frames.get(id(images[i]))} for i in range(n)]
         results = self.reward(samples)
         _log_means(log_metric, results, "stage2")
         return [float(r["overall"]) for r in results]
@@ -339,11 +261,23 @@ def build_trainer(cfg: TrainConfig, callbacks=None, extra_rewards=None):
     """``(trainer, checkpoint to resume from or None)``; every configuration problem is a one-line ``ValueError``
     raised here, before the model is trained. ``extra_rewards``: more TRL reward functions, added to the stage's
     reward (e.g. a dense shaping reward for smoke tests; never part of the official recipe)."""
-    prep = prepare(cfg)
-    model, processor = load_model(cfg.model)
-    dataset = build_dataset(cfg, processor)
+    from replan import __version__
+    from replan.config_io import check_run_settings, record_run_settings
+
     out = Path(cfg.output_dir)
+    settings = run_settings(cfg)  # before prepare() resolves model.path
+    recorded = check_run_settings(out, settings, way_out="resume it with its own config, or use another output_dir")
+    prep = prepare(cfg)
+    if prep["checkpoint"] is None and cfg.resume == "never" and out.is_dir() and any(out.glob("checkpoint-*")):
+        raise ValueError(f"{out} holds checkpoints of a run and resume=never would overwrite them: resume=auto "
+                         f"continues it, or use another output_dir")
+    model, processor = load_model(cfg.model)
+    if isinstance(prep["reward_fn"], Stage2RewardFn):
+        prep["reward_fn"].processor = processor  # the planner frame of each sample comes from image_grid_thw
+    dataset = build_dataset(cfg, processor)
     out.mkdir(parents=True, exist_ok=True)
+    if not recorded:
+        record_run_settings(out, settings, replan_version=__version__)
     (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     logger.info("stage %d: %d prompts, %d prompts x %d generations per step, %s steps, resume from %s",
                 cfg.stage, len(dataset), cfg.prompts_per_step, prep["args"].num_generations, prep["args"].max_steps,
@@ -356,13 +290,15 @@ def build_trainer(cfg: TrainConfig, callbacks=None, extra_rewards=None):
         raise ValueError(f"cannot set up GRPO: {' '.join(str(e).split())}") from None
     trainer.replan_lora = prep["peft_config"] is not None
     trainer.replan_processor = processor
+    trainer.replan_base = cfg.model.path
     return trainer, prep["checkpoint"]
 
 
 def run(trainer, checkpoint: str | None, output_dir: str | Path):
     """Train (resuming from ``checkpoint`` if given) and save the final model in ``output_dir``."""
     trainer.train(resume_from_checkpoint=checkpoint)
-    save_final(trainer, trainer.replan_processor, Path(output_dir), lora=trainer.replan_lora)
+    save_final(trainer, trainer.replan_processor, Path(output_dir), lora=trainer.replan_lora,
+               base=getattr(trainer, "replan_base", None))
     return trainer
 
 
@@ -372,13 +308,16 @@ def train(cfg: TrainConfig, callbacks=None, extra_rewards=None):
     return run(trainer, checkpoint, cfg.output_dir)
 
 
-def save_final(trainer, processor, out: Path, lora: bool) -> None:
+def save_final(trainer, processor, out: Path, lora: bool, base: str | None = None) -> None:
+    """The final model in ``out``; with LoRA the adapter there and a merged Hugging Face model in ``out/merged``,
+    merged into a copy (``merged_copy``): the trainer keeps its adapter and can go on training or saving."""
     trainer.save_model(str(out))
     processor.save_pretrained(str(out))
-    if lora:  # the adapter is in out; a merged HF model for stage 2 / inference in out/merged
-        merged = trainer.model.merge_and_unload()
+    if lora and trainer.is_world_process_zero():  # a merged HF model for stage 2 / inference in out/merged
+        merged = merged_copy(trainer.model, out, base)
         merged.save_pretrained(str(out / "merged"))
         processor.save_pretrained(str(out / "merged"))
+        del merged
     logger.info("saved the final model to %s%s", out, " (merged: merged/)" if lora else "")
 
 

@@ -13,20 +13,23 @@ Stage 1, the editing (format) score of one reply. The reply is first normalised 
     overall = .5·F + .3·Q + .2·Rg                                                                (max .905)
 
 A valid region list is a JSON list of objects, each with ``bbox_2d`` (4 finite numbers) and ``hint`` (a string).
-Lengths are characters of the stripped block contents. Copying one template placeholder costs 20·0.3 = 6.
+Lengths are characters of the stripped block contents. Copying one template placeholder costs 20·0.3 = 6. (Official:
+any ``int``/``float`` is a number, so NaN, infinities and booleans earn the format reward; here they make the list
+invalid, on purpose: such a plan cannot be executed.)
 
-Stage 2, the planning score of an executed plan (judge scores on the eval scales: target 5|1, effect and consistency
-5|3|1)::
+Stage 2, the planning score of an executed plan (judge scores read as official: a numeric score counts as given,
+off its scale too, e.g. an effect 4 gives E = 1; ``off_scale`` counts them)::
 
     T, E, C = 1[target ≥ 4], 1[effect ≥ 4], 1[consistency ≥ 4]   (a missing score counts as 0)
     planning = (T + E + C·E) / 3                                  (consistency counts only when the effect succeeded)
     overall  = planning + 0.2·editing overall                     (max 1.181)
 
-Only plans that pass ``should_execute`` are sent to the edit server: F = 1, a valid list of 1-5 regions with no
-template placeholder (official gate F = 1 and Rg ≥ 0.7, which also lets 6+ regions through), no box with x2 ≤ x1 or
-y2 ≤ y1 (the official server fails on those), and every region still present when the raw reply is parsed the way the
-edit server parses it (``replan.parse.parse_plan``, lenient). Every other reply gets planning 0 and keeps its editing
-part. Every function here returns the same keys for every input and never raises on bad input.
+``should_execute`` is the official gate: F = 1 and Rg ≥ 0.7 (a valid list of regions, none copying a template
+placeholder; 6 or more regions still reach 0.7). Two cases the official edit server fails on, so that their planning
+score is 0 there, are not sent at all (same score, no wasted edit): more than ``MAX_REGIONS`` = 6 regions (its
+31-group attention limit) and a box with x2 ≤ x1 or y2 ≤ y1. A box partly or entirely outside the image is executed,
+as official (the edit server clamps it). Every other reply gets planning 0 and keeps its editing part. Every function
+here returns the same keys for every input and never raises on bad input.
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ import math
 import re
 from collections.abc import Sequence
 
-from replan.eval.judge_prompts import JudgeParseError, parse_judgement
-from replan.parse import PlanParseError, _find_block, parse_plan
+from replan.eval.judge_prompts import JudgeParseError, is_off_scale, parse_judgement
+from replan.parse_official import find_block
 
-MAX_REGIONS = 5
+BONUS_REGIONS = 5  # Rg gets +0.2 for 1 to 5 regions
+MAX_REGIONS = 6  # the most regions the official edit server executes (31 attention groups for FLUX.1 Kontext)
+GATE_REGION = 0.7  # official gate: F = 1 and Rg >= 0.7
 FORMAT_WEIGHT, QUALITY_WEIGHT, REGION_WEIGHT = 0.5, 0.3, 0.2
 EDITING_WEIGHT = 0.2  # weight of the editing score in the stage-2 reward
 SHARP = 4  # stage-2 threshold on the judge scores
@@ -64,7 +69,7 @@ EVAL_DIMENSION = {"target": "target_following", "effect": "effect", "consistency
 EDITING_KEYS = ("overall", "format", "quality", "region", "n_regions", "valid", "executable")
 PLANNING_KEYS = ("overall", "planning", "editing", "format", "quality", "region", "n_regions", "valid", "executable",
                  "executed", "target", "effect", "consistency", "target_score", "effect_score", "consistency_score",
-                 "edit_failed", "judge_failed", "missing_input")
+                 "off_scale", "edit_failed", "judge_failed", "missing_input")
 
 _WHITESPACE = re.compile(r"\s+")
 _TIGHT = "<>/"
@@ -101,7 +106,7 @@ def _tag_sequence(text: str, tags: Sequence[str]) -> bool:
 
 
 def _block(text: str, tag: str) -> str | None:
-    found = _find_block(text, tag)  # the first <tag> and the first </tag> after it, as re.search("<tag>(.*?)</tag>")
+    found = find_block(text, tag)  # the first <tag> and the first </tag> after it, as re.search("<tag>(.*?)</tag>")
     return None if found is None else found[0].strip()
 
 
@@ -142,7 +147,7 @@ class _Analysis:
         if self.text is None:
             return
         text = normalise(self.text).strip()
-        self.has_region = _find_block(text, "region") is not None
+        self.has_region = find_block(text, "region") is not None
         self.format = float(_tag_sequence(text, ("think", "gen_image", "region") if self.has_region
                                           else ("think", "gen_image")))
         think, gen, region = _block(text, "think") or "", _block(text, "gen_image") or "", _block(text, "region")
@@ -161,7 +166,7 @@ class _Analysis:
         if self.items is None:
             return -0.5
         n, score, good_hints = len(self.items), 0.5, 0
-        score += 0.2 * (1 <= n <= MAX_REGIONS)
+        score += 0.2 * (1 <= n <= BONUS_REGIONS)
         for item in self.items:  # (the official 4-values check cannot fail on a valid list and is left out)
             if item["hint"] in HINT_PLACEHOLDERS:
                 score -= 1.0
@@ -180,30 +185,26 @@ class _Analysis:
     def valid(self) -> bool:
         return self.format == 1.0 and self.items is not None
 
-    def gate(self, image_size=None) -> tuple[bool, str]:
+    def gate(self) -> tuple[bool, str]:
         if self.text is None:
             return False, self.problem
         if self.format != 1.0:
             return False, "format: the reply is not exactly <think>…</think><gen_image>…</gen_image><region>…</region>"
         if self.items is None:
             return False, self.problem
-        n = self.n_regions
-        if not 1 <= n <= MAX_REGIONS:
-            return False, "empty region list (a global edit only)" if n == 0 else \
-                f"{n} regions; at most {MAX_REGIONS} are executed"
+        if not self.region >= GATE_REGION:
+            if self.n_regions == 0:
+                return False, "empty region list (a global edit only)"
+            copied = next((i for i, item in enumerate(self.items, 1) if item["hint"] in HINT_PLACEHOLDERS
+                           or tuple(float(v) for v in item["bbox_2d"]) in BOX_PLACEHOLDERS), None)
+            why = f"region {copied} copies the template's example hint or box" if copied else "region score too low"
+            return False, f"{why} (Rg {self.region:.2f} < {GATE_REGION})"
+        if self.n_regions > MAX_REGIONS:
+            return False, f"{self.n_regions} regions; the edit server runs at most {MAX_REGIONS}"
         for i, item in enumerate(self.items, 1):
-            box = tuple(float(v) for v in item["bbox_2d"])
-            if item["hint"] in HINT_PLACEHOLDERS or box in BOX_PLACEHOLDERS:
-                return False, f"region {i} copies the template's example hint or box"
-            if box[2] <= box[0] or box[3] <= box[1]:
+            x1, y1, x2, y2 = (float(v) for v in item["bbox_2d"])
+            if x2 <= x1 or y2 <= y1:
                 return False, f"region {i} box {list(item['bbox_2d'])} has x2 <= x1 or y2 <= y1"
-        try:  # what the edit server will execute: the raw reply through the lenient parser
-            plan = parse_plan(self.text, image_size)
-        except PlanParseError as e:
-            return False, f"the plan cannot be parsed: {e}"
-        if len(plan.regions) != n:
-            why = "; ".join(plan.repairs) or "regions lost"
-            return False, f"only {len(plan.regions)} of {n} regions survive parsing of the raw reply ({why})"[:500]
         return True, "ok"
 
 
@@ -215,45 +216,35 @@ def _as_text(response) -> str | None:
     return None
 
 
-def _size(image_size):
-    try:
-        w, h = image_size
-        return (w, h) if _is_number(w) and _is_number(h) and w > 0 and h > 0 else None
-    except (TypeError, ValueError):
-        return None
-
-
-def editing_score(response, image_size=None) -> dict:
+def editing_score(response) -> dict:
     """Stage-1 score of one reply: ``overall, format, quality, region`` (the official terms), ``n_regions`` (items in
-    a valid region list, else 0), ``valid`` (F = 1 and a valid region list, possibly empty) and
-    ``executable`` (``should_execute``; ``image_size`` (W, H) only sharpens that check). A ``str`` or ``bytes``
-    reply is always scored by the formula (text without tags scores −6); anything else scores 0 with valid False."""
+    a valid region list, else 0), ``valid`` (F = 1 and a valid region list, possibly empty) and ``executable``
+    (``should_execute``). A ``str`` or ``bytes`` reply is always scored by the formula (text without tags scores
+    −6); anything else scores 0 with valid False."""
     a = _Analysis(response)
-    executable, _ = a.gate(_size(image_size))
+    executable, _ = a.gate()
     return {"overall": a.overall, "format": a.format, "quality": a.quality, "region": a.region,
             "n_regions": a.n_regions, "valid": a.valid, "executable": executable}
 
 
-def should_execute(response, image_size=None) -> tuple[bool, str]:
+def should_execute(response) -> tuple[bool, str]:
     """``(True, "ok")`` if the plan goes to the edit server, else ``(False, reason)``; see the module docstring."""
-    return _Analysis(response).gate(_size(image_size))
+    return _Analysis(response).gate()
 
 
-def stage1_rewards(responses: Sequence, image_sizes: Sequence | None = None) -> list[dict]:
-    """``editing_score`` for each reply (``image_sizes``: one (W, H) or None per reply, or None)."""
-    sizes = list(image_sizes) if image_sizes is not None else [None] * len(responses)
-    if len(sizes) != len(responses):
-        raise ValueError(f"got {len(responses)} responses but {len(sizes)} image sizes")
-    return [editing_score(r, s) for r, s in zip(responses, sizes)]
+def stage1_rewards(responses: Sequence) -> list[dict]:
+    """``editing_score`` for each reply."""
+    return [editing_score(r) for r in responses]
 
 
 # ------------------------------------------------------------------------------------------------------ stage 2
-def parse_judge_score(text, dimension: str) -> int | None:
+def parse_judge_score(text, dimension: str, score_parse: str = "official") -> int | float | None:
     """The score in a judge reply for ``dimension`` (target, effect, consistency, or the eval names), or None when
-    the reply has no score on that dimension's scale (the eval judges' parser, ``parse_judgement``)."""
+    the reply has no numeric score (``official``: any number counts as given) or, with ``strict``, none on the
+    dimension's scale (the eval judges' parser, ``parse_judgement``)."""
     dimension = EVAL_DIMENSION.get(dimension, dimension)
     try:
-        return parse_judgement(text if isinstance(text, str) else "", dimension)[0]
+        return parse_judgement(text if isinstance(text, str) else "", dimension, score_parse)[0]
     except (JudgeParseError, KeyError):
         return None
 
@@ -267,8 +258,9 @@ def planning_score(target, effect, consistency, editing: dict, sharp: int = SHAR
                    judge_failed: bool = False, missing_input: bool = False) -> dict:
     """Stage-2 reward from three judge scores (None for a failed or skipped judge: that part is 0) and the reply's
     ``editing_score``. Keys: ``PLANNING_KEYS``. ``target/effect/consistency`` are T, E, C (0/1); ``*_score`` are the
-    judge scores (0 when missing). ``sharp=0`` is the official unused variant: planning = mean(t, e, c·w)/5 with
-    w = max(e − 3, 0)/5, and the raw scores in ``target/effect/consistency``."""
+    judge scores (0 when missing); ``off_scale`` counts the scores off their dimension's scale. ``sharp=0`` is the
+    official unused variant: planning = mean(t, e, c·w)/5 with w = max(e − 3, 0)/5, and the raw scores in
+    ``target/effect/consistency``."""
     base = {k: 0 for k in EDITING_KEYS} | {"valid": False, "executable": False}
     if isinstance(editing, dict):
         base |= {k: editing[k] for k in EDITING_KEYS if k in editing and isinstance(editing[k], (int, float))}
@@ -289,8 +281,9 @@ def planning_score(target, effect, consistency, editing: dict, sharp: int = SHAR
         marks, planning = [0.0, 0.0, 0.0], 0.0
     if executed is None:
         executed = any(s is not None for s in scores)
+    off_scale = sum(is_off_scale(s, EVAL_DIMENSION[d]) for s, d in zip(scores, JUDGE_DIMENSIONS))
     return {"overall": planning + format_weight * editing_overall, "planning": planning, "editing": editing_overall,
             **{k: base[k] for k in EDITING_KEYS if k != "overall"},
             "executed": bool(executed), "target": marks[0], "effect": marks[1], "consistency": marks[2],
-            "target_score": t, "effect_score": e, "consistency_score": c,
+            "target_score": t, "effect_score": e, "consistency_score": c, "off_scale": off_scale,
             "edit_failed": bool(edit_failed), "judge_failed": bool(judge_failed), "missing_input": bool(missing_input)}

@@ -14,8 +14,11 @@ keys with float values and never raise for one bad sample.
   ``judge_model``, ...); with a verl-hosted judge (``reward.reward_model.enable``) verl adds
   ``reward_router_address`` and the judge URL defaults to ``http://<that address>/v1``. The input image is the raw
   image verl hands back in ``extra_info["raw_prompt"]``, else ``extra_info["image_path"]`` (written by
-  ``python -m replan.train.data --stage 2``). One ``Stage2Reward`` per process and configuration: its thread pools
-  bound the edits and judge calls in flight across all samples of that reward worker.
+  ``python -m replan.train.data --stage 2``). verl does not hand the reward ``image_grid_thw``; with
+  ``box_frame: processor`` the edit server gets ``smart_resize`` of the raw image with ``planner_min_pixels`` /
+  ``planner_max_pixels`` (the qwen_vl_utils bounds the rollout uses by default), which is the same frame. One
+  ``Stage2Reward`` per process and configuration: its thread pools bound the edits and judge calls in flight across
+  all samples of that reward worker.
 
 Config (``configs/train/verl_stage{1,2}.yaml``)::
 
@@ -51,20 +54,13 @@ def _as_result(scores: dict, keys) -> dict:
     return out
 
 
-def _image_size(extra_info) -> tuple[int, int] | None:
-    if not isinstance(extra_info, dict):
-        return None
-    w, h = extra_info.get("width"), extra_info.get("height")
-    return (int(w), int(h)) if isinstance(w, int | float) and isinstance(h, int | float) and w > 0 and h > 0 else None
-
-
 # ---------------------------------------------------------------------------------------------------- stage 1
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
     """Stage-1 format reward of one decoded response (``ground_truth`` is unused, as official)."""
     from replan.train.rewards import EDITING_KEYS, stage1_rewards
 
     try:
-        scores = stage1_rewards([solution_str], [_image_size(extra_info)])[0]
+        scores = stage1_rewards([solution_str])[0]
     except Exception:  # noqa: BLE001 - a reward must never stop the trainer
         logger.exception("stage-1 reward failed on one sample; scored 0")
         scores = {}

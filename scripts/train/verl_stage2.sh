@@ -6,8 +6,12 @@
 #   EDIT_URL=http://10.0.0.2:8001 JUDGE_URL=http://10.0.0.3:8000/v1 bash scripts/train/verl_stage2.sh
 #   bash scripts/train/verl_stage2.sh actor_rollout_ref.model.path=/ckpt/stage1_hf
 #
+# Environment: the verl one of verl_stage1.sh (pip install 'verl[vllm]==0.9.1' first, then pip install --no-deps -e .).
 # Data: python -m replan.train.data --split train|dev --stage 2 --out data/{train,dev}_stage2.parquet --format verl
-# (stage-2 rows keep the raw images beside the parquet, the reward's fallback when verl does not hand them over).
+# (stage-2 rows keep the raw images beside the parquet, in data/{train,dev}_stage2.images/: the reward's fallback
+# when verl does not hand them over).
+# Before Ray starts, python -m replan.train.verl_check checks qwen_vl_utils/torchvision and prints the dataset sizes
+# after filter_overlong_prompts (too few rows stops here; REPLAN_SKIP_PREFLIGHT=1 skips the check).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -26,11 +30,11 @@ done
 
 export TOKENIZERS_PARALLELISM=true NCCL_DEBUG=WARN VLLM_LOGGING_LEVEL=WARN PYTHONUNBUFFERED=1
 # absolute paths: Ray workers need not share this working directory
-exec python3 -m verl.trainer.main_ppo --config-path "$PWD/configs/train" --config-name verl_stage2 \
-  data.train_files="$(realpath "$TRAIN")" data.val_files="$(realpath "$VAL")" \
-  trainer.default_local_dir="$PWD/checkpoints/replan/stage2" \
-  actor_rollout_ref.model.path="$(realpath "$STAGE1_HF")" \
-  reward.custom_reward_function.reward_kwargs.edit_url="$EDIT_URL" \
-  reward.custom_reward_function.reward_kwargs.judge_url="$JUDGE_URL" \
-  reward.custom_reward_function.reward_kwargs.judge_model="$JUDGE_MODEL" \
-  "$@"
+ARGS=(data.train_files="$(realpath "$TRAIN")" data.val_files="$(realpath "$VAL")"
+      trainer.default_local_dir="$PWD/checkpoints/replan/stage2"
+      actor_rollout_ref.model.path="$(realpath "$STAGE1_HF")"
+      reward.custom_reward_function.reward_kwargs.edit_url="$EDIT_URL"
+      reward.custom_reward_function.reward_kwargs.judge_url="$JUDGE_URL"
+      reward.custom_reward_function.reward_kwargs.judge_model="$JUDGE_MODEL" "$@")
+[[ ${REPLAN_SKIP_PREFLIGHT:-0} == 1 ]] || python3 -m replan.train.verl_check --config-name verl_stage2 "${ARGS[@]}"
+exec python3 -m verl.trainer.main_ppo --config-path "$PWD/configs/train" --config-name verl_stage2 "${ARGS[@]}"
