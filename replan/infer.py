@@ -32,8 +32,8 @@ from pathlib import Path
 
 from replan import __version__
 from replan.backbones import names
-from replan.distributed import shutdown
 from replan.backbones.base import lora_source
+from replan.distributed import shutdown
 from replan.images import load_image
 from replan.parse import PARSE_MODES, PlanParseError, parse_mode
 from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline
