@@ -168,8 +168,8 @@ def test_server_replica_on_two_ranks(tmp_path):
         body = {"image_base64": base64.b64encode(DESK.read_bytes()).decode(), "instruction": "replace the used cup",
                 "steps": 2, "seed": 5, "response": plan.to_response()}
         replies = [httpx.post(url + "/v1/plans/execute", json=body, timeout=120) for _ in range(2)]
-        # fails inside the edit, on every rank: no regions to keep when the main prompt is deleted
-        bad = httpx.post(url + "/v1/plans/execute", json={**body, "response": "no plan", "delete_main_prompt": True},
+        # fails inside the edit, on every rank: rules that leave the hints nothing to attend to
+        bad = httpx.post(url + "/v1/plans/execute", json={**body, "rules": {"Main Prompt, Main Prompt": True}},
                          timeout=120)
         after = httpx.post(url + "/v1/plans/execute", json=body, timeout=120)  # the followers went on
     finally:
@@ -181,7 +181,7 @@ def test_server_replica_on_two_ranks(tmp_path):
     assert "replica spans 2 ranks" in text and "did not stop" not in text
     for r in (*replies, after):
         assert r.status_code == 200, r.text
-    assert bad.status_code == 400 and "delete_main_prompt needs at least one region" in bad.text
+    assert bad.status_code == 400 and "attend to nothing" in bad.text
     image = Image.open(DESK).convert("RGB")
     direct = RePlanPipeline.from_pretrained("tiny", planner=None, device="cpu")
     expected = direct(image, plan=parse_plan(plan.to_response(), image.size), seed=5, steps=2, entry="server")

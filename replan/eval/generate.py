@@ -153,12 +153,13 @@ class Generator:
             if cfg.method == "replan":
                 plan, planner_text = self.pipe.plan(image, sample.instruction)  # the planner's parse mode
                 timings["plan"] = time.perf_counter() - start
-                reply = getattr(self.pipe.planner, "last_reply", None)
-                if reply is not None:
-                    record["planner_reply"] = {"frame": list(reply.frame), **reply.extras}
-                record["planner_provenance"] = self.pipe.planner.provenance()
+                if self.group.leader:  # the planner lives on the leader of a context-parallel group
+                    reply = getattr(self.pipe.planner, "last_reply", None)
+                    if reply is not None:
+                        record["planner_reply"] = {"frame": list(reply.frame), **reply.extras}
+                    record["planner_provenance"] = self.pipe.planner.provenance()
                 files["plan.json"] = lambda p, plan=plan: p.write_text(
-                    plan_json(plan, record["planner_provenance"]), encoding="utf-8")
+                    plan_json(plan, record.get("planner_provenance")), encoding="utf-8")
             elif cfg.method == "rephrase":
                 stage = "rephrase"
                 prompt, planner_text, record["rephrase"] = self.group.on_leader(self.rephrase, sample.instruction)
