@@ -166,7 +166,7 @@ def test_server_replica_on_two_ranks(tmp_path):
             time.sleep(0.5)
         plan = RegionPlan.load(ROOT / "assets/examples/desk.plan.json")
         body = {"image_base64": base64.b64encode(DESK.read_bytes()).decode(), "instruction": "replace the used cup",
-                "steps": 2, "seed": 5, "response": plan.to_response()}
+                "steps": 2, "seed": 5, "response": plan.to_response(), "box_frame": "original"}
         replies = [httpx.post(url + "/v1/plans/execute", json=body, timeout=120) for _ in range(2)]
         # fails inside the edit, on every rank: rules that leave the hints nothing to attend to
         bad = httpx.post(url + "/v1/plans/execute", json={**body, "rules": {"Main Prompt, Main Prompt": True}},
@@ -186,6 +186,7 @@ def test_server_replica_on_two_ranks(tmp_path):
     direct = RePlanPipeline.from_pretrained("tiny", planner=None, device="cpu")
     expected = direct(image, plan=parse_plan(plan.to_response(), image.size), seed=5, steps=2, entry="server")
     for r in (*replies, after):
+        assert r.json()["boxes"] == [list(b) for b in expected.edit.boxes]
         got = pixels(Image.open(io.BytesIO(base64.b64decode(r.json()["image_base64"]))))
         assert np.abs(got - pixels(expected.image)).max() <= 1
     assert os.environ.get("RANK") is None  # nothing leaked into this process
