@@ -203,3 +203,19 @@ def test_cli_records_automatic_trimming(tmp_path):
     assert main(args[:-3] + ["--attention_budget", "5MB", "--no-trim_hint_padding", "--output_dir",
                              str(tmp_path / "b")]) == 2
     assert not (tmp_path / "b").exists()
+
+
+def test_fit_hint_padding_modes():
+    from replan.attention.budget import fit_hint_padding
+
+    padded = LayoutSize(regions=2, main=512, hints=1024, image=8192, groups=9)
+    trimmed = LayoutSize(regions=2, main=512, hints=16, image=8192, groups=9)
+    kw = dict(backend="dense", dtype=torch.bfloat16, heads=24, compiled=False)
+    roomy, between = 10**9, attention_cost(9000, 9, "dense", torch.bfloat16).total
+    assert fit_hint_padding(padded, trimmed, roomy, None, **kw) == (False, None)  # official padding kept
+    assert fit_hint_padding(padded, trimmed, roomy, True, **kw) == (True, None)  # asked for
+    trim, note = fit_hint_padding(padded, trimmed, between, None, **kw)
+    assert trim and note.startswith("trimmed: the padded layout (9,728 tokens)") and "8,720 tokens" in note
+    with pytest.raises(AttentionBudgetError):
+        fit_hint_padding(padded, trimmed, between, False, **kw)
+    assert fit_hint_padding(padded, None, roomy, True, **kw) == (True, None)  # nothing to trim (Qwen): no-op

@@ -139,6 +139,22 @@ def check_budget(size: LayoutSize, budget: int | None, *, backend: str, dtype: t
     raise AttentionBudgetError(_message(size, cost, budget, backend, dtype, heads, compiled, trimmed, trim_allowed))
 
 
+def fit_hint_padding(padded: LayoutSize, trimmed: LayoutSize | None, budget: int | None, wanted: bool | None, *,
+                     backend: str, dtype: torch.dtype, heads: int, compiled: bool) -> tuple[bool, str | None]:
+    """Decide whether hints run without their padding, or refuse (``AttentionBudgetError``).
+
+    ``wanted``: True (always trim), False (never: the official padding or nothing), None (trim only when the padded
+    layout is over ``budget`` and the trimmed one is not). Returns ``(trim, note)``: ``note`` says why the padding was
+    trimmed automatically (None otherwise)."""
+    layout = trimmed if wanted and trimmed is not None else padded
+    must_trim = check_budget(layout, budget, backend=backend, dtype=dtype, heads=heads, compiled=compiled,
+                             trimmed=None if wanted else trimmed, trim_allowed=wanted is None)
+    if not must_trim:
+        return bool(wanted), None
+    return True, (f"trimmed: the padded layout ({padded.tokens:,} tokens) is over the {format_bytes(budget)} "
+                  f"attention budget; without padding it is {trimmed.tokens:,} tokens")
+
+
 def _message(size, cost, budget, backend, dtype, heads, compiled, trimmed, trim_allowed) -> str:
     what = "dense masks" if backend == "dense" else ("FlexAttention tables" if compiled else
                                                       "eager FlexAttention scores")

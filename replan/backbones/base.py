@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from replan.attention import (
     default_schedule,
     wrap_processor,
 )
-from replan.attention.budget import LayoutSize, check_budget, default_budget, format_bytes, parse_bytes
+from replan.attention.budget import LayoutSize, default_budget, fit_hint_padding, parse_bytes
 from replan.backbones.parallel import check_parallel_compile, check_parallel_edit, enable_context_parallel
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
@@ -312,33 +312,24 @@ class RegionEditor:
                     budget: int | None, result: EditResult) -> bool:
         """Check the plan's attention memory against the budget before any model work; returns whether the hints
         run without their padding (asked for, or the only layout that fits — then recorded in ``result.extras``)."""
-        wanted = options.get("trim_hint_padding")
-        image = sum(h * w for h, w in [(gen_size[1] // self.patch, gen_size[0] // self.patch)]
-                    + self.reference_grids(gen_size))
-        n = len(plan.regions)
+        grids = [(gen_size[1] // self.patch, gen_size[0] // self.patch)] + self.reference_grids(gen_size)
         main = tokens.main_len or 0
-        fixed = (1 + int(self.spec.has_image_prompt)) if tokens.main_len else 0  # Main (and Qwen's Image Prompt)
-        groups = fixed + 3 * n + 2
-
-        def size(hint_lens):
-            return LayoutSize(n, main, sum(hint_lens), image, groups)
-
-        trimmed = size(tokens.trimmed_hint_lens) if tokens.trimmed_hint_lens is not None else None
-        padded = trimmed if wanted and trimmed is not None else size(tokens.hint_lens)
+        fixed = (1 + int(self.spec.has_image_prompt)) if main else 0  # Main (and Qwen's Image Prompt)
+        padded = LayoutSize(len(plan.regions), main, sum(tokens.hint_lens), sum(h * w for h, w in grids),
+                            fixed + 3 * len(plan.regions) + 2)
+        trimmed = None
+        if tokens.trimmed_hint_lens is not None:
+            trimmed = replace(padded, hints=sum(tokens.trimmed_hint_lens))
         if budget is None:
             budget = self.attention_budget if self.attention_budget is not None else default_budget(self.device)
         transformer = self.pipe.transformer
-        must_trim = check_budget(
-            padded, budget, backend=attention, dtype=transformer.dtype,
-            heads=int(getattr(transformer.config, "num_attention_heads", 1)), compiled=self.compiled,
-            trimmed=None if wanted else trimmed, trim_allowed=wanted is None,
-        )
-        if must_trim:
-            why = (f"trimmed: the padded layout ({padded.tokens:,} tokens) is over the {format_bytes(budget)} "
-                   f"attention budget; without padding it is {trimmed.tokens:,} tokens")
-            logger.warning("hint padding %s", why)
-            result.extras["hint_padding"] = why
-        return bool(wanted) or must_trim
+        trim, note = fit_hint_padding(
+            padded, trimmed, budget, options.get("trim_hint_padding"), backend=attention, dtype=transformer.dtype,
+            heads=int(getattr(transformer.config, "num_attention_heads", 1)), compiled=self.compiled)
+        if note:
+            logger.warning("hint padding %s", note)
+            result.extras["hint_padding"] = note
+        return trim
 
     @staticmethod
     def _schedule(rules, n, steps, switch, default_switch, rule_options) -> RuleSchedule:
