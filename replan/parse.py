@@ -33,7 +33,6 @@ from replan.parse_official import find_block, parse_official
 from replan.plan import Region, RegionPlan, _fmt_box
 
 PARSE_MODES = ("lenient", "strict", "official")
-_find_block = find_block  # the former private name, still imported by replan.train.rewards
 
 _FENCE = re.compile(r"```[a-zA-Z]*[ \t]*\n?(.*?)```", re.S)
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")

@@ -106,12 +106,18 @@ def _fn(demo, name):
 
 
 @pytest.fixture(scope="module")
-def demo():
+def tiny_pipe():
     pytest.importorskip("gradio")
-    from replan.app.ui import build_app
     from replan.pipeline import RePlanPipeline
 
-    return build_app(RePlanPipeline.from_pretrained("tiny", planner=None, device="cpu"))
+    return RePlanPipeline.from_pretrained("tiny", planner=None, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_pipe):
+    from replan.app.ui import build_app
+
+    return build_app(tiny_pipe)
 
 
 def test_app_callbacks_report_bad_input_instead_of_raising(demo, tmp_path):
@@ -186,3 +192,35 @@ def test_mask_preview_follows_the_expand_value():
         return int((np.abs(out - grey).max(axis=1) > 2).sum())
 
     assert tinted(0.3) > tinted(0.0)
+
+
+def test_ai_plan_names_the_prompt_template_that_made_the_plan(tiny_pipe, tmp_path):
+    """The planner is the real base class with a fixed reply (the app's note is under test, not a model)."""
+    import hashlib
+
+    from replan.app.ui import build_app
+    from replan.pipeline import RePlanPipeline
+    from replan.planner import Planner, PlannerReply
+
+    class FixedReply(Planner):
+        def generate(self, image, prompt):
+            return PlannerReply('<think>t</think><gen_image>warm</gen_image><region>[{"bbox_2d": [10, 10, 60, 50], '
+                                '"hint": "a cat"}]</region>', image.size)
+
+    template = tmp_path / "my_prompt.txt"
+    template.write_text("Plan this edit.\nThe user instruction: ", encoding="utf-8")
+    planner = FixedReply(template=template.read_text(encoding="utf-8"), template_name=str(template),
+                         box_frame="original")
+    app = build_app(RePlanPipeline(tiny_pipe.editor, planner))
+    value, prompt, status = _fn(app, "ai_plan")(plan_to_annotator(IMAGE, PLAN), "make it warm")
+    digest = hashlib.sha256(template.read_bytes()).hexdigest()
+    assert f"Prompt template {template} (sha256 {digest[:12]})" in status and "original frame" in status
+    assert [b["label"] for b in value["boxes"]] == ["a cat"] and prompt == "warm"
+
+
+def test_app_cli_refuses_a_missing_lora_before_loading(capsys):
+    pytest.importorskip("gradio")
+    from replan.app.__main__ import main
+
+    assert main(["--backbone", "tiny", "--no_planner", "--lora_path", "/no/such/lora"]) == 2
+    assert "editor LoRA /no/such/lora does not exist" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from replan.backbones import load_editor
-from replan.backbones.base import load_lora
+from replan.backbones.base import load_lora, lora_source
 from replan.backbones.registry import BACKBONES, build_offline
 from replan.infer import main
 from replan.pipeline import RePlanPipeline
@@ -89,6 +89,29 @@ def test_missing_lora_and_pipelines_without_lora_support(tiny_kontext_dir, tmp_p
         editor(tiny_kontext_dir, lora_path=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="cannot load LoRA weights .*drop --lora_path"):
         load_lora(object(), str(tmp_path))
+
+
+@pytest.mark.parametrize("hub_id", ["owner/name", "alimama-creative/FLUX.1-Turbo-Alpha",
+                                    "black-forest-labs/FLUX.1-Canny-dev-lora", "user_1/my.lora_v2"])
+def test_hub_ids_are_taken_as_they_are_even_with_dots(hub_id, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing of that name exists here
+    assert lora_source(hub_id) == (hub_id, {})
+
+
+@pytest.mark.parametrize("path", ["./missing", "~/no/such/lora", "/no/such/lora", "a/b/c", "owner/lora.safetensors",
+                                  "owner/", ".hidden/name", "name"])
+def test_paths_that_do_not_exist_are_refused_before_loading(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        lora_source(path)
+
+
+def test_existing_files_and_directories_are_local(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "FLUX.1-lora").mkdir(parents=True)  # looks like a hub id, but is here: local wins
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    assert lora_source("owner/FLUX.1-lora") == ("owner/FLUX.1-lora", {})
+    assert lora_source(str(tmp_path / "w.safetensors")) == (str(tmp_path), {"weight_name": "w.safetensors"})
 
 
 def test_every_registered_pipeline_takes_a_lora():

@@ -100,6 +100,8 @@ def test_every_eval_config_maps_one_to_one_onto_the_dataclass():
     (["parse=exact"], "unknown parse mode 'exact'"),
     (["strict_plan=true"], "strict_plan is now parse: strict"),
     (["planner.lora_path=x"], "planner.lora_path is now planner.vlm_lora_path"),
+    (["lora_path=/no/such/lora"], "editor LoRA /no/such/lora does not exist"),
+    (["planner.template=/no/such/prompt.txt"], "planner template /no/such/prompt.txt does not exist"),
 ])
 def test_bad_config_exits_2(tmp_path, capsys, args, message):
     assert main(["--config", TINY_YAML, f"output_dir={tmp_path / 'o'}", *args]) == 2

@@ -387,3 +387,43 @@ def test_a_second_editor_on_the_same_pipeline_does_not_wrap_twice(editor):
     again = editor.edit(make_image(), TWO_REGIONS, steps=1, **FAST).image  # the first editor still works
     assert np.array_equal(np.asarray(before), np.asarray(after))
     assert np.array_equal(np.asarray(before), np.asarray(again))
+
+
+class MaskSpy:
+    """Weak references to every mask the attention processors are handed (a forward pre-hook on one attention)."""
+
+    def __init__(self, attn):
+        import weakref
+
+        self.refs = []
+        self.handle = attn.register_forward_pre_hook(
+            lambda module, args, kwargs: self.refs.append(weakref.ref(kwargs["region"].mask)) if kwargs.get(
+                "region") is not None else None, with_kwargs=True)
+
+    def alive(self) -> int:
+        import gc
+
+        gc.collect()
+        return sum(ref() is not None for ref in self.refs)
+
+
+def test_the_mask_does_not_outlive_the_edit_finished_or_raised(editor):
+    """An edit's L² mask is freed when the edit ends (its trace stays on the result), also when the edit raises."""
+    spy = MaskSpy(editor.pipe.transformer.transformer_blocks[0].attn)
+    try:
+        result = editor.edit(make_image(), TWO_REGIONS, steps=2, switch=0.5, **FAST)
+        assert spy.refs and spy.alive() == 0
+        assert dict(result.attention.builds) == {"noise-isolation": 1, "default": 1}  # the trace is kept
+        assert result.attention.steps == {0: "noise-isolation", 1: "default"}
+
+        def fail(pipe, step, timestep, kwargs):
+            raise RuntimeError("stopped by the test")
+
+        spy.refs.clear()
+        with pytest.raises(RuntimeError, match="stopped by the test"):
+            editor.edit(make_image(), TWO_REGIONS, steps=2, callback=fail, **FAST)
+        assert spy.refs and spy.alive() == 0 and editor.processors.active is None
+    finally:
+        spy.handle.remove()
+    again = editor.edit(make_image(), TWO_REGIONS, steps=2, switch=0.5, **FAST)  # the editor still works
+    assert np.array_equal(np.asarray(again.image), np.asarray(result.image))

@@ -10,6 +10,7 @@ from replan.attention import (
     GroupMembership,
     RuleSet,
     TokenLayout,
+    additive_mask,
     block_mask,
     default_rules,
     dense_mask,
@@ -143,6 +144,27 @@ def test_dense_mask_equals_materialised_block_mask(seed):
         for bs in (16, 128):
             bm = block_mask(membership, rules, block_size=bs)
             assert torch.equal(materialize_block_mask(bm), dense), (seed, rules.label, bs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_additive_mask_is_the_dense_mask_with_aligned_rows(seed):
+    """0 / -inf exactly where the boolean mask says attend / not, in the compute dtype, rows 8-element aligned in
+    memory whatever L is (memory-efficient SDPA would copy a misaligned bias on every call), same attention."""
+    rng = random.Random(200 + seed)
+    n, layout = random_layout(rng, max_regions=12)
+    membership = GroupMembership.from_layout(layout)
+    rules = default_rules(n, delete_main_prompt=layout.main is None, has_image_prompt=layout.image_prompt is not None)
+    L, dense = layout.total_len, dense_mask(membership, rules)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        mask = additive_mask(membership, rules, dtype)
+        assert mask.dtype == dtype and mask.shape == (1, 1, L, L)
+        assert mask.stride(-1) == 1 and all(s % 8 == 0 for s in mask.stride()[:-1]), mask.stride()
+        assert mask.untyped_storage().nbytes() == L * (-(-L // 8) * 8) * mask.element_size()
+        assert torch.equal(mask == 0, dense) and bool((mask[~dense] == float("-inf")).all())
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, L, 16, generator=g) for _ in range(3))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(membership, rules))
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=dense))
 
 
 @pytest.mark.parametrize("seed", range(3))

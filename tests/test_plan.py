@@ -440,6 +440,10 @@ def test_expanded_box_entirely_outside_covers_no_patch():
     from replan.coords import box_to_patch_mask
 
     assert not box_to_patch_mask(box, (640, 480), (30, 40)).any()
+    # a box just past the border is pulled in by its expansion, as official: dx = 15, dy = 13.5
+    near = RegionPlan("g", (Region((645, 10, 745, 100), "near"),), image_size=(640, 480))
+    assert near.expanded_boxes(0.15) == [(630, 0, 640, 113)]  # [630, -3.5, 760, 113.5] → clamp → int
+    assert int(box_to_patch_mask((630, 0, 640, 113), (640, 480), (30, 40)).sum()) == 8  # col 39, rows 0-7
 
 
 def test_expanded_boxes_official_worked_example():

@@ -258,8 +258,18 @@ def test_413_for_a_plan_over_the_attention_budget():
                 "response": "<think>t</think><gen_image>x</gen_image><region>" + json.dumps(
                     [{"bbox_2d": r["bbox"], "hint": r["hint"]} for r in regions]) + "</region>"}
         assert s.http.post("/v1/plans/execute", json=body).status_code == 413
-        assert edit(s, {"plan": DESK_PLAN.to_json()}).status_code == 200
+        ok = edit(s, {"plan": DESK_PLAN.to_json()})
+        assert ok.status_code == 200 and ok.json()["replan"]["hint_padding"] is None  # fits padded, as official
         assert s.http.get("/health").json()["status"] == "ready"
+        # 8 regions: padded (9 x 512 text tokens) over 64 MB, trimmed far under it: run trimmed, and said so
+        eight = json.dumps({"global_prompt": "x", "regions": regions[:8]})
+        trimmed = edit(s, {"plan": eight, "steps": "1"})
+        assert trimmed.status_code == 200, trimmed.text
+        assert trimmed.json()["replan"]["hint_padding"].startswith("trimmed: the padded layout")
+        body["response"] = body["response"].split("<region>")[0] + "<region>" + json.dumps(
+            [{"bbox_2d": r["bbox"], "hint": r["hint"]} for r in regions[:8]]) + "</region>"
+        executed = s.http.post("/v1/plans/execute", json=body)
+        assert executed.status_code == 200 and executed.json()["hint_padding"].startswith("trimmed:")
 
 
 def test_429_when_the_queue_is_full(server):
@@ -368,6 +378,8 @@ def test_cli_defaults_and_errors(monkeypatch, capsys):
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.queue, args.max_image_mb, args.replicas) == ("127.0.0.1", 8001, 8, 20.0, None)
     assert main(["--backbone", "nope"]) == 2 and "unknown backbone" in capsys.readouterr().err
+    assert main(["--backbone", "tiny", "--lora_path", "/no/such/lora"]) == 2
+    assert "editor LoRA /no/such/lora does not exist" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
     assert main(["--backbone", "tiny", "--replicas", "2"]) == 2
     assert 'pip install "ray[serve]"' in capsys.readouterr().err

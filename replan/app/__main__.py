@@ -52,9 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 def load(args):
     import torch
 
+    from replan.backbones.base import lora_source
     from replan.pipeline import RePlanPipeline
     from replan.planner import load_template
 
+    if args.lora_path:
+        lora_source(args.lora_path)  # a missing LoRA is reported before any model loads
     planner_kwargs = {"parse": args.parse, "box_frame": args.box_frame}
     if args.planner == "openai":
         planner_kwargs.update({k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v})

@@ -89,6 +89,9 @@ def build_app(pipe, title: str = "RePlan", attention: str = "dense") -> gr.Block
             logger.exception("planning failed")
             return gr.update(), gr.update(), fail(RuntimeError(f"planning failed: {e}"))
         note = f"Planned {len(plan.regions)} region(s)."
+        made_by = pipe.planner.provenance()  # which prompt template produced the plan (name and SHA-256)
+        note += (f" Prompt template {made_by['template']} (sha256 {made_by['template_sha256'][:12]}), boxes read in "
+                 f"the {made_by['box_frame']} frame.")
         if plan.repairs and not plan.regions:
             note += f" The planner reply gave no usable regions ({plan.repairs[-1]}): edit the plan by hand."
         return plan_to_annotator(image, plan), plan.global_prompt, note

@@ -4,7 +4,8 @@ The cost is a function of numbers known before encoding: the token count L of th
 tokenizer, patch grids from the generation size), the number of groups, the backend, the compute dtype and the
 head count. Per backend:
 
-* ``dense``: one additive ``(1, 1, L, L)`` mask in the compute dtype (one rule set's mask is alive at a time);
+* ``dense``: one additive ``(1, 1, L, L)`` mask in the compute dtype, its rows padded to ``aligned_width(L)`` (one
+  rule set's mask is alive at a time);
 * ``flex``: the BlockMask tables (``(L/128)²`` int32 entries, a few times) — and, when the transformer is **not**
   compiled, the score matrix eager FlexAttention materialises (heads × L² float32, twice);
 * both: the token → group membership built once per edit (L × groups booleans, twice during ``torch.unique``).
@@ -20,6 +21,8 @@ import re
 from dataclasses import dataclass
 
 import torch
+
+from replan.attention.masks import aligned_width
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -100,7 +103,7 @@ def attention_cost(tokens: int, groups: int, backend: str = "dense", dtype: torc
     build = 2 * tokens * groups
     if backend == "dense":
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return AttentionCost(tokens, backend, tokens * tokens * itemsize, 0, build)
+        return AttentionCost(tokens, backend, tokens * aligned_width(tokens) * itemsize, 0, build)
     blocks = -(-tokens // block_size)
     tables = 4 * blocks * blocks * 4 + 16 * tokens
     work = 0 if compiled else 2 * heads * tokens * tokens * 4

@@ -7,7 +7,9 @@ union semantics of the official bitmask, without its 31-group limit. Then
 * dense: ``mask[q, k] = class_mask[cls[q], cls[k]]``, built as ``rows.index_select(0, cls)`` from a ``(C, L)`` row
   table, so nothing of size L² exists beside the mask itself. ``dense_mask`` gives ``(1, 1, L, L)`` bool (True =
   attend); ``additive_mask`` gives the same mask as 0 / -inf in the compute dtype — what SDPA adds to the scores, so
-  nothing is converted per block or per step;
+  nothing is converted per block or per step. Its rows are stored ``ROW_ALIGN``-aligned (a ``(L, L')`` buffer,
+  ``L' = L`` rounded up, viewed as ``L × L``): PyTorch's memory-efficient SDPA kernel copies a bias whose row stride
+  is not a multiple of 8 elements into a padded one on every call: a second L² mask per attention call;
 * BlockMask: per 128×128 block, which classes occur on each side decides full / partial / empty straight from
   ``class_mask``; ``BlockMask.from_kv_blocks`` takes those tables, so no ``mask_mod`` is evaluated over L². The
   ``mask_mod`` reads a class table padded to a power of two (at least 64), so two plans with the same token count
@@ -22,6 +24,13 @@ import torch
 
 from replan.attention.layout import TokenLayout
 from replan.attention.rules import RuleSet
+
+ROW_ALIGN = 8  # elements: the additive mask's row stride (what memory-efficient SDPA needs to use a bias in place)
+
+
+def aligned_width(length: int) -> int:
+    """The row stride of an additive mask over ``length`` keys: ``length`` rounded up to ``ROW_ALIGN``."""
+    return -(-length // ROW_ALIGN) * ROW_ALIGN
 
 
 @dataclass(frozen=True)
@@ -90,10 +99,13 @@ class GroupMembership:
         return allowed
 
 
-def _row_table(membership: GroupMembership, rules: RuleSet, device, on, off) -> torch.Tensor:
-    """``(C, L)``: row c is the mask row of every token of class c (``on`` where it may attend, else ``off``)."""
+def _row_table(membership: GroupMembership, rules: RuleSet, device, on, off, width: int | None = None) -> torch.Tensor:
+    """``(C, width)``: row c is the mask row of every token of class c (``on`` where it may attend, else ``off``);
+    columns past L (``width`` > L) are filler that the caller's ``[:, :L]`` view leaves out."""
     allowed = membership.class_mask(rules).to(device)
     cls = membership.token_class.to(device)
+    if width is not None and width > cls.numel():  # filler columns: class 0, never read
+        cls = torch.cat([cls, cls.new_zeros(width - cls.numel())])
     table = torch.where(allowed, on, off)  # (C, C) in the mask dtype
     return table.index_select(1, cls)
 
@@ -110,13 +122,16 @@ def additive_mask(membership: GroupMembership, rules: RuleSet, dtype: torch.dtyp
     """``(1, 1, L, L)`` additive mask in ``dtype``: 0 where a token may attend, -inf where it may not.
 
     SDPA adds it to the scores as is (a boolean mask would be converted to this in every call). Every row allows at
-    least the token's own class (``class_mask`` checks it), so no row is all -inf.
+    least the token's own class (``class_mask`` checks it), so no row is all -inf. The rows are ``aligned_width(L)``
+    apart in memory (a view of an ``(L, aligned_width(L))`` buffer), so SDPA uses the mask without copying it.
     """
     if not dtype.is_floating_point:
         raise ValueError(f"an additive mask needs a floating dtype, got {dtype}")
+    length = membership.num_tokens
     zero = torch.zeros((), dtype=dtype, device=device)
-    rows = _row_table(membership, rules, device, zero, torch.full((), float("-inf"), dtype=dtype, device=device))
-    return rows.index_select(0, membership.token_class.to(device))[None, None]
+    rows = _row_table(membership, rules, device, zero, torch.full((), float("-inf"), dtype=dtype, device=device),
+                      aligned_width(length))
+    return rows.index_select(0, membership.token_class.to(device))[:, :length][None, None]
 
 
 def class_capacity(num_classes: int, minimum: int = 64) -> int:

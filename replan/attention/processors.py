@@ -130,6 +130,11 @@ class RegionAttention:
             self.builds[self.rules.label] += 1
         return self._current[1]
 
+    def release(self) -> None:
+        """Drop the current mask (called when the edit ends, raised or not): the trace (``builds``, ``steps``, pass
+        counts) stays readable on the edit's result, but an L² mask on the accelerator does not outlive the edit."""
+        self._current = None
+
     def call_for_pass(self, seq_len: int, device) -> RegionCall | None:
         """The ``RegionCall`` for the next transformer pass over ``seq_len`` tokens, or None for an unmasked pass.
 
@@ -162,6 +167,7 @@ class RegionProcessors:
         params = inspect.signature(transformer.forward).parameters
         self.kwarg = "joint_attention_kwargs" if "joint_attention_kwargs" in params else "attention_kwargs"
         self.original = dict(transformer.attn_processors)
+        self.compiled = False  # set by RegionEditor.compile: one flag per transformer, shared by its editors
         wrap = wrap or wrap_processor
         transformer.set_attn_processor({name: wrap(proc) for name, proc in self.original.items()})
         self.active: RegionAttention | None = None
@@ -189,6 +195,7 @@ class RegionProcessors:
             yield region
         finally:
             self.active = None
+            region.release()
 
     def _pre_forward(self, module, args, kwargs):
         region, split = self.active, self.ulysses

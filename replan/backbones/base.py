@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +43,9 @@ from replan.plan import RegionPlan
 logger = logging.getLogger(__name__)
 
 RESIZE_BACK = Image.BICUBIC  # the official pipelines call ``image.resize((W, H))``: PIL's default, BICUBIC
+# a hub repository id as the hub spells it: owner/name, letters, digits, "-", "_", "." (not first or last)
+_HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?/[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -111,7 +115,6 @@ class RegionEditor:
         self.pipe = pipe
         self.spec = spec
         self.attention_budget: int | None = None
-        self.compiled = False
         self._warned_eager_flex = False
         self.processors = RegionProcessors.install(pipe.transformer, self.wrap_processor)  # before enable_parallel
 
@@ -151,6 +154,12 @@ class RegionEditor:
     def device(self) -> torch.device:
         return self.pipe._execution_device
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the transformer's blocks were compiled by this editor or another one over the same pipeline (the
+        flag lives on the transformer's one ``RegionProcessors``, so editors sharing it agree)."""
+        return self.processors.compiled
+
     def compile(self, **compile_kwargs) -> None:
         """Compile the transformer's repeated blocks (diffusers ``compile_repeated_blocks``, inductor by default).
 
@@ -166,7 +175,7 @@ class RegionEditor:
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.pipe.transformer.compile_repeated_blocks(**{"fullgraph": True, "dynamic": False, **compile_kwargs})
-        self.compiled = True
+        self.processors.compiled = True
 
     @property
     def parallel(self):
@@ -363,22 +372,27 @@ def load_lora(pipe, lora_path: str, adapter_name: str = "default") -> None:
     try:
         pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
     except Exception as e:  # diffusers raises KeyError/ValueError/OSError/... for weights of another model
-        raise ValueError(f"cannot load the LoRA {lora_path} into {name}: {type(e).__name__}: {e}. {hint}") from e
+        reason = " ".join(str(e).split())[:300]  # diffusers' messages span several lines: one line here
+        raise ValueError(f"cannot load the LoRA {lora_path} into {name}: {type(e).__name__}: {reason}. {hint}") from e
     if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
         raise ValueError(f"the LoRA {lora_path} has no weight that fits {name}: nothing was loaded. {hint}")
     logger.info("loaded the editor LoRA %s as adapter %r", lora_path, adapter_name)
 
 
 def lora_source(lora_path: str) -> tuple[str, dict]:
-    """``(source, load_lora_weights kwargs)`` for a LoRA path; ``ValueError`` when a local path does not exist (a
-    bare ``owner/name`` that is not a local path is taken as a hub id)."""
-    path = Path(os.path.expanduser(str(lora_path)))
-    local = path.exists() or path.is_absolute() or str(lora_path).startswith((".", "~")) or path.suffix != "" \
-        or len(path.parts) != 2
-    if local and not path.exists():
-        raise ValueError(f"editor LoRA {lora_path} does not exist (--lora_path takes a diffusers LoRA directory, "
-                         "a .safetensors file or a hub id)")
-    return (str(path.parent), {"weight_name": path.name}) if path.is_file() else (str(path if local else lora_path), {})
+    """``(source, load_lora_weights kwargs)`` for a LoRA path: an existing file (its folder and ``weight_name``), an
+    existing directory, or else a hub id ``owner/name`` (``FLUX.1-...`` names included); ``ValueError`` for anything
+    else (a local path that does not exist, a weights file name that is not there)."""
+    text = str(lora_path)
+    path = Path(os.path.expanduser(text))
+    if path.is_file():
+        return str(path.parent), {"weight_name": path.name}
+    if path.exists():
+        return str(path), {}
+    if _HUB_ID.fullmatch(text) and not text.endswith(_WEIGHT_SUFFIXES):
+        return text, {}
+    raise ValueError(f"editor LoRA {lora_path} does not exist (--lora_path takes a diffusers LoRA directory, "
+                     "a .safetensors file or a hub id owner/name)")
 
 
 def executed_boxes(plan: RegionPlan, expand: float, expand_mode: str, image_size: Size) -> list:

@@ -90,7 +90,8 @@ class FluxKontextEditor(RegionEditor):
                 batch = pipe._get_t5_prompt_embeds(prompt=list(hints[start : start + HINT_BATCH]),
                                                    max_sequence_length=max_len, device=device)
                 for row, emb in enumerate(batch, start):
-                    emb = emb[None, : tokens.trimmed_hint_lens[row]] if trim else emb[None]
+                    # a trimmed span is copied out: a view would keep the whole padded batch alive until the end
+                    emb = emb[None, : tokens.trimmed_hint_lens[row]].clone() if trim else emb[None]
                     spans.append(emb)
                     hint_lens.append(emb.shape[1])
         kwargs = {"prompt_embeds": torch.cat(spans, dim=1), "pooled_prompt_embeds": pooled}

@@ -193,9 +193,12 @@ class QwenImageEditor(RegionEditor):
                     "negative": negative, "image_prompt": None if delete_main else (start, end)}
         return TextTokens(main_len, [len(h) for h in hints], None, prepared)
 
-    def _encode_batch(self, inputs, sequences: list[list[int]]) -> list[torch.Tensor]:
+    def _encode_batch(self, inputs, sequences: list[list[int]], starts: list[int] | None = None) -> list[torch.Tensor]:
         """Last hidden states of each token sequence (each holds the image's vision span once), the vision tower
-        run once, the language model on padded chunks of at most ``ENCODE_CHUNK_TOKENS`` tokens."""
+        run once, the language model on padded chunks of at most ``ENCODE_CHUNK_TOKENS`` tokens.
+
+        ``starts[i]``: the first position of sequence i to return (default 0). What is returned is copied out of the
+        padded chunk, so a chunk's states (vision span and padding included) are freed once the next chunk runs."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         encoder, device = self.pipe.text_encoder, self.device
@@ -203,13 +206,14 @@ class QwenImageEditor(RegionEditor):
         features = encoder.get_image_features(inputs["pixel_values"].to(device), grid_thw)
         image_features = tuple(features.pooler_output)
         pad = self.pipe.tokenizer.pad_token_id or 0
+        starts = [0] * len(sequences) if starts is None else starts
         out, chunk = [], []
 
         def run(chunk):
-            width = max(len(s) for s in chunk)
+            width = max(len(s) for s, _ in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, seq in enumerate(chunk):
+            for row, (seq, _) in enumerate(chunk):
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
             hidden = encoder(
@@ -217,14 +221,14 @@ class QwenImageEditor(RegionEditor):
                 mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=image_features * len(chunk))},
                 output_hidden_states=True,
             ).hidden_states[-1]
-            out.extend(hidden[row, : len(seq)] for row, seq in enumerate(chunk))
+            out.extend(hidden[row, start : len(seq)].clone() for row, (seq, start) in enumerate(chunk))
 
         longest = max(len(s) for s in sequences)
-        for seq in sequences:
+        for seq, start in zip(sequences, starts):
             if chunk and (len(chunk) + 1) * longest > ENCODE_CHUNK_TOKENS:
                 run(chunk)
                 chunk = []
-            chunk.append(seq)
+            chunk.append((seq, start))
         run(chunk)
         return out
 
@@ -248,12 +252,14 @@ class QwenImageEditor(RegionEditor):
         # with delete_main_prompt the official code drops the main prompt, image-prompt tokens included; the
         # negative pass keeps its full prompt with the image
         leading = ([t["ids"]] if t["ids"] is not None else []) + ([head + t["negative"]] if t["negative"] else [])
+        hints = [head + h for h in t["hints"]]
+        starts = [prefix] * len(leading) + [len(head)] * len(hints)  # after the system prefix / after the vision span
         with torch.no_grad():
-            states = self._encode_batch(t["inputs"], leading + [head + h for h in t["hints"]])
+            states = self._encode_batch(t["inputs"], leading + hints, starts)
         states = [s.to(dtype) for s in states]
-        main = states.pop(0)[prefix:] if t["ids"] is not None else None
-        negative = states.pop(0)[prefix:] if t["negative"] else None
-        hints = [s[len(head):] for s in states]
+        main = states.pop(0) if t["ids"] is not None else None
+        negative = states.pop(0) if t["negative"] else None
+        hints = states
         return self._encoded(main, hints, negative, t["image_prompt"])
 
     def _encoded(self, main: torch.Tensor | None, hints: list[torch.Tensor], negative: torch.Tensor | None,

@@ -129,6 +129,14 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError("ulysses keeps the editor on each rank's GPU: set stage_offload: none")
     if not cfg.output_dir:
         raise ValueError("output_dir is empty")
+    if cfg.lora_path:  # files named in the config are checked now, before any model loads
+        from replan.backbones.base import lora_source
+
+        lora_source(cfg.lora_path)
+    if cfg.planner.template:
+        from replan.planner import load_template
+
+        load_template(cfg.planner.template)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

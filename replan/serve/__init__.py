@@ -12,7 +12,8 @@
     ``mask`` and ``stream`` → 400 (unsupported); other OpenAI fields are ignored.
     → 200 ``{"created", "data": [{"b64_json", "revised_prompt": <global prompt>}], "output_format", "size",
     "replan": {"request_id", "model", "backbone", "plan": <RegionPlan dict>, "planned", "boxes", "seed", "steps",
-    "planner": <template name, sha256, box frame, planner frame> | null, "timings"}}``. Defaults: the backbone's CLI
+    "planner": <template name, sha256, box frame, planner frame> | null, "hint_padding": <why the hint padding was
+    trimmed to fit --attention_budget> | null, "timings"}}``. Defaults: the backbone's CLI
     entry point. A ``plan`` sent as text is read in original pixels.
 
 ``POST /v1/plans/execute`` (JSON, the GRPO reward):
@@ -25,7 +26,7 @@
     official server). The reply is parsed leniently; an unusable reply runs a global edit, as official. Defaults: the
     backbone's reward server entry point (FLUX.1 Kontext: switch 0, expand 0.15) or, without one, its eval entry
     point. → 200 ``{"image_base64": <PNG b64>, "plan": <RegionPlan dict>, "seconds", "boxes", "box_frame",
-    "planner_size", "request_id", "timings"}``.
+    "planner_size", "request_id", "hint_padding", "timings"}``.
 
 ``GET /health`` → ``{"status": "loading"|"ready"|"failed", "backbone", "queue": <edits waiting>, "busy",
 "max_queue", "planner", ["load_seconds"], ["error"]}`` with HTTP 200 / 503 (+ Retry-After) / 500.

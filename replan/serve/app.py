@@ -155,6 +155,7 @@ def _install_routes(app, service: EditService) -> None:
                 "planned": plan is None, "boxes": [list(b) for b in out.edit.boxes], "seed": req["seed"],
                 "planner": service.pipe.planner.provenance() if plan is None else None,
                 "steps": req["steps"] or service.pipe.editor.spec.steps,
+                "hint_padding": out.edit.extras.get("hint_padding"),  # why it was trimmed; null: as official
                 "timings": {k: round(v, 4) for k, v in timings.items()},
             },
         }
@@ -194,6 +195,7 @@ def _install_routes(app, service: EditService) -> None:
         return {"image_base64": b64, "plan": out.plan.to_dict(), "seconds": round(seconds, 4),
                 "boxes": [list(b) for b in out.edit.boxes], "request_id": rid, "box_frame": box_frame,
                 "planner_size": list(planner_size) if planner_size else None,
+                "hint_padding": out.edit.extras.get("hint_padding"),
                 "timings": {"queued": round(queued, 4), "edit": round(ran, 4), "total": round(seconds, 4)}}
 
 

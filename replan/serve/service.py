@@ -69,6 +69,10 @@ class ServeConfig:
             from replan.planner import load_template
 
             load_template(self.prompt_template)  # a missing file is an error now, before any model loads
+        if self.lora_path:
+            from replan.backbones.base import lora_source
+
+            lora_source(self.lora_path)  # likewise a missing editor LoRA
         if self.queue < 0:
             raise ValueError(f"queue must be >= 0, got {self.queue}")
         if not self.max_image_mb > 0:
