@@ -33,6 +33,7 @@ from pathlib import Path
 from replan import __version__
 from replan.backbones import names
 from replan.backbones.base import lora_source
+from replan.backbones.parallel import check_accel_parallel
 from replan.distributed import shutdown
 from replan.images import load_image
 from replan.parse import PARSE_MODES, PlanParseError, parse_mode
@@ -139,6 +140,7 @@ def parallel_config(args):
     """The ``ContextParallelConfig`` for ``--ulysses N`` (None for one process)."""
     if args.ulysses < 1:
         raise ValueError(f"--ulysses must be >= 1, got {args.ulysses}")
+    check_accel_parallel(getattr(args, "accel", None), args.ulysses)  # (--accel: replan.accel, when present)
     if args.ulysses == 1:
         if args.ulysses_anything:
             raise ValueError("--ulysses_anything needs --ulysses N with N > 1")

@@ -14,6 +14,8 @@ from replan.attention import TokenLayout, UlyssesSplit, chunk_sizes, default_rul
 from replan.attention.masks import GroupMembership, additive_mask, dense_mask
 from replan.attention.parallel import PAD
 from replan.backbones.parallel import (
+    accel_requested,
+    check_accel_parallel,
     check_parallel_compile,
     check_parallel_edit,
     context_parallel_config,
@@ -202,6 +204,46 @@ def test_edit_refusals_ring_with_regions_and_flex():
         check_parallel_edit(ulysses, has_regions=False, attention="dense", accel="regione")
     assert check_parallel_edit(ulysses, False, "dense", accel=SimpleNamespace(enabled=False)) is split
     assert check_parallel_edit(fake_editor(), has_regions=True, attention="flex") is None
+
+
+def test_accel_refused_with_ulysses_everywhere_before_loading():
+    """Region acceleration (replan.accel, issue 16) does not compose with context parallelism yet: every entry point
+    refuses ``accel`` other than none with ``--ulysses N`` (N > 1) — through an ``accel`` field or flag once the
+    entry point has one — and accepts it with one rank."""
+    import dataclasses
+
+    from replan.eval.gen_config import GenerateConfig, validate
+    from replan.infer import parallel_config
+    from replan.serve.service import ServeConfig
+
+    for off in (None, "none", " None ", {"mode": "none"}, SimpleNamespace(enabled=False), {}):
+        assert not accel_requested(off), off
+        check_accel_parallel(off, 2)
+    for on in ("regione", "plan+regione", {"mode": "plan", "threshold": 0.1}, {"threshold": 0.1},
+               SimpleNamespace(enabled=True), SimpleNamespace(mode="x")):
+        assert accel_requested(on), on
+        check_accel_parallel(on, 1)  # one rank: nothing to refuse
+        with pytest.raises(ValueError, match=r"--accel\) cannot run under context parallelism \(--ulysses\)"):
+            check_accel_parallel(on, 2)
+    args = SimpleNamespace(ulysses=2, ulysses_anything=False, accel="regione")
+    with pytest.raises(ValueError, match="use --accel none or --ulysses 1"):
+        parallel_config(args)
+    assert parallel_config(SimpleNamespace(ulysses=2, ulysses_anything=False, accel="none")).ulysses_degree == 2
+
+    @dataclasses.dataclass
+    class ServeWithAccel(ServeConfig):  # the field issue 16 adds
+        accel: object = None
+
+    @dataclasses.dataclass
+    class GenerateWithAccel(GenerateConfig):
+        accel: object = None
+
+    with pytest.raises(ValueError, match="cannot run under context parallelism"):
+        ServeWithAccel(ulysses=2, accel={"mode": "regione"})
+    ServeWithAccel(ulysses=1, accel={"mode": "regione"})
+    with pytest.raises(ValueError, match="cannot run under context parallelism"):
+        validate(GenerateWithAccel(backbone="tiny", ulysses=2, accel="plan"))
+    validate(GenerateWithAccel(backbone="tiny", ulysses=2, accel="none"))
 
 
 def test_compile_refused_with_ulysses_anything():

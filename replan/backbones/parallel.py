@@ -17,10 +17,13 @@ graph per shape as without parallelism.
 Refused with a clear message: Ring attention with regions (diffusers' ring hands one mask to every key/value chunk,
 so a 2-D region mask cannot be carried), FlexAttention (diffusers registers no context-parallel flex backend),
 tensor parallelism, compiling before parallelising, compiling with ``ulysses_anything`` (its all-to-all of unequal
-chunks does not trace), head counts that do not divide without ``ulysses_anything``.
+chunks does not trace), head counts that do not divide without ``ulysses_anything``, and region acceleration
+(``accel``: its edited-only passes are not composed with the split yet; ``check_accel_parallel``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -86,14 +89,33 @@ def check_parallel_compile(editor) -> None:
                          "trace into a graph): drop --compile, or --ulysses_anything with a size that divides")
 
 
+def accel_requested(accel) -> bool:
+    """Whether ``accel`` asks for region acceleration: a mode name other than "none", a mapping with such a
+    ``mode``, or a config object whose ``enabled`` is true (None, "none" and ``{"mode": "none"}`` do not)."""
+    if accel is None:
+        return False
+    if isinstance(accel, str):
+        return accel.strip().lower() not in ("", "none")
+    if isinstance(accel, Mapping):
+        return accel_requested(accel.get("mode", "none")) if "mode" in accel else bool(accel)
+    return bool(getattr(accel, "enabled", True))
+
+
+def check_accel_parallel(accel, ulysses: int) -> None:
+    """Refuse region acceleration (``--accel``) together with context parallelism (``--ulysses N``, N > 1), before
+    any model loads: the composition is not built (docs/parallel.md)."""
+    if ulysses > 1 and accel_requested(accel):
+        raise ValueError("region acceleration (--accel) cannot run under context parallelism (--ulysses) yet: its "
+                         "edited-only passes would need the K/V cache kept after the all-to-all; use --accel none "
+                         "or --ulysses 1")
+
+
 def check_parallel_edit(editor, has_regions: bool, attention: str, accel=None) -> UlyssesSplit | None:
     """Refuse what context parallelism cannot carry, before any model work; returns the Ulysses split (or None)."""
     config = editor.parallel
     if config is None:
         return None
-    if accel not in (None, "none") and getattr(accel, "enabled", True):
-        raise ValueError("region acceleration (accel) cannot run under context parallelism yet: its edited-only "
-                         "passes would need the K/V cache kept after the all-to-all; drop --accel or --ulysses")
+    check_accel_parallel(accel, config.ulysses_degree * config.ring_degree)
     if has_regions and config.ring_degree > 1:
         raise ValueError("Ring attention cannot carry a region mask (diffusers' ring hands the same mask to every "
                          "key/value chunk): use Ulysses (ContextParallelConfig(ulysses_degree=N), --ulysses N)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from replan import __version__
+from replan.backbones.parallel import check_accel_parallel
 from replan.config_io import apply_overrides, check_keys, check_run_settings, read_yaml, recorded_settings
 from replan.infer import write_atomically
 from replan.parse import parse_mode
@@ -125,6 +126,7 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError(f"ulysses must be a positive integer, got {cfg.ulysses!r}")
     if cfg.ulysses_anything and cfg.ulysses == 1:
         raise ValueError("ulysses_anything needs ulysses > 1")
+    check_accel_parallel(getattr(cfg, "accel", None), cfg.ulysses)
     if cfg.ulysses > 1 and cfg.stage_offload != "none":
         raise ValueError("ulysses keeps the editor on each rank's GPU: set stage_offload: none")
     if not cfg.output_dir:

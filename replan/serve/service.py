@@ -57,6 +57,9 @@ class ServeConfig:
             raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
         if not isinstance(self.ulysses, int) or self.ulysses < 1:
             raise ValueError(f"ulysses must be a positive integer, got {self.ulysses!r}")
+        from replan.backbones.parallel import check_accel_parallel
+
+        check_accel_parallel(getattr(self, "accel", None), self.ulysses)
         if self.ulysses > 1 and (self.offload != "none" or self.stage_offload != "none"):
             raise ValueError("--ulysses keeps the editor on each rank's GPU: drop --offload and --stage_offload")
         if self.parse not in PARSE_MODES:
