@@ -16,7 +16,7 @@ Three modes (``mode=``; ``strict=True`` is the same as ``mode="strict"``):
 In every mode a box is kept as the planner wrote it (mapped from ``planner_size`` when given), even when it sticks
 out of the image: the editor expands the raw box and clamps it afterwards, as official. A reply without
 ``<region>`` is a plain global edit, as official. Whatever the input, the result is a plan or a
-``PlanParseError``; never another exception.
+``PlanParseError``; never another exception. (One idea, the reply grammar read in three modes: one file.)
 """  # noqa: E501 (the grammar line is quoted verbatim)
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import replace
 
 from replan.coords import Size, box_area, clip_box, planner_to_original
 from replan.parse_official import find_block, parse_official
-from replan.plan import Region, RegionPlan, _fmt_box
+from replan.plan import Region, RegionPlan, format_box
 
 PARSE_MODES = ("lenient", "strict", "official")
 
@@ -263,14 +263,14 @@ class _Parser:
                 point = planner_to_original([*point, *point], self.planner_size, self.image_size)[:2]
         x1, y1, x2, y2 = box
         if x1 > x2 or y1 > y2:
-            self.fail_or_repair(f"region {i} box {_fmt_box(box)} has swapped corners", "corners swapped back")
+            self.fail_or_repair(f"region {i} box {format_box(box)} has swapped corners", "corners swapped back")
             box = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
         if self.image_size and box_area(clip_box(box, self.image_size)) <= 0 < box_area(box):
             w, h = self.image_size  # partly outside is fine: the editor expands the raw box, then clamps
-            self.fail_or_repair(f"region {i} box {_fmt_box(box)} lies outside the {w}x{h} image", "dropped")
+            self.fail_or_repair(f"region {i} box {format_box(box)} lies outside the {w}x{h} image", "dropped")
             return None
         if box_area(box) <= 0:
-            self.fail_or_repair(f"region {i} box {_fmt_box(box)} has zero area", "dropped")
+            self.fail_or_repair(f"region {i} box {format_box(box)} has zero area", "dropped")
             return None
         return Region(bbox=tuple(box), hint=hint.strip(), point=tuple(point) if point is not None else None)
 

@@ -23,7 +23,7 @@ import json
 import math
 
 from replan.coords import Size, planner_to_original
-from replan.plan import Region, RegionPlan, _fmt_box
+from replan.plan import Region, RegionPlan, format_box
 
 GLOBAL_EDIT = "ran a plain global edit, as the official code does"
 
@@ -92,7 +92,7 @@ def _regions(data, notes: list[str], image_size, planner_size) -> list[Region]:
             continue
         box = _numbers(bbox, i)
         if box[2] <= box[0] or box[3] <= box[1]:
-            raise _Unusable(f"region {i} box {_fmt_box(box)} has x2 <= x1 or y2 <= y1")
+            raise _Unusable(f"region {i} box {format_box(box)} has x2 <= x1 or y2 <= y1")
         if not isinstance(hint, str):
             raise _Unusable(f"region {i} hint is a {type(hint).__name__}, not text")
         if not hint.strip():

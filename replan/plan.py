@@ -6,21 +6,22 @@ A ``RegionPlan`` is what the planner writes and what an editor executes. Boxes a
 A region may also carry a binary ``mask`` (``(H, W)`` bool, original-image pixels) for an arbitrary shape; its
 ``bbox`` then equals the mask's bounding box, so everything box-based keeps working. In JSON a mask is stored
 run-length encoded (``{"size": [H, W], "counts": [...]}``, row-major runs starting with a run of zeros); plans
-without masks read and write exactly as before (schema version 1).
+without masks read and write exactly as before (schema version 1). Masks: ``replan.region_masks``; drawing:
+``replan.overlay`` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from replan.coords import Box, Size, as_box, box_area, clip_box, expand_box, scale_box
+from replan.overlay import draw_overlay  # noqa: F401  (re-exported: the plan API in one place)
+from replan.region_masks import as_mask, mask_bbox, mask_to_rle, resize_mask, rle_to_mask  # noqa: F401
 
 SCHEMA_VERSION = 1
 NO_GLOBAL_EDIT = "keep remaining part of image unchanged."  # the planner's placeholder for "no global edit"
@@ -43,9 +44,9 @@ class Region:
         object.__setattr__(self, "bbox", as_box(self.bbox))
         x1, y1, x2, y2 = self.bbox
         if x2 <= x1 or y2 <= y1:
-            raise ValueError(f"region box {_fmt_box(self.bbox)} has zero area: need x2 > x1 and y2 > y1")
+            raise ValueError(f"region box {format_box(self.bbox)} has zero area: need x2 > x1 and y2 > y1")
         if not isinstance(self.hint, str) or not self.hint.strip():
-            raise ValueError(f"region {_fmt_box(self.bbox)} needs a non-empty hint string, got {self.hint!r}")
+            raise ValueError(f"region {format_box(self.bbox)} needs a non-empty hint string, got {self.hint!r}")
         if self.point is not None:
             try:
                 p = tuple(float(v) for v in self.point)
@@ -57,10 +58,10 @@ class Region:
         if self.mask is not None:
             mask = as_mask(self.mask)
             if not mask.any():
-                raise ValueError(f"region {_fmt_box(self.bbox)} has an empty mask: a mask needs at least one pixel")
+                raise ValueError(f"region {format_box(self.bbox)} has an empty mask: a mask needs at least one pixel")
             if mask_bbox(mask) != self.bbox:
                 raise ValueError(
-                    f"region box {_fmt_box(self.bbox)} is not its mask's bounding box {_fmt_box(mask_bbox(mask))}; "
+                    f"region box {format_box(self.bbox)} is not its mask's bounding box {format_box(mask_bbox(mask))}; "
                     "build mask regions with Region.from_mask(mask, hint)"
                 )
             object.__setattr__(self, "mask", mask)
@@ -105,67 +106,6 @@ class Region:
             raise ValueError(f"region {d!r} has no 'bbox'")
         mask = d.get("mask")
         return cls(bbox=bbox, hint=d.get("hint"), point=point, mask=None if mask is None else rle_to_mask(mask))
-
-
-# --------------------------------------------------------------------------------------------------- masks
-def as_mask(mask) -> np.ndarray:
-    """A 2-D bool mask (read-only numpy copy) from an array, a tensor or a PIL image (nonzero pixels are inside)."""
-    if isinstance(mask, Image.Image):
-        mask = np.asarray(mask.convert("L")) > 0
-    elif hasattr(mask, "detach"):  # a torch tensor
-        mask = mask.detach().cpu().numpy()
-    arr = np.asarray(mask)
-    if arr.ndim != 2:
-        raise ValueError(f"a region mask must be 2-D (H, W), got shape {arr.shape}")
-    if arr.dtype != np.bool_:
-        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-            raise ValueError(f"a region mask must be boolean or numeric, got dtype {arr.dtype}")
-        arr = arr != 0
-    arr = np.array(arr, dtype=bool, order="C", copy=True)
-    arr.setflags(write=False)
-    return arr
-
-
-def mask_bbox(mask: np.ndarray) -> Box:
-    """Bounding box ``[x1, y1, x2, y2]`` (exclusive ends) of a non-empty 2-D mask."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
-
-
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """Row-major run-length encoding: alternating run lengths, starting with a (possibly empty) run of zeros."""
-    flat = np.asarray(mask, dtype=bool).ravel()
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    edges = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(edges).tolist()
-    if flat.size and flat[0]:
-        counts = [0] + counts
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
-
-
-def rle_to_mask(rle) -> np.ndarray:
-    """Inverse of ``mask_to_rle``; raises ``ValueError`` on a malformed encoding."""
-    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ValueError(f"a region mask must be {{'size': [H, W], 'counts': [...]}}, got {str(rle):.100}")
-    size, counts = rle["size"], rle["counts"]
-    ok = isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
-    ok = ok and isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
-                                                 for c in counts)
-    if not ok:
-        raise ValueError(f"a region mask needs size [H, W] (positive ints) and counts (ints >= 0), got {str(rle):.100}")
-    h, w = size
-    if sum(counts) != h * w:
-        raise ValueError(f"region mask run lengths sum to {sum(counts)}, not {h}x{w}={h * w}")
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(h, w)
-
-
-def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
-    """Nearest-neighbour resize of a bool mask to (W, H)."""
-    if (mask.shape[1], mask.shape[0]) == tuple(size):
-        return mask
-    img = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
-    return np.asarray(img.resize(tuple(size), Image.NEAREST)) > 127
 
 
 @dataclass(frozen=True)
@@ -242,7 +182,7 @@ class RegionPlan:
         for i, r in enumerate(self.regions, 1):
             if box_area(clip_box(r.bbox, size)) <= 0:
                 raise ValueError(
-                    f"region {i} box {_fmt_box(r.bbox)} lies outside the {w}x{h} image; fix the box, or use "
+                    f"region {i} box {format_box(r.bbox)} lies outside the {w}x{h} image; fix the box, or use "
                     "plan.rescaled((W, H)) if the boxes were made for an image of another size"
                 )
 
@@ -261,7 +201,7 @@ class RegionPlan:
             if r.mask is not None:
                 mask = resize_mask(r.mask, image_size)
                 if not mask.any():
-                    raise ValueError(f"region mask {_fmt_box(r.bbox)} vanishes when rescaled to {tuple(image_size)}")
+                    raise ValueError(f"region mask {format_box(r.bbox)} vanishes when rescaled to {tuple(image_size)}")
                 regions.append(Region.from_mask(mask, r.hint, point))
                 continue
             regions.append(Region(scale_box(r.bbox, self.image_size, image_size), r.hint, point))
@@ -280,11 +220,11 @@ class RegionPlan:
             box = clip_box(r.bbox, size)
             if box_area(box) <= 0:
                 repairs.append(
-                    f"region {i}: box {_fmt_box(r.bbox)} lies outside the {size[0]}x{size[1]} image; dropped"
+                    f"region {i}: box {format_box(r.bbox)} lies outside the {size[0]}x{size[1]} image; dropped"
                 )
                 continue
             if box != r.bbox:
-                repairs.append(f"region {i}: box {_fmt_box(r.bbox)} clipped to {_fmt_box(box)}")
+                repairs.append(f"region {i}: box {format_box(r.bbox)} clipped to {format_box(box)}")
             regions.append(replace(r, bbox=box))
         return replace(self, regions=tuple(regions), repairs=tuple(repairs), image_size=tuple(size))
 
@@ -395,63 +335,7 @@ class RegionPlan:
         )
 
 
-# --------------------------------------------------------------------------------------------------- drawing
-_COLORS = ["#00d26a", "#ff3b30", "#0a84ff", "#ffcc00", "#bf5af2", "#ff9f0a", "#64d2ff", "#ff375f"]
-
-
-def _font(size: int):
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except OSError:
-        return ImageFont.load_default(size=size)
-
-
-def draw_overlay(
-    image: Image.Image, plan: RegionPlan, boxes: Sequence[Sequence[float]] | None = None, width: int | None = None
-) -> Image.Image:
-    """Draw numbered boxes and their hints on a copy of ``image`` (RGB).
-
-    ``boxes`` overrides the plan's boxes (e.g. the expanded boxes the editor used); they are in ``image``'s pixels.
-    A region with a mask is drawn as a translucent tint with the mask's outline instead of a rectangle.
-    """
-    canvas = image.convert("RGB").copy()
-    w, h = canvas.size
-    masked = [(i, r) for i, r in enumerate(plan.regions, 1) if r.mask is not None]
-    if masked:
-        tinted = np.asarray(canvas, dtype=np.float32).copy()
-        for i, r in masked:
-            color = np.array(ImageColor.getrgb(_COLORS[(i - 1) % len(_COLORS)]), dtype=np.float32)
-            m = resize_mask(r.mask, (w, h))
-            tinted[m] = 0.6 * tinted[m] + 0.4 * color
-            inner = m.copy()
-            inner[1:, :] &= m[:-1, :]
-            inner[:-1, :] &= m[1:, :]
-            inner[:, 1:] &= m[:, :-1]
-            inner[:, :-1] &= m[:, 1:]
-            edge = m & ~inner
-            tinted[edge] = color
-        canvas = Image.fromarray(tinted.round().clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    line = width or max(2, round(min(w, h) / 300))
-    font = _font(max(12, round(min(w, h) / 40)))
-    boxes = boxes if boxes is not None else plan.boxes
-    for i, (box, region) in enumerate(zip(boxes, plan.regions), 1):
-        color = _COLORS[(i - 1) % len(_COLORS)]
-        x1, y1, x2, y2 = clip_box(box, (w, h))  # a box sticking out of the image is drawn clipped
-        if x2 <= x1 or y2 <= y1:
-            continue  # nothing of it lies inside the image
-        if region.mask is None:
-            draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=line)
-        label = f"{i}: {region.hint}"
-        if len(label) > 60:
-            label = label[:57] + "..."
-        tx, ty = x1 + line, max(0, y1 - font.size - 2 * line) if y1 > font.size + 2 * line else y1 + line
-        left, top, right, bottom = draw.textbbox((tx, ty), label, font=font)
-        draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=color)
-        draw.text((tx, ty), label, fill="black", font=font)
-    return canvas
-
-
+# --------------------------------------------------------------------------------------------------- numbers
 def _num(v: float):
     return int(v) if float(v).is_integer() else round(float(v), 3)
 
@@ -461,5 +345,6 @@ def _exact(v: float):
     return int(v) if float(v).is_integer() else float(v)
 
 
-def _fmt_box(box) -> str:
+def format_box(box) -> str:
+    """A box for a message: ``[10, 20, 30.5, 40]`` (whole numbers without a decimal point, others to 3 places)."""
     return "[" + ", ".join(str(_num(v)) for v in box) + "]"

@@ -11,8 +11,6 @@ for _var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_prox
 import pytest  # noqa: E402  (after the environment above)
 import torch  # noqa: E402
 
-from replan.testing import save_tiny_kontext  # noqa: E402
-
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -29,12 +27,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_kontext_dir(tmp_path_factory):
     """A saved tiny FLUX.1 Kontext pipeline (1 double + 1 single block), loaded through from_pretrained by tests."""
+    from replan.testing import save_tiny_kontext  # here, not at the top: CI's verl environment has no diffusers
+
     return save_tiny_kontext(tmp_path_factory.mktemp("tiny_kontext"))
 
 
 @pytest.fixture(scope="session")
 def tiny_kontext_one_block_dir(tmp_path_factory):
     """One double-stream block and no single-stream block: hint information cannot travel a second hop."""
+    from replan.testing import save_tiny_kontext
+
     return save_tiny_kontext(tmp_path_factory.mktemp("tiny_kontext_1"), num_layers=1, num_single_layers=0)
 
 

@@ -95,7 +95,7 @@ class Server:
         class Handler(JSONHandler):
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                request = {"path": self.path, "headers": dict(self.headers), "body": json.loads(raw)}
+                request = {"path": self.path, "headers": self.headers, "body": json.loads(raw)}
                 server.requests.append(request)
                 kind = "openai" if self.path == "/v1/chat/completions" else "gemini"
                 try:

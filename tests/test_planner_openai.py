@@ -85,7 +85,7 @@ class Server:
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                request = {"path": self.path, "headers": dict(self.headers), "raw": raw}
+                request = {"path": self.path, "headers": self.headers, "raw": raw}
                 server.requests.append(request)
                 try:
                     request["body"] = json.loads(raw)

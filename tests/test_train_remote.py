@@ -94,7 +94,7 @@ class Standin:
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                request = {"path": self.path, "headers": dict(self.headers), "body": json.loads(raw)}
+                request = {"path": self.path, "headers": self.headers, "body": json.loads(raw)}
                 with outer.lock:
                     outer.requests.append(request)
                     outer.events.append((time.monotonic(), f"POST {self.path}"))
@@ -384,6 +384,20 @@ def test_concurrency_limits_are_respected(edit_server, judge_server, concurrency
     assert edit_server.peak == concurrency
     assert judge_server.peak == judge_concurrency
     assert len(edit_server.posts()) == 8 and len(judge_server.posts()) == 24
+
+
+def test_concurrency_limits_hold_across_concurrent_score_calls(edit_server, judge_server):
+    """verl scores every sample in its own ``score`` call: the limits bound them all together."""
+    edit_server.delay, judge_server.delay = 0.1, 0.05
+    reward = make_reward(edit_server, judge_server, 2, 3)
+
+    async def one_call_per_sample():
+        return await asyncio.gather(*(reward.score([sample()]) for _ in range(6)))
+
+    results = asyncio.run(one_call_per_sample())
+    assert [r[0]["overall"] for r in results] == pytest.approx([1.181] * 6)
+    assert edit_server.peak == 2 and judge_server.peak == 3
+    assert len(edit_server.posts()) == 6 and len(judge_server.posts()) == 18
 
 
 def test_sync_call_works_inside_a_running_event_loop(edit_server, judge_server):

@@ -193,7 +193,7 @@ def test_verl_reward_manager_calls_our_functions(tmp_path):
             "height": 80}
     manager = load_reward_manager(compose("verl_stage1"), tokenizer)
     out = manager.loop.run_until_complete(manager.run_single(_data_proto(tokenizer, GOOD_PLAN, dict(info), "rule")))
-    assert out["reward_score"] == pytest.approx(stage1_rewards([GOOD_PLAN], [(96, 80)])[0]["overall"])
+    assert out["reward_score"] == pytest.approx(stage1_rewards([GOOD_PLAN])[0]["overall"])
     assert set(out["reward_extra_info"]) == {"score", *EDITING_KEYS}
 
     path = tmp_path / "img.png"

@@ -107,7 +107,7 @@ class QwenImageEditor(RegionEditor):
     def from_pretrained(cls, model: str | None = None, *, spec, **kwargs):
         """As ``RegionEditor.from_pretrained``; the processor is loaded by replan so that it also works without
         torchvision (whose absence breaks the Qwen2-VL video processor on CPU-only installs)."""
-        from replan.planner.qwen_vl import load_processor
+        from replan.qwen_processor import load_processor
 
         if "processor" not in kwargs:
             try:

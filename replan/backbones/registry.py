@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -40,7 +40,7 @@ class BackboneSpec:
     expand_mode: str = "ratio"
     entries: dict[str, EntryDefaults] = field(default_factory=dict)
     description: str = ""
-    builder: str | None = None  # "module:function" that saves offline components (the ``tiny`` entry)
+    builder: str | None = None  # "module:function" that saves offline components (the tiny backbones of a plugin)
     editor_kwargs: dict = field(default_factory=dict)
 
     def defaults(self, entry: str = "cli") -> EntryDefaults:
@@ -125,31 +125,6 @@ BACKBONES.update({
                                  "FLUX.2 [klein] base 4B (true CFG with an empty negative prompt)"),
 })
 
-# The offline smoke backbone: FLUX.1 Kontext's code path on tiny random components built by replan.testing.
-BACKBONES["tiny"] = replace(
-    BACKBONES["flux_kontext"],
-    name="tiny",
-    model_id="(built offline by replan.testing)",
-    description="TINY RANDOM FLUX.1 Kontext for offline smoke runs: the output is noise, every code path is real",
-    builder="replan.testing:save_tiny_kontext",
-    editor_kwargs={"max_area": 256 * 256},
-    dtype="float32",
-)
-
-# The same smoke path for the other families (random weights; the Qwen one runs at the real ~1 MP size, so it takes
-# a few seconds per edit on a CPU).
-BACKBONES["tiny_qwen"] = replace(
-    BACKBONES["qwenimageedit"], name="tiny_qwen", model_id="(built offline by replan.testing)",
-    description="TINY RANDOM Qwen-Image-Edit for offline smoke runs: the output is noise, every code path is real",
-    builder="replan.testing.qwen_image:save_tiny_qwen_edit", dtype="float32",
-)
-BACKBONES["tiny_klein"] = replace(
-    BACKBONES["flux_klein_base"], name="tiny_klein", model_id="(built offline by replan.testing)",
-    description="TINY RANDOM FLUX.2 klein (base) for offline smoke runs: the output is noise, every code path is real",
-    builder="replan.testing.klein:save_tiny_klein", dtype="float32",
-    editor_kwargs={"text_encoder_out_layers": (1, 2, 3), "max_area": 256 * 256},
-)
-
 ALIASES: dict[str, str] = {
     "flux": "flux_kontext",
     "qwen": "qwenimageedit",
@@ -159,8 +134,34 @@ ALIASES: dict[str, str] = {
 }
 
 
+# Modules that register more backbones when imported: the offline smoke backbones (``tiny``, ``tiny_qwen``,
+# ``tiny_klein``) live with the rest of the test components, not in the table above. Imported on first need.
+PLUGINS: tuple[str, ...] = ("replan.testing.backbones",)
+_plugins_loaded = False
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone under ``spec.name`` (a plugin module calls this when imported); an existing name is refused."""
+    if spec.name in BACKBONES or spec.name in ALIASES:
+        if BACKBONES.get(spec.name) == spec:
+            return spec
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+def load_plugins() -> None:
+    """Import the ``PLUGINS`` modules once, so that the backbones they register are known."""
+    global _plugins_loaded
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for module in PLUGINS:
+            importlib.import_module(module)
+
+
 def names() -> list[str]:
-    """Every accepted name: registered backbones and aliases."""
+    """Every accepted name: registered backbones (plugins included) and aliases."""
+    load_plugins()
     return sorted(BACKBONES) + sorted(ALIASES)
 
 
@@ -168,6 +169,8 @@ def resolve(name: str) -> BackboneSpec:
     """The spec for a backbone name or alias; ``ValueError`` listing the valid names otherwise."""
     key = str(name).strip().lower()
     key = ALIASES.get(key, key)
+    if key not in BACKBONES:
+        load_plugins()
     if key not in BACKBONES:
         valid = ", ".join(sorted(BACKBONES)) + " (aliases: " + ", ".join(f"{a}→{t}" for a, t in ALIASES.items()) + ")"
         raise ValueError(f"unknown backbone {name!r}; valid names: {valid}")

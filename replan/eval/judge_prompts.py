@@ -24,9 +24,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from replan.clients import one_line
 from replan.eval.scoring import DIMENSIONS
 from replan.images import to_rgb
-from replan.planner.openai_backend import _one_line
 from replan.templates import describe, sha256_text
 
 SCORE_KEYS = {"quality": "quality_score", "target_following": "target_score", "effect": "effect_score",
@@ -228,7 +228,7 @@ def parse_judgement(text: str, dimension: str, score_parse: str = "official") ->
         value = data.get(key, data.get("score"))
         score = _as_number(value)
         if score is None:
-            raise JudgeParseError(f"JSON reply has no numeric {key!r}: {_one_line(text, 160)!r}")
+            raise JudgeParseError(f"JSON reply has no numeric {key!r}: {one_line(text, 160)!r}")
         reasoning = data.get("reasoning")
         reasoning = reasoning if isinstance(reasoning, str) else ("" if reasoning is None else json.dumps(reasoning))
     else:
@@ -239,7 +239,7 @@ def parse_judgement(text: str, dimension: str, score_parse: str = "official") ->
         elif len(numbers) == 1:
             score = numbers.pop()
         else:
-            raise JudgeParseError(f"no JSON and no unambiguous score in the reply: {_one_line(text, 160)!r}")
+            raise JudgeParseError(f"no JSON and no unambiguous score in the reply: {one_line(text, 160)!r}")
         reasoning = text
     if score not in allowed and score_parse == "strict":
         raise JudgeOffScale(f"{key} {score} is outside the scale {list(allowed)}", score, reasoning)

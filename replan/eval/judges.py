@@ -15,24 +15,40 @@ Templates: the four rubric files (replan's wording by default, the official file
 score as given (``JudgeResult.off_scale`` marks one off the dimension's scale); ``strict`` fails it. An off-scale
 score is never asked again.
 
-A judge call is retried (exponential backoff) on 5xx, 408/429, timeouts, connection errors, empty replies and replies
-without a numeric score; any other 4xx fails that call at once; 401/403/404 (a wrong key, URL or model) raise
-``JudgeConfigError`` because every later call would fail the same way.
+A judge call makes at most ``1 + max_retries`` requests: the OpenAI judge's SDK retries 5xx, 408/409/429, timeouts
+and connection errors with its own back-off, and the judge asks again (``backoff`` doubling) after an empty reply or
+one without a numeric score; any other 4xx fails that call at once; 401/403/404 (a wrong key, URL or model) raise
+``JudgeConfigError`` because every later call would fail the same way. ``judge()`` blocks (the eval's thread pool);
+``await ajudge()`` is the same call for asyncio (the stage-2 reward's bounded concurrency).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import http.client
 import json
-import logging
 import os
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from dataclasses import asdict, dataclass
 
+from replan.clients import (
+    RETRYABLE_4XX,
+    PerLoop,
+    Refused,
+    Transient,
+    achat_call,
+    async_client,
+    chat_call,
+    endpoint_url,
+    first_set,
+    one_line,
+    sync_client,
+)
+from replan.eval.judge_base import (  # noqa: F401  (re-exported)
+    DEFAULT_MAX_TOKENS,
+    Judge,
+    JudgeConfigError,
+    JudgeResult,
+    current_budget,
+)
 from replan.eval.judge_prompts import (  # noqa: F401  (re-exported: the judge API in one place)
     EDITED_MARKER,
     ORIGINAL_MARKER,
@@ -55,135 +71,40 @@ from replan.eval.judge_prompts import (  # noqa: F401  (re-exported: the judge A
     response_schema,
     template_hash,
 )
-from replan.eval.scoring import DIMENSIONS
-from replan.planner.openai_backend import (
-    RETRYABLE_4XX,
-    _content,
-    _error_message,
-    _json_reply,
-    _one_line,
-    _Refused,
-    _retry_after,
-    _Transient,
-)
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemini-2.5-pro"  # the paper's judge; a default only, always overridable
-DEFAULT_MAX_TOKENS = 8192  # Gemini 2.5 Pro spends output tokens on thinking; 4096 (official) truncates replies
 INSTALL_HINT = "pip install 'replan[eval]'"
-
-
-
-class JudgeConfigError(ValueError):
-    """The judge cannot work at all (no key, wrong URL or model, missing package): stop and tell the user."""
-
-
-@dataclass
-class JudgeResult:
-    score: int | float | None
-    reasoning: str = ""
-    raw: str = ""
-    error: str | None = None
-    model: str = ""
-    attempts: int = 0
-    seconds: float = 0.0
-    off_scale: bool = False  # the judge gave a number off the dimension's scale (used as given, or failed if strict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------------- judges
-class Judge:
-    """``judge(dimension, parts) -> JudgeResult``; subclasses implement ``_generate(dimension, parts) -> str``."""
-
-    name = "judge"
-
-    def __init__(self, model: str, *, max_retries: int = 3, backoff: float = 2.0, max_backoff: float = 60.0,
-                 timeout: float = 300.0, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float | None = None,
-                 score_parse: str = "official"):
-        if score_parse not in SCORE_PARSE:
-            raise JudgeConfigError(f"score_parse must be one of {', '.join(SCORE_PARSE)}, got {score_parse!r}")
-        if not isinstance(model, str) or not model.strip():
-            raise JudgeConfigError("no judge model: pass --judge_model, e.g. gemini-2.5-pro")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise JudgeConfigError(f"max_retries must be an integer >= 0, got {max_retries!r}")
-        if not backoff >= 0 or not max_backoff >= 0 or not timeout > 0:
-            raise JudgeConfigError("backoff and max_backoff must be >= 0 and timeout > 0")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise JudgeConfigError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        self.model, self.max_retries, self.backoff, self.max_backoff = model.strip(), max_retries, backoff, max_backoff
-        self.timeout, self.max_tokens, self.temperature = float(timeout), max_tokens, temperature
-        self.score_parse = score_parse
-
-    def read(self, dimension: str, raw: str) -> JudgeResult:
-        """A reply read with this judge's ``score_parse`` (also used on cached replies); ``JudgeParseError`` when it
-        holds no numeric score. A strict off-scale reply is a failed result, not an error."""
-        try:
-            score, reasoning = parse_judgement(raw, dimension, self.score_parse)
-        except JudgeOffScale as e:
-            return JudgeResult(None, e.reasoning, raw, f"off-scale: {e}", self.model, off_scale=True)
-        return JudgeResult(score, reasoning, raw, None, self.model, off_scale=is_off_scale(score, dimension))
-
-    def _generate(self, dimension: str, parts: list[Part]) -> str:
-        raise NotImplementedError
-
-    def judge(self, dimension: str, parts: list[Part]) -> JudgeResult:
-        if dimension not in SCALES:
-            raise ValueError(f"unknown dimension {dimension!r}; expected one of {', '.join(DIMENSIONS)}")
-        start, raw, last = time.perf_counter(), "", "no attempt made"
-        attempts = self.max_retries + 1
-        for attempt in range(1, attempts + 1):
-            retry_after = None
-            try:
-                raw = self._generate(dimension, parts)
-                result = self.read(dimension, raw)
-                result.attempts, result.seconds = attempt, time.perf_counter() - start
-                return result
-            except _Refused as e:
-                return JudgeResult(None, "", raw, f"refused: {e}", self.model, attempt, time.perf_counter() - start)
-            except (_Transient, JudgeParseError) as e:
-                last, retry_after = str(e), getattr(e, "retry_after", None)
-            if attempt < attempts:
-                delay = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
-                if retry_after is not None:
-                    delay = min(max(delay, retry_after), self.max_backoff)
-                logger.warning("%s judge (%s, %s): %s; retry %d/%d in %.3g s", self.name, self.model, dimension,
-                               last, attempt, self.max_retries, delay)
-                time.sleep(delay)
-        error = f"failed after {attempts} attempt(s): {last}"
-        return JudgeResult(None, "", raw, error, self.model, attempts, time.perf_counter() - start)
+BASE_URL_ENV = ("REPLAN_JUDGE_BASE_URL", "OPENAI_BASE_URL")
+API_KEY_ENV = ("REPLAN_JUDGE_API_KEY", "OPENAI_API_KEY")
 
 
 class OpenAIJudge(Judge):
     """Any OpenAI-compatible ``/chat/completions`` endpoint that takes images (vLLM, hosted APIs, Gemini's OpenAI
     endpoint). Images go as PNG data URLs exactly where the template's markers are; ``response_format`` is
-    ``json_object`` and a final text part states the schema. Standard library HTTP only.
+    ``json_object`` and a final text part states the schema.
 
     ``base_url``: else ``$REPLAN_JUDGE_BASE_URL``, else ``$OPENAI_BASE_URL``. ``api_key``: else
     ``$REPLAN_JUDGE_API_KEY``, else ``$OPENAI_API_KEY`` (any value, e.g. ``EMPTY``, for a server without auth).
+    The official ``openai`` SDK sends the requests: ``OpenAI`` for ``judge()``, ``AsyncOpenAI`` (one per event loop,
+    at most ``max_connections`` open, default the SDK's) for ``ajudge()``.
     """
 
     name = "openai"
 
     def __init__(self, model: str = DEFAULT_MODEL, *, base_url: str | None = None, api_key: str | None = None,
-                 extra_body: dict | None = None, **kw):
-        base_url = base_url or os.environ.get("REPLAN_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
-        if not base_url or not base_url.strip():
-            raise JudgeConfigError("no judge endpoint: set REPLAN_JUDGE_BASE_URL (or OPENAI_BASE_URL) or pass "
-                                   "--base_url, e.g. http://localhost:8000/v1")
-        base_url = base_url.strip().rstrip("/")
-        parsed = urllib.parse.urlparse(base_url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise JudgeConfigError(f"judge base_url must be an http(s) URL like http://localhost:8000/v1, "
-                                   f"got {base_url!r}")
-        api_key = api_key or os.environ.get("REPLAN_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+                 extra_body: dict | None = None, max_connections: int | None = None, **kw):
+        try:
+            base_url = endpoint_url(base_url, "judge", BASE_URL_ENV, "pass --base_url")
+        except ValueError as e:
+            raise JudgeConfigError(str(e)) from None
+        api_key = first_set(api_key, *API_KEY_ENV)
         if not api_key:
             raise JudgeConfigError("no judge API key: set REPLAN_JUDGE_API_KEY (or OPENAI_API_KEY) or pass --api_key "
                                    "(any value, e.g. EMPTY, for a local server without auth)")
         super().__init__(model, **kw)
         self.base_url, self._api_key, self.extra_body = base_url, api_key, dict(extra_body or {})
+        self.client = sync_client(base_url, api_key, self.timeout)
+        self.aclients = PerLoop(lambda: async_client(base_url, api_key, self.timeout, max_connections=max_connections))
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIJudge(base_url={self.base_url!r}, model={self.model!r})"
@@ -205,44 +126,32 @@ class OpenAIJudge(Judge):
         return body
 
     def _generate(self, dimension: str, parts: list[Part]) -> str:
+        try:
+            return chat_call(self.client, self.request_body(dimension, parts), current_budget(), self.timeout)[1]
+        except Refused as e:
+            raise self._config_error(e) from None
+
+    async def _agenerate(self, dimension: str, parts: list[Part]) -> str:
+        body = await asyncio.to_thread(self.request_body, dimension, parts)  # PNG encoding off the event loop
+        try:
+            return (await achat_call(self.aclients.get(), body, current_budget(), self.timeout))[1]
+        except Refused as e:
+            raise self._config_error(e) from None
+
+    def _config_error(self, e: Refused) -> Exception:
+        """``JudgeConfigError`` for a refused key (401/403) or a wrong URL or model (404), else ``e`` itself."""
         url = self.base_url + "/chat/completions"
-        try:
-            raw = _post_json(url, self.request_body(dimension, parts), self._api_key, self.timeout)
-        except _Refused as e:
-            if e.status in (401, 403):
-                raise JudgeConfigError(f"judge endpoint {url} refused the key ({e}); check REPLAN_JUDGE_API_KEY "
-                                       "(or OPENAI_API_KEY)") from None
-            if e.status == 404:
-                raise JudgeConfigError(f"judge endpoint {url} answered {e}; does the base URL end with /v1, and is "
-                                       f"model {self.model!r} served there?") from None
-            raise
-        return _content(_json_reply(raw))
+        if e.status in (401, 403):
+            return JudgeConfigError(f"judge endpoint {url} refused the key ({e}); check REPLAN_JUDGE_API_KEY "
+                                    "(or OPENAI_API_KEY)")
+        if e.status == 404:
+            return JudgeConfigError(f"judge endpoint {url} answered {e}; does the base URL end with /v1, and is "
+                                    f"model {self.model!r} served there?")
+        return e
 
-
-def _post_json(url: str, body: dict, api_key: str, timeout: float) -> bytes:
-    """One POST; the 2xx body, or ``_Transient`` (5xx, 408, 429, timeout, connection) / ``_Refused`` (other 4xx)."""
-    headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json", "Content-Type": "application/json"}
-    request = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
-    except urllib.error.HTTPError as e:
-        try:
-            raw = e.read()
-        except OSError:
-            raw = b""
-        message = _error_message(raw) or (e.reason if isinstance(e.reason, str) else "") or "(no message)"
-        if e.code >= 500 or e.code in RETRYABLE_4XX:
-            raise _Transient(f"HTTP {e.code}: {message}", _retry_after(e.headers)) from None
-        raise _Refused(e.code, message) from None
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, TimeoutError):
-            raise _Transient(f"no reply within {timeout:g} s") from None
-        raise _Transient(f"cannot connect to {url} ({_one_line(str(e.reason))})") from None
-    except TimeoutError:
-        raise _Transient(f"no reply within {timeout:g} s") from None
-    except (OSError, http.client.HTTPException) as e:  # connection reset, remote end closed, incomplete read
-        raise _Transient(f"connection error ({type(e).__name__}: {_one_line(str(e))})") from None
+    async def aclose(self) -> None:
+        """Close this event loop's async client."""
+        await self.aclients.aclose()
 
 
 class GenAIJudge(Judge):
@@ -282,7 +191,7 @@ class GenAIJudge(Judge):
         except JudgeConfigError:
             raise
         except Exception as e:  # e.g. an unusable project or location
-            raise JudgeConfigError(f"cannot create the google-genai client: {_one_line(str(e))}") from None
+            raise JudgeConfigError(f"cannot create the google-genai client: {one_line(str(e))}") from None
         self.vertex, self.project, self.location = vertex, project, location
 
     def __repr__(self) -> str:
@@ -305,38 +214,38 @@ class GenAIJudge(Judge):
         return [t.Content(role="user", parts=content_parts)], config
 
     def _generate(self, dimension: str, parts: list[Part]) -> str:
-        contents, config = self.request(dimension, parts)
+        contents, config = self.request(dimension, parts)  # one request: the google-genai client's retries are off
         try:
             response = self._client.models.generate_content(model=self.model, contents=contents, config=config)
         except self._errors.APIError as e:
-            code, message = e.code or 0, _one_line(e.message or str(e))
+            code, message = e.code or 0, one_line(e.message or str(e))
             if code in (401, 403) or (code == 400 and "api key" in message.lower()):
                 raise JudgeConfigError(f"Gemini refused the credentials (HTTP {code}: {message}); check "
                                        "GEMINI_API_KEY / GOOGLE_API_KEY or the Vertex AI project") from None
             if code == 404:
                 raise JudgeConfigError(f"Gemini answered HTTP 404 for model {self.model!r}: {message}") from None
             if code >= 500 or code in RETRYABLE_4XX:
-                raise _Transient(f"HTTP {code}: {message}") from None
-            raise _Refused(code, message) from None
+                raise Transient(f"HTTP {code}: {message}") from None
+            raise Refused(code, message) from None
         except Exception as e:  # timeouts and connection errors (httpx), anything else the SDK raises
-            raise _Transient(f"{type(e).__name__}: {_one_line(str(e))}") from None
+            raise Transient(f"{type(e).__name__}: {one_line(str(e))}") from None
         return genai_text(response)
 
 
 def genai_text(response) -> str:
-    """The answer text of a ``GenerateContentResponse`` (thought parts skipped); ``_Refused`` when the prompt was
-    blocked, ``_Transient`` when there is no text (e.g. the thinking used up ``max_output_tokens``)."""
+    """The answer text of a ``GenerateContentResponse`` (thought parts skipped); ``Refused`` when the prompt was
+    blocked, ``Transient`` when there is no text (e.g. the thinking used up ``max_output_tokens``)."""
     feedback = getattr(response, "prompt_feedback", None)
     if feedback is not None and getattr(feedback, "block_reason", None):
-        raise _Refused(400, f"prompt blocked ({feedback.block_reason})")
+        raise Refused(400, f"prompt blocked ({feedback.block_reason})")
     candidates = getattr(response, "candidates", None) or []
     if not candidates:
-        raise _Transient("reply has no candidates")
+        raise Transient("reply has no candidates")
     content = getattr(candidates[0], "content", None)
     texts = [p.text for p in (getattr(content, "parts", None) or []) if p.text and not getattr(p, "thought", False)]
     if not texts:
         reason = getattr(candidates[0], "finish_reason", None)
-        raise _Transient(f"reply has no text (finish_reason {reason})")
+        raise Transient(f"reply has no text (finish_reason {reason})")
     return "".join(texts)
 
 

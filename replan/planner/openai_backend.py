@@ -1,7 +1,9 @@
 """A planner behind any OpenAI-compatible chat-completions endpoint that takes images.
 
 Typical use: a vLLM server serving the RePlan checkpoint (``vllm serve TainU/RePlan-Qwen2.5-VL-7B``), or a hosted
-API. Only the standard library talks HTTP (no ``openai`` package needed).
+API, through the official ``openai`` SDK (``replan.clients``): the SDK retries 5xx, 408/409/429, timeouts and
+connection errors with its own back-off; a reply that cannot be used (not JSON, no content) is asked again, all within
+``max_retries``.
 
 Frames. Qwen2.5-VL grounds boxes in pixels of the image its processor produced (``smart_resize``). By default
 (``frame="resize"``) the image is resized here with ``smart_resize`` before it is sent, so the frame the model saw is
@@ -15,18 +17,23 @@ as original-image pixels (for models that ground in the pixels they were given w
 from __future__ import annotations
 
 import base64
-import http.client
 import io
-import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 
 from PIL import Image
 
+from replan.clients import (
+    Refused,
+    RetryBudget,
+    Transient,
+    chat_call,
+    endpoint_url,
+    first_set,
+    list_models,
+    sync_client,
+)
 from replan.coords import Size, smart_resize
 from replan.images import to_rgb
 from replan.planner.base import Planner, PlannerError, PlannerReply
@@ -37,24 +44,8 @@ DEFAULT_MODEL = "TainU/RePlan-Qwen2.5-VL-7B"
 DEFAULT_MIN_PIXELS = 4 * 28 * 28  # qwen_vl_utils defaults
 DEFAULT_MAX_PIXELS = 16384 * 28 * 28
 FRAMES = ("resize", "server", "original")
-RETRYABLE_4XX = (408, 429)  # request timeout, rate limited
-_MAX_MESSAGE = 300  # characters of a server message kept in an error
-
-
-class _Transient(Exception):
-    """A failure worth retrying: 5xx, 408/429, timeout, connection error, unreadable reply."""
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class _Refused(Exception):
-    """A failure not worth retrying: the server refused the request (4xx other than 408/429)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
+BASE_URL_ENV = ("REPLAN_PLANNER_BASE_URL", "OPENAI_BASE_URL")
+API_KEY_ENV = ("REPLAN_PLANNER_API_KEY", "OPENAI_API_KEY")
 
 
 class OpenAIPlanner(Planner):
@@ -65,9 +56,9 @@ class OpenAIPlanner(Planner):
         api_key: else ``$REPLAN_PLANNER_API_KEY``, else ``$OPENAI_API_KEY``, else ``"EMPTY"`` (vLLM's default).
         model: else ``$REPLAN_PLANNER_MODEL``, else ``TainU/RePlan-Qwen2.5-VL-7B``.
         timeout: seconds allowed for one request.
-        max_retries: retries after the first attempt (on 5xx, 408, 429, timeouts, connection errors, bad replies).
-        backoff: seconds before the first retry, doubling each time up to ``max_backoff`` (a server's
-            ``Retry-After`` is honoured up to ``max_backoff``).
+        max_retries: requests after the first, in all: the SDK's retries (on 5xx, 408/409/429, timeouts, connection
+            errors; its back-off, a server's ``Retry-After`` honoured) and ours after a reply that cannot be used.
+        backoff: seconds before asking again after an unusable reply, doubling each time up to ``max_backoff``.
         temperature, max_tokens: sampling; temperature 0 is greedy.
         template, strict, parse, box_frame, template_name: as ``Planner``.
         min_pixels, max_pixels: the ``smart_resize`` bounds (defaults: the ``qwen_vl_utils`` values).
@@ -101,20 +92,8 @@ class OpenAIPlanner(Planner):
     ):
         super().__init__(template=template, strict=strict, parse=parse, box_frame=box_frame,
                          template_name=template_name)
-        base_url = base_url or os.environ.get("REPLAN_PLANNER_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
-        if not base_url or not base_url.strip():
-            raise ValueError(
-                "no planner endpoint: pass base_url (--base_url) or set REPLAN_PLANNER_BASE_URL "
-                "(or OPENAI_BASE_URL), e.g. http://localhost:8000/v1 for a local vLLM server"
-            )
-        base_url = base_url.strip().rstrip("/")
-        parsed = urllib.parse.urlparse(base_url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"planner base_url must be an http(s) URL like http://localhost:8000/v1, got {base_url!r}")
-        self.base_url = base_url
-        self.api_key = (
-            api_key or os.environ.get("REPLAN_PLANNER_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        )
+        self.base_url = endpoint_url(base_url, "planner", BASE_URL_ENV, "pass base_url (--base_url)")
+        self.api_key = first_set(api_key, *API_KEY_ENV) or "EMPTY"
         self.model = model or os.environ.get("REPLAN_PLANNER_MODEL") or DEFAULT_MODEL
         if not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
@@ -140,6 +119,7 @@ class OpenAIPlanner(Planner):
         self.max_pixels = int(max_pixels)
         self.frame = frame
         self.extra_body = dict(extra_body or {})
+        self.client = sync_client(self.base_url, self.api_key, self.timeout)  # retries: per call, within the budget
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIPlanner(base_url={self.base_url!r}, model={self.model!r}, frame={self.frame!r})"
@@ -199,63 +179,24 @@ class OpenAIPlanner(Planner):
         return reply
 
     def _call_with_retries(self, payload: dict) -> tuple[dict, str, int]:
+        """``(reply JSON, text, requests made)``; ``PlannerError`` (one line) once the budget is spent or refused."""
         url = self.base_url + "/chat/completions"
-        body = json.dumps(payload).encode("utf-8")
+        budget = RetryBudget(self.max_retries, self.backoff, self.max_backoff)
         last = "no attempt made"
-        attempts = self.max_retries + 1
-        for attempt in range(1, attempts + 1):
+        while budget.left > 0:
             try:
-                status, _, raw = self._open("POST", url, body, self.timeout)
-                data = _json_reply(raw)
-                return data, _content(data), attempt
-            except _Refused as e:
+                data, text = chat_call(self.client, payload, budget, self.timeout)
+                return data, text, budget.used
+            except Refused as e:
                 raise PlannerError(f"planner request to {url} was refused: {e}{_hint(e.status, self.model)}") from None
-            except _Transient as e:
+            except Transient as e:
                 last = str(e)
-                if attempt == attempts:
-                    break
-                delay = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
-                if e.retry_after is not None:
-                    delay = min(max(delay, e.retry_after), self.max_backoff)
-                logger.warning(
-                    "planner request to %s failed (%s); retry %d/%d in %.2g s",
-                    url,
-                    last,
-                    attempt,
-                    self.max_retries,
-                    delay,
-                )
+            if budget.left > 0:
+                delay = budget.delay()
+                logger.warning("planner request to %s failed (%s); asking again (%d of %d requests left) in %.2g s",
+                               url, last, budget.left, budget.total, delay)
                 time.sleep(delay)
-        raise PlannerError(f"planner request to {url} failed after {attempts} attempt(s); last error: {last}")
-
-    def _open(self, method: str, url: str, body: bytes | None, timeout: float) -> tuple[int, dict, bytes]:
-        """One HTTP exchange: ``(status, headers, body)`` for a 2xx reply; ``_Transient`` or ``_Refused`` else."""
-        headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(url, data=body, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as e:
-            status = e.code
-            try:
-                raw = e.read()
-            except (OSError, http.client.HTTPException):
-                raw = b""
-            message = _error_message(raw) or (e.reason if isinstance(e.reason, str) else "") or "(no message)"
-            if status >= 500 or status in RETRYABLE_4XX:
-                raise _Transient(f"HTTP {status}: {message}", _retry_after(e.headers)) from None
-            raise _Refused(status, message) from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, TimeoutError):
-                raise _Transient(f"no reply within {timeout:g} s") from None
-            raise _Transient(f"cannot connect ({_one_line(str(reason))})") from None
-        except TimeoutError:
-            raise _Transient(f"no reply within {timeout:g} s") from None
-        except (OSError, http.client.HTTPException) as e:  # connection reset, remote disconnected, incomplete read
-            raise _Transient(f"connection error ({type(e).__name__}: {_one_line(str(e))})") from None
+        raise PlannerError(f"planner request to {url} failed after {budget.used} attempt(s); last error: {last}")
 
     # ------------------------------------------------------------------------------------------------ readiness
     def wait_until_ready(self, timeout: float = 600.0, interval: float = 2.0) -> list[str]:
@@ -270,16 +211,15 @@ class OpenAIPlanner(Planner):
         while True:
             remaining = deadline - time.monotonic()
             try:
-                _, _, raw = self._open("GET", url, None, max(0.05, min(10.0, remaining)))
-                ids = _model_ids(raw)
+                ids = list_models(self.client, max(0.05, min(10.0, remaining)))
                 if ids and self.model not in ids:
                     logger.warning("the server at %s serves %s, not %s", self.base_url, ", ".join(ids), self.model)
                 return ids
-            except _Refused as e:
+            except Refused as e:
                 if e.status in (401, 403, 404):
                     raise PlannerError(f"planner server at {url} answered {e}{_hint(e.status, None)}") from None
                 last = str(e)
-            except _Transient as e:
+            except Transient as e:
                 last = str(e)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -288,79 +228,6 @@ class OpenAIPlanner(Planner):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _one_line(text: str, limit: int = _MAX_MESSAGE) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _error_message(raw: bytes) -> str:
-    """The server's error message from an OpenAI-style (``{"error": {"message"}}``), vLLM-style (``{"message"}``)
-    or FastAPI-style (``{"detail"}``) body, else the body itself; one line."""
-    text = raw.decode("utf-8", errors="replace").strip()
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return _one_line(text)
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return _one_line(err["message"])
-        if isinstance(err, str) and err:
-            return _one_line(err)
-        for key in ("message", "detail"):
-            if data.get(key):
-                return _one_line(data[key] if isinstance(data[key], str) else json.dumps(data[key]))
-    return _one_line(text)
-
-
-def _retry_after(headers) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):  # absent, or an HTTP date
-        return None
-    return seconds if seconds >= 0 else None
-
-
-def _json_reply(raw: bytes) -> dict:
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
-        raise _Transient(f"reply is not valid JSON: {_one_line(raw.decode('utf-8', 'replace'), 120)!r}") from None
-    if not isinstance(data, dict):
-        raise _Transient(f"reply is a JSON {type(data).__name__}, not an object")
-    return data
-
-
-def _content(data: dict) -> str:
-    """``choices[0].message.content`` as text (a list of text parts is joined)."""
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        if data.get("error"):
-            raise _Transient(f"reply is an error: {_error_message(json.dumps(data).encode())}")
-        raise _Transient("reply has no choices")
-    message = choices[0].get("message")
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
-        if parts:
-            return "".join(parts)
-    raise _Transient("reply has no choices[0].message.content")
-
-
-def _model_ids(raw: bytes) -> list[str]:
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):
-        return []
-    items = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(items, list):
-        return []
-    return [m["id"] for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
-
-
 def _hint(status: int, model: str | None) -> str:
     if status in (401, 403):
         return " (check the API key: REPLAN_PLANNER_API_KEY or OPENAI_API_KEY)"

@@ -16,42 +16,13 @@ import logging
 
 import torch
 from PIL import Image
-from transformers import Qwen2_5_VLProcessor
 
 from replan.planner.base import Planner, PlannerError, PlannerReply
+from replan.qwen_processor import ImageOnlyQwen2_5_VLProcessor, load_processor  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PLANNER = "TainU/RePlan-Qwen2.5-VL-7B"
-
-
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor without the video sub-processor, which needs torchvision (absent on CPU installs)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None, subfolder: str = ""):
-    """``AutoProcessor`` when it works; otherwise image processor + tokenizer assembled without a video processor.
-
-    ``min_pixels``/``max_pixels`` override the checkpoint's resize bounds (None keeps them).
-    """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    if subfolder:
-        bounds["subfolder"] = subfolder
-    try:
-        processor = AutoProcessor.from_pretrained(path, **bounds)
-        if hasattr(processor, "image_processor"):
-            return processor
-    except (ImportError, AttributeError, ValueError, OSError, TypeError) as e:
-        logger.info("AutoProcessor failed for %s (%s); assembling an image-only processor", path, e)
-    tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder)
-    image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
-    return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                        chat_template=getattr(tokenizer, "chat_template", None))
 
 
 def default_attention() -> str:

@@ -33,7 +33,7 @@ def tiny_qwen25vl(hidden: int = 16, seed: int = 0, min_pixels: int = 4 * 28 * 28
     """Return ``(model, processor)``: a 2-layer Qwen2.5-VL with a 2-block vision tower and a byte-level tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
-    from replan.planner.qwen_vl import ImageOnlyQwen2_5_VLProcessor
+    from replan.qwen_processor import ImageOnlyQwen2_5_VLProcessor
 
     tok = tiny_qwen2_tokenizer()
     tok.chat_template = QWEN2_VL_CHAT_TEMPLATE

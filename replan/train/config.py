@@ -92,7 +92,8 @@ def run_settings(cfg: TrainConfig) -> dict:
     return settings
 
 
-def _report_to(value) -> list[str]:
+def report_targets(value) -> list[str]:
+    """``report_to`` as a checked list of trackers (``["none"]`` when empty); ``ValueError`` names a bad one."""
     items = [value] if isinstance(value, str) else list(value or ["none"])
     items = [str(v).strip().lower() for v in items if str(v).strip()] or ["none"]
     bad = [v for v in items if v not in REPORT_TO]
@@ -120,7 +121,7 @@ def validate(cfg: TrainConfig) -> None:
         cfg.resume = "never"
     if not isinstance(cfg.resume, str):
         raise ValueError(f"resume must be auto, never or a checkpoint directory, got {cfg.resume!r}")
-    _report_to(cfg.report_to)
+    report_targets(cfg.report_to)
     _check_grpo_keys(cfg.grpo)
     if cfg.stage == 2 and not cfg.reward:
         raise ValueError("stage 2 needs a reward section (edit_url, judge_url, judge_model, ...)")

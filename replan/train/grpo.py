@@ -41,9 +41,9 @@ from replan.train.config import (  # noqa: F401  (re-exported: the configuration
     LoraSection,
     ModelConfig,
     TrainConfig,
-    _report_to,
     config_from_dict,
     load_config,
+    report_targets,
     run_settings,
     validate,
 )
@@ -177,7 +177,7 @@ def grpo_args(cfg: TrainConfig):
                          f"per_device_train_batch_size × processes = {per_device} × {world}")
     grpo.setdefault("num_generations", g)
     grpo["per_device_train_batch_size"] = per_device
-    report_to = _report_to(cfg.report_to)
+    report_to = report_targets(cfg.report_to)
     for backend in report_to:
         if backend != "none":
             try:

@@ -31,12 +31,12 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from replan.clients import PerLoop, one_line
 from replan.config_io import check_keys, read_yaml
 from replan.coords import BOX_FRAMES, processor_frame
 from replan.eval.judges import SCORE_PARSE, JudgeConfigError
 from replan.images import load_image, to_rgb
 from replan.parse import PARSE_MODES
-from replan.planner.openai_backend import _one_line
 from replan.train.reward_clients import (  # noqa: F401  (re-exported: the reward's public names in one place)
     EditClient,
     EditError,
@@ -76,11 +76,11 @@ class Stage2Reward:
     ``{"bytes"}``), optionally ``"planner_size"`` (W, H), the frame the policy saw the image in (default:
     ``processor_frame`` of the image with ``planner_min_pixels``/``planner_max_pixels``); ``box_frame`` says how the
     edit server reads the boxes (see the module docstring). At most ``concurrency`` edits and ``judge_concurrency``
-    judge calls run at once. Plans that fail
-    ``should_execute`` are not sent (planning 0, editing part kept); a sample without image, instruction or
-    referring expression scores its editing part only and is logged. ``last_details`` holds, per sample of the last
-    batch, the gate reason, any edit or judge errors (text, for logs) and what the edit server executed
-    (``executed``: its ``boxes``, ``plan``, ``box_frame`` and ``planner_size``).
+    judge calls run at once, across every ``score`` call in one event loop (verl scores each sample in its own
+    call). Plans that fail ``should_execute`` are not sent (planning 0, editing part kept); a sample without image,
+    instruction or referring expression scores its editing part only and is logged. ``last_details`` holds, per
+    sample of the last batch, the gate reason, any edit or judge errors (text, for logs) and what the edit server
+    executed (``executed``: its ``boxes``, ``plan``, ``box_frame`` and ``planner_size``).
     """
 
     def __init__(self, edit: EditClient, judge: JudgeClient, concurrency: int = 8, *,
@@ -101,6 +101,7 @@ class Stage2Reward:
         self.sharp, self.format_weight = sharp, format_weight
         self.ready_timeout, self.ready_interval, self._ready = ready_timeout, ready_interval, False
         self.last_details: list[dict] = []
+        self._limits = PerLoop(lambda: (asyncio.Semaphore(self.concurrency), asyncio.Semaphore(self.judge_concurrency)))
 
     @classmethod
     def from_config(cls, config: RewardConfig | dict) -> Stage2Reward:
@@ -117,7 +118,7 @@ class Stage2Reward:
         if not self._ready and self.ready_timeout is not None:
             await self.wait_ready()
         start = time.perf_counter()
-        edit_sem, judge_sem = asyncio.Semaphore(self.concurrency), asyncio.Semaphore(self.judge_concurrency)
+        edit_sem, judge_sem = self._limits.get()  # shared by every score() call running in this event loop
         pairs = await asyncio.gather(*(self._one(i, s, edit_sem, judge_sem) for i, s in enumerate(samples)))
         results, self.last_details = [p[0] for p in pairs], [p[1] for p in pairs]
         logger.info("stage-2 reward: %d samples, %d executed, %d edit and %d judge failures, %.1f s", len(results),
@@ -126,13 +127,24 @@ class Stage2Reward:
         return results
 
     def __call__(self, samples: list[dict]) -> list[dict]:
-        """Synchronous ``score``, for trainers; works with or without an event loop running in this thread."""
+        """Synchronous ``score``, for trainers; works with or without an event loop running in this thread (the batch
+        runs in an event loop of its own, whose connections are closed when it ends)."""
+        async def run() -> list[dict]:
+            try:
+                return await self.score(samples)
+            finally:
+                await self.aclose()
+
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.score(samples))
+            return asyncio.run(run())
         with ThreadPoolExecutor(1, thread_name_prefix="replan-reward") as pool:
-            return pool.submit(asyncio.run, self.score(samples)).result()
+            return pool.submit(asyncio.run, run()).result()
+
+    async def aclose(self) -> None:
+        """Close the connections this event loop opened (the clients open new ones if used again)."""
+        await asyncio.gather(self.edit.aclose(), self.judge.aclose())
 
     def close(self) -> None:
         self.edit.close()
@@ -163,7 +175,7 @@ class Stage2Reward:
             raise  # every later call would fail the same way: stop the run
         except Exception as e:  # noqa: BLE001 - one odd sample must not end a training run
             logger.exception("stage-2 reward, sample %d: unexpected error; planning score 0", i)
-            details["reason"] = f"unexpected error: {type(e).__name__}: {_one_line(str(e), 200)}"
+            details["reason"] = f"unexpected error: {type(e).__name__}: {one_line(str(e), 200)}"
             return result(executed=False, judge_failed=True)
 
     async def _score_one(self, i, sample, edit_sem, judge_sem, details, result, editing) -> tuple[dict, dict]:
@@ -171,7 +183,7 @@ class Stage2Reward:
         try:
             image = _as_image(sample.get("image"))
         except (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-            image, details["reason"] = None, f"image unreadable: {_one_line(str(e), 200)}"
+            image, details["reason"] = None, f"image unreadable: {one_line(str(e), 200)}"
         editing.update(editing_score(response))
         instruction, referring = _text(sample.get("instruction")), _text(sample.get("referring_expression"))
         missing = [name for name, v in (("image", image), ("instruction", instruction),

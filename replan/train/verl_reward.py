@@ -17,7 +17,7 @@ keys with float values and never raise for one bad sample.
   ``python -m replan.train.data --stage 2``). verl does not hand the reward ``image_grid_thw``; with
   ``box_frame: processor`` the edit server gets ``smart_resize`` of the raw image with ``planner_min_pixels`` /
   ``planner_max_pixels`` (the qwen_vl_utils bounds the rollout uses by default), which is the same frame. One
-  ``Stage2Reward`` per process and configuration: its thread pools bound the edits and judge calls in flight across
+  ``Stage2Reward`` per process and configuration: its semaphores bound the edits and judge calls in flight across
   all samples of that reward worker.
 
 Config (``configs/train/verl_stage{1,2}.yaml``)::
