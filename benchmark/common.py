@@ -1,7 +1,9 @@
 """Shared benchmark plumbing: the machine and versions, median timing, and where results are written.
 
-Results go to ``outputs/benchmarks/<name>-<device>.{json,md}``; ``--save`` writes the tracked copy in
-``benchmark/results/`` instead (do that only for a run worth keeping).
+Results go to ``outputs/benchmarks/<name>-<device>.{json,md}`` (ignored by git), so running a benchmark never
+changes a tracked file; ``--save`` writes the tracked copy in ``benchmark/results/`` instead (do that only for a run
+worth keeping); ``--out STEM`` writes ``STEM.json`` and ``STEM.md`` anywhere. Both files are written all at once
+(``replan.io.write_outputs``): a failed write leaves the previous report whole.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from replan.io import write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs" / "benchmarks"
@@ -82,9 +86,23 @@ def write(name: str, device, report: dict, markdown: str, save: bool = False, ou
     """Write ``<stem>.json`` and ``<stem>.md``: ``out`` if given, else ``outputs/benchmarks/<name>-<device type>``
     (``benchmark/results/`` with ``save``)."""
     stem = Path(out) if out else (RESULTS if save else OUTPUTS) / f"{name}-{torch.device(device).type}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown.rstrip() + "\n")
+    return write_stem(stem, report, markdown)
+
+
+def write_report(name: str, args, report: dict, markdown: str) -> Path:
+    """Like ``write`` for a ``name`` that already carries its device suffix, with ``--save``/``--out`` read from
+    ``args`` (see ``add_output_flags``)."""
+    out, save = getattr(args, "out", None), getattr(args, "save", False)
+    return write_stem(Path(out) if out else (RESULTS if save else OUTPUTS) / name, report, markdown)
+
+
+def write_stem(stem: Path, report: dict, markdown: str) -> Path:
+    json_text = json.dumps(report, indent=2, default=str) + "\n"
+    md_text = markdown.rstrip() + "\n"
+    write_outputs(stem.parent, {
+        stem.name + ".json": lambda p: p.write_text(json_text, encoding="utf-8"),
+        stem.name + ".md": lambda p: p.write_text(md_text, encoding="utf-8"),
+    })
     print(f"wrote {stem}.json and {stem}.md", flush=True)
     return stem
 
@@ -92,4 +110,4 @@ def write(name: str, device, report: dict, markdown: str, save: bool = False, ou
 def add_output_flags(ap) -> None:
     ap.add_argument("--save", action="store_true", help="write the tracked copy in benchmark/results/ (default: "
                     "outputs/benchmarks/)")
-    ap.add_argument("--out", default=None, help="output stem (overrides both)")
+    ap.add_argument("--out", default=None, help="output stem: STEM.json and STEM.md (overrides --save)")

@@ -4,9 +4,10 @@ latency (mask prediction for one image) of ``replan.regions``.
     python benchmark/regions.py                        # CPU, tiny random CLIP/T5 (offline)
     python benchmark/regions.py --device cuda          # GPU, real sizes (CLIP ViT-L/14 @ 224, FLAN-T5-Base) with
                                                        # random weights, bf16 autocast, batch 32
-Results go to ``benchmark/results/regions-<device>.{json,md}``. The proxy generator is the offline stand-in, so the
-numbers cover the region module and the frozen CLIP/T5 passes only, not the inpainting model (reported separately in
-the paper's budget: ≈38 samples per GPU-second on A100s, spec §6.4). Targets are reported, never asserted.
+Results go to ``outputs/benchmarks/regions-<device>.{json,md}`` (``--save``: ``benchmark/results/``). The proxy
+generator is the offline stand-in, so the numbers cover the region module and the frozen CLIP/T5 passes only, not
+the inpainting model (reported separately in the paper's budget: ≈38 samples per GPU-second on A100s, spec §6.4).
+Targets are reported, never asserted.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).parent / "results"
+from common import add_output_flags, write_report
 
 
 def save_real_size_backbones(path: Path) -> Path:
@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--latency-runs", type=int, default=30)
+    add_output_flags(ap)
     args = ap.parse_args(argv)
     import transformers
 
@@ -133,9 +134,7 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"meta": meta, "result": result}
-    (RESULTS / f"regions-{args.device}.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     md = [f"# regions benchmark ({args.device})", "",
           f"{meta['date']} · {meta['machine']} · {meta['cpu_count']} CPUs · torch {meta['torch']} · "
           f"transformers {meta['transformers']}" + (f" · {meta['gpu']}" if meta["gpu"] else ""), "",
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
           "|---|---|---|---|---|",
           f"| {result['batch']} | {result['train_samples_per_s']} | {result['train_step_s']} | "
           f"{result['infer_latency_ms_median']} | {result['infer_latency_ms_p90']} |", ""]
-    (RESULTS / f"regions-{args.device}.md").write_text("\n".join(md), encoding="utf-8")
+    write_report(f"regions-{args.device}", args, out, "\n".join(md))
     print(json.dumps(out, indent=2))
     return 0
 

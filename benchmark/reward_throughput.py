@@ -7,10 +7,10 @@
 
 Each sample is a valid plan on a small synthetic image, so every sample is executed (1 edit) and judged (3 calls).
 The stand-ins answer after a fixed latency: the numbers measure the client (encoding, HTTP, thread pools,
-semaphores) and how well it overlaps slow servers; with concurrency c (3c judge calls) the ceiling is
-c / max(edit latency, judge latency) edits/s.
-Results go to ``benchmark/results/reward_throughput-<device>.{json,md}``. Target to report (never asserted): edits/s
-within 80 % of the ceiling up to c = 8 with the default stand-in latencies (2-core CPU).
+semaphores) and how well it overlaps slow servers; with concurrency c (3c judge calls) the ceiling is c / max(edit
+latency, judge latency) edits/s. Results go to ``outputs/benchmarks/reward_throughput-<device>.{json,md}``
+(``--save``: ``benchmark/results/``). Target to report (never asserted): edits/s within 80 % of the ceiling up to c
+= 8 with the default stand-in latencies (2-core CPU).
 
 ``StandIns`` (the two stand-in servers, with fault injection) is also what the training tests use.
 """
@@ -22,9 +22,8 @@ import json
 import platform
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import add_output_flags, write_report  # noqa: E402
 
 from replan.testing.standins import JUDGE_MODEL, StandIns, samples  # noqa: E402
 
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--edit-url", default=None, help="a real edit server instead of the stand-in")
     ap.add_argument("--judge-url", default=None, help="a real OpenAI-compatible judge (…/v1) instead of the stand-in")
     ap.add_argument("--judge-model", default=JUDGE_MODEL)
-    ap.add_argument("--out", default=None, help="results stem (default: benchmark/results/reward_throughput-<device>)")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
 
     standins = None
@@ -82,14 +81,11 @@ def main(argv=None) -> int:
             standins.__exit__(None, None, None)
 
     device = "real" if standins is None else "cpu"
-    stem = Path(args.out) if args.out else RESULTS / f"reward_throughput-{device}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
             "python": platform.python_version(), "servers": "stand-ins" if standins else {"edit": edit_url,
                                                                                         "judge": judge_url},
             "edit_latency": args.edit_latency if standins else None,
             "judge_latency": args.judge_latency if standins else None}
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
     lines = ["# Stage-2 reward throughput", "", f"{meta['date']}, {meta['machine']}, Python {meta['python']}, "
              f"servers: {meta['servers']}" + (f" (edit {args.edit_latency} s, judge {args.judge_latency} s)"
                                               if standins else ""), "",
@@ -97,8 +93,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['concurrency']} | {r['samples']} | {r['seconds']} | {r['edits_per_s']} | "
               f"{r.get('ceiling_edits_per_s', '-')} | {r['judge_calls_per_s']} | {r['failed']} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(f"reward_throughput-{device}", args, {"meta": meta, "rows": rows}, "\n".join(lines))
     return 0
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
 import yaml
+
+from replan.io import write_text
 
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
@@ -125,8 +126,4 @@ def record_run_settings(out: str | Path, settings: dict, **extra) -> Path:
     """Write ``out/run_config.json`` = ``{**extra, "settings": settings}`` atomically (staged in ``out`` itself)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / RUN_CONFIG
-    tmp = out / f".{RUN_CONFIG}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({**extra, "settings": settings}, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(out / RUN_CONFIG, json.dumps({**extra, "settings": settings}, indent=2) + "\n")

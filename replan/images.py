@@ -13,6 +13,7 @@ Every image entering replan becomes 8-bit RGB (``PIL.Image`` mode ``"RGB"``):
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,13 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
+def describe_limit(max_pixels: int = MAX_PIXELS) -> str:
+    """The size limit as people read it: ``16.8 MP (4096x4096)``."""
+    side = math.isqrt(max_pixels)
+    square = f" ({side}x{side})" if side * side == max_pixels else ""
+    return (f"{max_pixels / 1e6:.1f} MP" if max_pixels >= 100_000 else f"{max_pixels} pixels") + square
+
+
 def check_image_size(size: tuple[int, int], min_side: int = MIN_SIDE, max_pixels: int = MAX_PIXELS) -> None:
     """Reject images the editors cannot handle sensibly, with the fix in the message."""
     w, h = size
@@ -74,5 +82,5 @@ def check_image_size(size: tuple[int, int], min_side: int = MIN_SIDE, max_pixels
         raise ValueError(f"image is {w}x{h}; both sides must be at least {min_side} px (upscale it first)")
     if w * h > max_pixels:
         raise ValueError(
-            f"image is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is {max_pixels / 1e6:.1f} MP (downscale it first)"
+            f"image is {w}x{h} = {w * h / 1e6:.1f} MP; the limit is {describe_limit(max_pixels)}: downscale it first"
         )

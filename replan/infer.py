@@ -8,10 +8,14 @@
     python -m replan.infer --backbone flux                                           # interactive: read from stdin
     torchrun --nproc_per_node 2 -m replan.infer --ulysses 2 --image photo.jpg --instruction "…"   # 2 GPUs per edit
 
-The output directory gets ``result.png``, ``plan.json``, ``planner_response.txt``, ``overlay.png`` and
-``config.json`` (everything needed to replay). Files appear only when the edit succeeded. Without ``--image`` the
-models are loaded once and pairs of lines (image path, instruction) are read from stdin until EOF; each edit goes to
-its own numbered sub-directory. Exit codes: 0 done, 2 bad input, 3 planner or endpoint failure.
+The output directory gets ``result.png``, ``plan.json``, ``overlay.png``, ``config.json`` (everything needed to
+replay) and, when the planner ran, ``planner_response.txt``. Files appear only when the edit succeeded, all at once
+(``replan.io``); if they cannot be written the result is saved to a fallback folder that the error names.
+
+Every argument, the image (decoded and size-checked), the plan file and the output directory are checked before any
+model loads. Without ``--image`` the models are loaded once and pairs of lines (image path, instruction) are read
+from stdin until EOF; each pair is checked before it is planned, and each edit goes to its own numbered
+sub-directory. Exit codes: 0 done, 2 bad input or unwritable output, 3 planner or endpoint failure.
 
 With ``--ulysses N`` under ``torchrun --nproc_per_node N`` the N processes compute each edit together (Ulysses context
 parallelism, docs/parallel.md): rank 0 plans, reads stdin and writes the outputs; the result equals the one-GPU
@@ -23,23 +27,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
-import shutil
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from replan import __version__
+from replan.attention import parse_bytes
 from replan.backbones import names
-from replan.backbones.base import lora_source
 from replan.backbones.parallel import check_accel_parallel
-from replan.distributed import shutdown
-from replan.images import load_image
+from replan.backbones.registry import BackboneSpec
+from replan.distributed import EditGroup, shutdown
+from replan.inputs import check_edit_options, check_instruction, check_number, read_image, read_plan
+from replan.io import OutputError, check_writable, write_outputs
 from replan.parse import PARSE_MODES, PlanParseError, parse_mode
-from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline
+from replan.pipeline import STAGE_OFFLOAD, RePlanPipeline, check_load, no_regions_note
 from replan.plan import RegionPlan
-from replan.planner import BOX_FRAMES, KINDS, PlannerError, load_template
+from replan.planner import BOX_FRAMES, KINDS, PlannerError, load_planner, load_template
 
 logger = logging.getLogger("replan.infer")
 
@@ -115,24 +119,106 @@ def edit_options(args) -> dict:
     return options
 
 
-def load_pipeline(args, device: str) -> RePlanPipeline:
+# ---------------------------------------------------------------------------------------------------- checks
+@dataclass
+class Job:
+    """One checked edit: the decoded image, the instruction and the plan to execute (None: plan it)."""
+
+    image_path: str
+    image: object
+    instruction: str | None
+    plan: RegionPlan | None
+
+
+@dataclass
+class Setup:
+    """What the checks resolved before anything loads."""
+
+    spec: BackboneSpec
+    device: str
+    template: str | None = None
+    planner: object = None  # an endpoint planner, built (it loads nothing) so that its settings are checked
+    job: Job | None = None  # the one-shot edit, checked
+    parallel: object = None  # the ContextParallelConfig of --ulysses N (None for one process)
+
+
+def check_args(args) -> Setup:
+    """Check every argument that can be checked without a model; ``ValueError`` with one line otherwise."""
+    if args.plan and args.no_plan:
+        raise ValueError("--plan and --no_plan exclude each other: pick one")
+    if args.image is None and args.instruction:
+        raise ValueError("--instruction needs --image (omit both for the interactive mode)")
+    parallel = parallel_config(args)  # --ulysses (and --accel with it)
     needs_planner = not (args.plan or args.no_plan)
-    planner_kwargs = {}
-    if args.planner == "openai":
-        planner_kwargs = {k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v}
-        planner_kwargs["max_retries"] = args.planner_retries
-    if args.prompt_template:
-        planner_kwargs["template"] = load_template(args.prompt_template)
-        planner_kwargs["template_name"] = args.prompt_template
-    planner_kwargs["box_frame"] = args.box_frame
-    planner_kwargs["parse"] = parse_mode(args.parse, args.strict_plan)
+    spec, device = check_load(args.backbone, args.model, args.planner if needs_planner else None,
+                              args.vlm_ckpt_path, args.vlm_lora_path, args.device, args.dtype, args.lora_path)
+    check_edit_options(spec, steps=args.steps, guidance=args.guidance, expand=args.expand,
+                       switch=args.switch_ratio, seed=args.seed)
+    check_number("--planner_retries", args.planner_retries, minimum=0, integer=True)
+    parse_bytes(args.attention_budget)  # a size such as 8GB
+    if args.offload != "none" and args.stage_offload != "none":
+        raise ValueError("--offload and --stage_offload exclude each other: use one of them")
+    setup = Setup(spec, device, parallel=parallel)
+    if needs_planner:
+        parse_mode(args.parse, args.strict_plan)
+        setup.template = load_template(args.prompt_template) if args.prompt_template else None
+        if args.planner == "openai":
+            setup.planner = load_planner("openai", args.vlm_ckpt_path, **planner_options(args, setup.template),
+                                         **endpoint(args))
+    if args.image is not None:
+        setup.job = read_job(args, setup, args.image, args.instruction)
+    check_writable(args.output_dir, "--output_dir")
+    return setup
+
+
+def planner_options(args, template: str | None) -> dict:
+    """How the planner prompts and reads: template (and its name), box frame, parse mode."""
+    options = {"box_frame": args.box_frame, "parse": parse_mode(args.parse, args.strict_plan)}
+    if template is not None:
+        options.update(template=template, template_name=args.prompt_template)
+    return options
+
+
+def endpoint(args) -> dict:
+    kwargs = {k: v for k, v in (("base_url", args.base_url), ("api_key", args.api_key)) if v}
+    kwargs["max_retries"] = args.planner_retries
+    return kwargs
+
+
+def read_job(args, setup: Setup, image_path: str, instruction: str | None) -> Job:
+    """Check one (image, instruction) pair: the image decodes and fits, and there is a plan or an instruction."""
+    image = read_image(image_path, getattr(setup.spec, "max_aspect", None))
+    plan = None
+    if args.plan:
+        plan = read_plan(args.plan, image.size)
+    elif args.no_plan:
+        instruction = check_instruction(instruction, "--no_plan needs --instruction: it becomes the global prompt")
+        plan = RegionPlan(instruction, image_size=image.size)
+    else:
+        instruction = check_instruction(instruction, "pass --instruction (or --plan to execute a saved plan)")
+    return Job(str(image_path), image, instruction, plan)
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def load_pipeline(args, device: str, setup: Setup | None = None) -> RePlanPipeline:
+    needs_planner = not (args.plan or args.no_plan)
+    planner, planner_kwargs = None, {}
+    if needs_planner:
+        planner = setup.planner if setup is not None and setup.planner is not None else args.planner
+        if isinstance(planner, str):
+            template = setup.template if setup is not None else None
+            if template is None and args.prompt_template:
+                template = load_template(args.prompt_template)
+            planner_kwargs = planner_options(args, template)
+            if planner == "openai":
+                planner_kwargs.update(endpoint(args))
     return RePlanPipeline.from_pretrained(
-        backbone=args.backbone, planner=args.planner if needs_planner else None, model=args.model,
+        backbone=args.backbone, planner=planner, model=args.model,
         vlm_ckpt_path=args.vlm_ckpt_path, lora_path=args.lora_path, vlm_lora_path=args.vlm_lora_path,
         device=device, torch_dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, planner_kwargs=planner_kwargs,
         compile=args.compile, attention_budget=args.attention_budget,
-        parallel=parallel_config(args),
+        parallel=setup.parallel if setup is not None else parallel_config(args),
     )
 
 
@@ -150,32 +236,22 @@ def parallel_config(args):
     return ContextParallelConfig(ulysses_degree=args.ulysses, ulysses_anything=args.ulysses_anything)
 
 
-def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None, out_dir: Path) -> Path:
-    image = load_image(image_path)
-    plan = None
-    if args.plan:
-        plan = RegionPlan.load(args.plan)
-        if plan.image_size is None:
-            plan = RegionPlan(plan.global_prompt, plan.regions, plan.reasoning, image.size, plan.raw_text, plan.repairs)
-    elif args.no_plan:
-        if not instruction or not instruction.strip():
-            raise ValueError("--no_plan needs --instruction: it becomes the global prompt")
-        plan = RegionPlan(instruction.strip(), image_size=image.size)
-    elif not instruction or not instruction.strip():
-        raise ValueError("the instruction is empty: pass --instruction (or --plan to execute a saved plan)")
-    out = pipe(image, instruction, plan=plan, **edit_options(args))
+def run_one(pipe: RePlanPipeline, args, job: Job, out_dir: Path) -> Path:
+    """Plan (unless the job has a plan) and edit; write the outputs. Returns the folder written."""
+    out = pipe(job.image, job.instruction, plan=job.plan, **edit_options(args))
     if not pipe.is_leader:  # another rank of the edit's group: the leader writes
         return out_dir
-    if out.planner_text and not out.plan.regions and out.plan.repairs:
-        why = next((r for r in out.plan.repairs if "region" in r), out.plan.repairs[0])
-        print(f"warning: the planner reply gave no usable regions ({why}); ran a global edit", file=sys.stderr)
+    note = no_regions_note(out.plan) if job.plan is None else None
+    if note:
+        print(f"warning: {note}; ran a global edit (use --parse strict to fail instead, or write a plan and "
+              "pass --plan)", file=sys.stderr)
     planner = pipe.planner.provenance() if out.planner_text and pipe.planner is not None else None
     config = {
-        "replan_version": __version__, "image": str(image_path), "instruction": instruction,
+        "replan_version": __version__, "image": job.image_path, "instruction": job.instruction,
         "backbone": pipe.editor.spec.name, "model": args.model or pipe.editor.spec.model_id,
-        "planner": None if plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
+        "planner": None if job.plan is not None else args.planner, "vlm_ckpt_path": args.vlm_ckpt_path,
         "lora_path": args.lora_path, "vlm_lora_path": args.vlm_lora_path,
-        "parse": None if plan is not None else parse_mode(args.parse, args.strict_plan),
+        "parse": None if job.plan is not None else parse_mode(args.parse, args.strict_plan),
         "plan_file": args.plan, "no_plan": args.no_plan, "planner_provenance": planner,
         "edit_options": {k: v for k, v in edit_options(args).items() if v is not None},
         "compile": args.compile, "attention_budget": args.attention_budget,
@@ -185,19 +261,17 @@ def run_one(pipe: RePlanPipeline, args, image_path: str, instruction: str | None
                      "boxes": [list(b) for b in out.edit.boxes],
                      "hint_padding": out.edit.extras.get("hint_padding", "as official")},
         "timings_s": {k: round(v, 3) for k, v in out.timings.items()},
-        "replay": replay_command(args, image_path, pipe.editor.spec.name,
+        "replay": replay_command(args, job.image_path, pipe.editor.spec.name,
                                  trimmed="hint_padding" in out.edit.extras),
     }
     files = {"result.png": lambda p: out.image.save(p)}
     if not args.only_save_image:
-        files.update({
-            "plan.json": lambda p: p.write_text(plan_json(out.plan, planner), encoding="utf-8"),
-            "planner_response.txt": lambda p: p.write_text(out.planner_text, encoding="utf-8"),
-            "overlay.png": lambda p: out.overlay.save(p),
-            "config.json": lambda p: p.write_text(json.dumps(config, indent=2, default=str) + "\n"),
-        })
-    write_atomically(out_dir, files)
-    return out_dir
+        files["plan.json"] = lambda p: p.write_text(plan_json(out.plan, planner), encoding="utf-8")
+        if job.plan is None:  # the planner ran: keep its reply verbatim
+            files["planner_response.txt"] = lambda p: p.write_text(out.planner_text, encoding="utf-8")
+        files["overlay.png"] = lambda p: out.overlay.save(p)
+        files["config.json"] = lambda p: p.write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return write_outputs(out_dir, files)
 
 
 def plan_json(plan: RegionPlan, planner: dict | None = None) -> str:
@@ -231,30 +305,23 @@ def replay_command(args, image_path, backbone: str, trimmed: bool = False) -> st
     return " ".join(shlex.quote(p) if p != "<this dir>/plan.json" else p for p in parts)
 
 
-def write_atomically(out_dir: Path, files: dict) -> None:
-    """Write every file into a temporary sibling directory first, then move them into ``out_dir``."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            os.replace(tmp / name, out_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def output_error(e: OutputError) -> str:
+    way_out = "copy it from there and rerun with a writable --output_dir" if e.saved_to else \
+        "rerun with a writable --output_dir (or set REPLAN_RESCUE_DIR)"
+    return f"error: {e}; {way_out}"
 
 
-def interactive(pipe: RePlanPipeline, args, out_root: Path) -> int:
+def interactive(pipe: RePlanPipeline, args, setup: Setup, out_root: Path) -> int:
     count, failures = 0, 0
-    leader = pipe.is_leader
+    group = pipe.group if setup.parallel is not None else EditGroup.single()  # (one process: the pipe is not asked)
+    leader = group.leader
 
     def ask(prompt: str) -> str:  # read on the leader; every rank of the edit gets the line
         def read():
             print(prompt, end="", file=sys.stderr, flush=True)
             return sys.stdin.readline()
 
-        return pipe.group.on_leader(read)
+        return group.on_leader(read)
 
     while True:
         image_path = ask("image path (EOF to quit): ")
@@ -269,13 +336,23 @@ def interactive(pipe: RePlanPipeline, args, out_root: Path) -> int:
         count += 1
         out_dir = out_root / f"{count:03d}_{Path(image_path).stem}"
         try:
-            run_one(pipe, args, image_path, instruction, out_dir)
+            job = read_job(args, setup, image_path, instruction)  # checked before anything is planned
+            run_one(pipe, args, job, out_dir)
             if leader:
                 print(f"wrote {out_dir}", file=sys.stderr)
+        except OutputError as e:
+            failures += 1
+            if leader:
+                print(output_error(e), file=sys.stderr)
         except (ValueError, PlannerError) as e:
             failures += 1
             if leader:
                 print(f"error: {e}", file=sys.stderr)
+        except Exception as e:  # one failing edit must not end the session (and lose the loaded models)
+            failures += 1
+            logger.info("edit failed", exc_info=True)
+            if leader:  # (every rank of an edit fails alike)
+                print(f"error: the edit failed ({type(e).__name__}: {e}); -v shows the traceback", file=sys.stderr)
     if leader:
         print("", file=sys.stderr)
     return 0 if failures == 0 else 2
@@ -284,24 +361,19 @@ def interactive(pipe: RePlanPipeline, args, out_root: Path) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if args.plan and args.no_plan:
-        print("error: --plan and --no_plan exclude each other", file=sys.stderr)
-        return 2
-    if args.image is None and args.instruction:
-        print("error: --instruction needs --image (omit both for the interactive mode)", file=sys.stderr)
-        return 2
-    device = args.device or (None if args.ulysses > 1 else _default_device())
     pipe = None
     try:
-        parse_mode(args.parse, args.strict_plan)
-        if args.lora_path:
-            lora_source(args.lora_path)  # a missing LoRA is reported before any model loads
-        pipe = load_pipeline(args, device)
+        setup = check_args(args)  # everything that can fail without a model fails here, in the first second
+        pipe = load_pipeline(args, setup.device, setup)
         if args.image is None:
-            return interactive(pipe, args, Path(args.output_dir))
-        out_dir = run_one(pipe, args, args.image, args.instruction, Path(args.output_dir))
+            return interactive(pipe, args, setup, Path(args.output_dir))
+        out_dir = run_one(pipe, args, setup.job, Path(args.output_dir))
+    except OutputError as e:
+        print(output_error(e), file=sys.stderr)
+        return 2
     except PlanParseError as e:
-        return _fail(pipe, f"the planner reply does not follow the plan grammar: {e}", 2)
+        return _fail(pipe, f"the planner reply does not follow the plan grammar: {e} (without --parse strict it "
+                     "falls back to a global edit)", 2)
     except ValueError as e:
         return _fail(pipe, str(e), 2)
     except PlannerError as e:
@@ -317,12 +389,6 @@ def _fail(pipe, message: str, code: int) -> int:
     if pipe is None or pipe.is_leader:  # every rank of an edit fails alike; one says so
         print(f"error: {message}", file=sys.stderr)
     return code
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

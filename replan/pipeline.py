@@ -26,11 +26,14 @@ from PIL import Image
 
 from replan.attention.budget import parse_bytes
 from replan.backbones import load_editor
-from replan.backbones.base import EditResult, RegionEditor
+from replan.backbones.base import EditResult, RegionEditor, lora_source
+from replan.backbones.registry import BackboneSpec, resolve
 from replan.distributed import init_distributed
+from replan.hub import check_source
 from replan.images import to_rgb
+from replan.inputs import check_device, check_dtype
 from replan.plan import RegionPlan, draw_overlay
-from replan.planner import Planner, load_planner
+from replan.planner import TINY, Planner, load_planner
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +206,53 @@ class RePlanPipeline:
         timings["total"] = time.perf_counter() - start
         overlay = draw_overlay(image, result.plan, boxes=result.boxes)
         return RePlanOutput(result.image, result.plan, planner_text, overlay, timings, result)
+
+
+def check_load(backbone: str, model: str | None = None, planner: str | None = "local", vlm_ckpt_path: str | None = None,
+               vlm_lora_path: str | None = None, device: str | None = None, dtype: str | None = None,
+               lora_path: str | None = None) -> tuple[BackboneSpec, str]:
+    """Everything ``from_pretrained`` would trip over, checked without loading: the backbone name, dtype and device,
+    local weight folders (and hub models that are not cached while ``HF_HUB_OFFLINE`` is set), the editor LoRA
+    (``lora_path``) and the planner's (``vlm_lora_path``). ``ValueError`` with one line naming the CLI flag
+    otherwise; returns (spec, device)."""
+    spec = resolve(backbone)
+    check_dtype(dtype)
+    device = check_device(device, dtype)
+    if model:
+        check_source(model, "editor", "--model", "model_index.json")
+    elif not spec.builder:
+        check_source(spec.model_id, "editor", "--model", "model_index.json")
+    if lora_path:
+        lora_source(lora_path)
+        require_peft("--lora_path")
+    if planner == "local":
+        if vlm_ckpt_path and vlm_ckpt_path != TINY:
+            check_source(vlm_ckpt_path, "planner", "--vlm_ckpt_path", "config.json")
+        if vlm_lora_path:
+            check_source(vlm_lora_path, "planner LoRA", "--vlm_lora_path", "adapter_config.json")
+            require_peft("--vlm_lora_path")
+    elif planner == "openai" and vlm_lora_path:
+        raise ValueError("--vlm_lora_path applies to the local planner only; drop it with --planner openai")
+    return spec, device
+
+
+def require_peft(flag: str) -> None:
+    """LoRA loading (diffusers' ``load_lora_weights``, peft's ``PeftModel``) needs peft: say so before loading."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{flag} needs the peft package, which is not installed: pip install -e '.[train]' "
+                         "(or pip install peft)") from None
+
+
+def no_regions_note(plan: RegionPlan) -> str | None:
+    """Why a planner reply gave no regions, as one clause for people (None when it gave regions, or gave none on
+    purpose: a clean reply without regions is a plain global edit). The first repair that concerns the regions is the
+    reason; every entry point (CLI, app, server) words it the same way."""
+    if plan.regions or not plan.repairs:
+        return None
+    why = next((r for r in plan.repairs if "region" in r), plan.repairs[0])
+    return f"the planner reply gave no usable regions ({why})"
 
 
 def _empty_cache(device) -> None:

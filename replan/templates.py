@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from replan.io import write_file
 
 OFFICIAL_REPO = "dvlab-research/RePlan"  # the code release (GitHub issues now live at JIA-Lab-research/RePlan)
 OFFICIAL_COMMIT = "bc51afc68b26175849c16dfcd78ac3b5b633abc0"  # HEAD of the release, 2025-12-26
@@ -123,11 +124,7 @@ def fetch_one(file: OfficialFile, dest: str | Path, base: str = RAW_BASE, timeou
             f"pass its path yourself (outputs will record it by its hash), or keep replan's own wording")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    path = dest / file.name
-    tmp = dest / f".{file.name}.{os.getpid()}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    return write_file(dest / file.name, lambda p: p.write_bytes(data))
 
 
 def fetch(dest: str | Path = DEFAULT_DEST, names=None, base: str = RAW_BASE, timeout: float = 30.0,

@@ -3,6 +3,9 @@
 Flow: upload an image, AI Plan (an OpenAI-compatible planner served by a local stand-in), move a box on the canvas,
 edit a hint, toggle an attention-matrix cell, run — then check that the result appears and that the plan and rules
 the app submitted are exactly what was drawn. A screenshot is saved to test-artifacts/app.png.
+
+Every wait is for a state (a text, a box coordinate, a checked cell), never a fixed sleep; ``HANG_MS`` only stops a
+hung run and is far above the normal time (the whole flow takes ~20 s alone, and its waits passed 30 s under load).
 """
 
 import shutil
@@ -18,6 +21,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 REPLY = ('<think>the used cup has coffee in it</think><gen_image>keep remaining part of image unchanged.</gen_image>'
          '<region>[{"bbox_2d": [87, 197, 208, 311], "hint": "a small cactus"}, '
          '{"bbox_2d": [437, 117, 574, 314], "hint": "keep this plant unchanged"}]</region>')
+HANG_MS = 300_000  # a hang guard for every wait (Playwright's default is 30 s), not a timing assert
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
@@ -56,14 +60,15 @@ def test_plan_edit_and_run_in_a_browser():
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.set_default_timeout(HANG_MS)
+            page.set_default_navigation_timeout(HANG_MS)
             page.goto(f"http://127.0.0.1:{port}", wait_until="networkidle")
             # upload and plan
             page.locator("#annotator input[type=file]").set_input_files(str(ROOT / "assets/examples/desk.png"))
-            page.wait_for_timeout(1000)
+            page.wait_for_selector("#annotator a[download='desk.png']")  # uploaded to the app
             page.locator("#instruction textarea").fill("replace the cup that was used with a small cactus")
             page.locator("#ai-plan").click()
-            page.wait_for_function("document.querySelector('#regions').innerText.includes('a small cactus')",
-                                   timeout=30000)
+            page.wait_for_function("document.querySelector('#regions').innerText.includes('a small cactus')")
             # move box 1 by (+60, +20) image pixels in drag mode
             page.get_by_role("button", name="Drag boxes").click()
             canvas = page.locator("#annotator canvas").first.bounding_box()
@@ -74,22 +79,23 @@ def test_plan_edit_and_run_in_a_browser():
             page.mouse.move(x + 30 * sx, y + 10 * sy, steps=5)
             page.mouse.move(x + 60 * sx, y + 20 * sy, steps=5)
             page.mouse.up()
-            page.wait_for_timeout(1000)
+            # the table shows the moved box once the drag reached the app (x1 was 86 before the drag)
+            page.wait_for_function("(() => { const m = /a small cactus\\s+(\\d+)/.exec("
+                                   "document.querySelector('#regions').innerText); return m && +m[1] > 120; })()")
             # edit the hint of region 1 (selected by default)
             page.locator("#hint textarea, #hint input").first.fill("a tall green cactus")
             page.locator("#set-hint").click()
-            page.wait_for_function("document.querySelector('#regions').innerText.includes('a tall green cactus')",
-                                   timeout=10000)
+            page.wait_for_function("document.querySelector('#regions').innerText.includes('a tall green cactus')")
             # toggle the matrix cell (N.BG → N.B1): 10 header checkboxes, then 9 per row; row N.BG = 7, col N.B1 = 2
             page.get_by_text("Advanced: attention rules and settings").click()
             cell = page.locator("#matrix input[type=checkbox]").nth(10 + 7 * 9 + 2)
             assert not cell.is_checked()
             cell.click()
-            page.wait_for_timeout(500)
+            sync_api.expect(cell).to_be_checked(timeout=HANG_MS)
             # run
             page.locator("#run").click()
-            page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=60000)
-            page.wait_for_selector("#result img", timeout=10000)
+            page.wait_for_function("document.querySelector('#status').innerText.includes('Done')")
+            page.wait_for_selector("#result img")
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
             browser.close()

@@ -65,7 +65,7 @@ def edit_server():
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a hang guard, generous for loaded machines
     # ready = its model is loaded: loading patches torch module construction process-wide (empty weights), so no
     # other model may be built while it runs
     while not server.started or app.state.service.status != "ready":

@@ -4,6 +4,7 @@ that order, and every refusal (found before any model or process group is touche
 The runs on two gloo processes are in ``test_parallel_cp.py``."""
 
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -281,8 +282,9 @@ def test_cli_refuses_before_loading(capsys, tmp_path):
     image = tmp_path / "x.png"
     assert main(["--image", str(image), "--instruction", "x", "--ulysses_anything"]) == 2
     assert "--ulysses_anything needs --ulysses N" in capsys.readouterr().err
-    assert main(["--image", "x.png", "--instruction", "x", "--ulysses", "2", "--backbone", "tiny",
-                 "--planner", "openai", "--device", "cpu"]) == 2
+    desk = str(Path(__file__).resolve().parents[1] / "assets/examples/desk.png")
+    assert main(["--image", desk, "--instruction", "x", "--ulysses", "2", "--backbone", "tiny", "--no_plan",
+                 "--device", "cpu", "--output_dir", str(tmp_path / "out")]) == 2
     assert "torchrun --nproc_per_node N" in capsys.readouterr().err
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -608,11 +607,9 @@ def test_random_near_valid_replies():
     ids=["brackets", "braces", "region-brackets", "truncated-brackets", "region-braces", "nested-objects",
          "nested-objects-in-list", "balanced-brackets", "parens", "shallow-nesting"],
 )
-def test_deeply_nested_input(text):
-    t = time.perf_counter()
+def test_deeply_nested_input(text):  # how fast: benchmark/parse_worst_case.py
     check_garbage(text)
     assert parse_plan(text).regions == ()
-    assert time.perf_counter() - t < 5
 
 
 def test_integer_with_too_many_digits():
@@ -625,41 +622,39 @@ def test_integer_with_too_many_digits():
 MB = 1 << 20
 
 
-def _timed(text) -> RegionPlan:
-    t = time.perf_counter()
+def _parsed(text) -> RegionPlan:
+    """Parse a megabyte-sized reply (its speed is measured by benchmark/parse_worst_case.py, not asserted here)."""
     check_garbage(text)
-    plan = parse_plan(text, (640, 480))
-    assert time.perf_counter() - t < 5, "parsing 1 MB took too long"
-    return plan
+    return parse_plan(text, (640, 480))
 
 
 def test_one_megabyte_without_tags():
-    plan = _timed("lorem ipsum, dolor sit amet. " * (MB // 29))
+    plan = _parsed("lorem ipsum, dolor sit amet. " * (MB // 29))
     assert plan.regions == () and plan.global_prompt == ""
 
 
 def test_one_megabyte_of_random_fragments():
-    plan = _timed(random_fragments(random.Random(3), 120_000)[:MB])
+    plan = _parsed(random_fragments(random.Random(3), 120_000)[:MB])
     assert isinstance(plan, RegionPlan)
 
 
 def test_one_megabyte_reasoning_in_a_valid_reply():
     text = reply(f"[{A}]", think="x" * MB)
-    plan = _timed(text)
+    plan = _parsed(text)
     assert pairs(plan) == [(BOX_A, "a")] and len(plan.reasoning) == MB
     assert parse_plan(text, strict=True).repairs == ()
 
 
 def test_one_megabyte_of_regions_truncated():
     text = HEAD + "<region>[" + (A + ", ") * (MB // (len(A) + 2)) + A[:20]
-    plan = _timed(text)
+    plan = _parsed(text)
     assert len(plan.regions) == MB // (len(A) + 2)
 
 
 @pytest.mark.parametrize("tag", ["<think>", "<gen_image>", "<region>", "</region>", "```", "<region>[{"])
 def test_one_megabyte_of_repeated_tags(tag):
     # a degenerate reply repeating one token: must stay linear (no regex rescans from every unclosed tag)
-    _timed(tag * (MB // len(tag)))
+    _parsed(tag * (MB // len(tag)))
 
 
 @pytest.mark.parametrize("value", [None, 0, 1.5, ["<think>"], {"a": 1}, object()])

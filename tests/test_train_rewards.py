@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import time
 from importlib import resources
 
 import pytest
@@ -208,10 +207,8 @@ def test_normalise_and_format_match_the_official_regexes():
     + "]</region>",
     "\x00\ud800" * 10_000,
 ])
-def test_pathological_replies_are_fast_and_safe(text):
-    start = time.perf_counter()
+def test_pathological_replies_are_safe(text):  # their speed: benchmark/parse_worst_case.py
     s = editing_score(text)
-    assert time.perf_counter() - start < 2.0
     assert tuple(s) == EDITING_KEYS and s["executable"] is False
 
 

@@ -60,7 +60,7 @@ def test_launch_scripts_run_the_preflight_first(script, tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
            "TRAIN": str(tmp_path / "train.parquet"), "VAL": str(tmp_path / "dev.parquet"), "STAGE1_HF": str(stage1_hf)}
     proc = subprocess.run(["bash", str(ROOT / "scripts/train" / script)], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)
     assert proc.returncode == 2, proc.stderr
     assert "lacks verl" in proc.stderr and "main_ppo" not in proc.stderr
 

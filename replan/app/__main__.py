@@ -81,6 +81,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
+        from replan.pipeline import check_load
+
+        check_load(args.backbone, args.model, None if args.no_planner else args.planner, args.vlm_ckpt_path,
+                   args.vlm_lora_path, args.device, args.dtype, args.lora_path)  # before anything loads
         pipe = load(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ from replan.app.callbacks import (
     plan_to_annotator,
     resize_matrix,
 )
+from replan.pipeline import no_regions_note
 from replan.plan import RegionPlan, draw_overlay
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,9 @@ def build_app(pipe, title: str = "RePlan", attention: str = "dense") -> gr.Block
         made_by = pipe.planner.provenance()  # which prompt template produced the plan (name and SHA-256)
         note += (f" Prompt template {made_by['template']} (sha256 {made_by['template_sha256'][:12]}), boxes read in "
                  f"the {made_by['box_frame']} frame.")
-        if plan.repairs and not plan.regions:
-            note += f" The planner reply gave no usable regions ({plan.repairs[-1]}): edit the plan by hand."
+        why = no_regions_note(plan)
+        if why:
+            note += f" {why[0].upper()}{why[1:]}: draw boxes and write hints by hand."
         return plan_to_annotator(image, plan), plan.global_prompt, note
 
     def pick_region(value, pick):

@@ -37,6 +37,7 @@ from replan.backbones.parallel import check_parallel_compile, check_parallel_edi
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
 from replan.distributed import EditGroup
+from replan.hub import load_error
 from replan.images import check_image_size, to_rgb
 from replan.plan import RegionPlan
 
@@ -137,7 +138,7 @@ class RegionEditor:
         try:
             pipe = pipeline_cls.from_pretrained(source, dtype=dtype, **load_kwargs)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load {spec.pipeline_class} from {source!r}: {e}") from e
+            raise ValueError(load_error(spec.pipeline_class, source, e, "--model")) from e
         if lora_path:
             load_lora(pipe, lora_path)
         if offload == "model":

@@ -27,8 +27,10 @@ The stock ``QwenDoubleStreamAttnProcessor2_0`` rejects attention masks, so maske
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -39,12 +41,15 @@ from PIL import Image
 from replan.attention import RegionCall, RegionWrapper
 from replan.backbones.base import EncodedPrompt, RegionEditor, TextTokens
 from replan.coords import Size
+from replan.hub import load_error
 from replan.plan import RegionPlan
 
 logger = logging.getLogger(__name__)
 
 EDIT_PLUS_IMAGE_LABEL = "Picture 1: "  # what QwenImageEditPlusPipeline writes before the image's vision tokens
 ROPE_POSITIONS = 4096  # QwenEmbedRope precomputes this many positions
+PIPELINE_AREA = 1024 * 1024  # the stock pipelines' generation / reference area
+_SIZE_LOCK = threading.RLock()  # the stock pipelines read their sizes from module globals (see ``max_area``)
 ENCODE_CHUNK_TOKENS = 8192  # padded tokens per text-encoder forward when hints are batched (bounds hidden states)
 
 
@@ -113,11 +118,19 @@ class QwenImageEditor(RegionEditor):
             try:
                 kwargs["processor"] = load_processor(model or spec.model_id, subfolder="processor")
             except (OSError, ValueError) as e:
-                raise ValueError(f"cannot load the Qwen processor from {model or spec.model_id!r}: {e}") from e
+                raise ValueError(load_error("the Qwen processor", model or spec.model_id, e, "--model")) from e
         return super().from_pretrained(model, spec=spec, **kwargs)
 
-    def __init__(self, pipe, spec):
+    def __init__(self, pipe, spec, max_area: int | None = None):
+        """``max_area``: generate (and feed the reference and the prompt image) at this many pixels instead of the
+        pipeline's ~1 MP, scaling the EditPlus condition size alike — for quick runs of tiny offline weights. The
+        stock pipelines hard-code their sizes as module globals, so during a call with ``max_area`` set those
+        globals are scaled under a lock and restored afterwards: do not run a full-size Qwen editor in another
+        thread of the same process at the same time."""
         super().__init__(pipe, spec)
+        if max_area is not None and not 64 * 64 <= int(max_area) <= PIPELINE_AREA:
+            raise ValueError(f"max_area must be in {64 * 64}..{PIPELINE_AREA} pixels, got {max_area}")
+        self.scale = 1.0 if max_area is None else int(max_area) / PIPELINE_AREA
         self.patch = pipe.vae_scale_factor * 2
         self.module = inspect.getmodule(type(pipe))  # read sizes through it, so patched module constants apply
         self.plus = hasattr(self.module, "VAE_IMAGE_SIZE")
@@ -137,18 +150,44 @@ class QwenImageEditor(RegionEditor):
         return RegionQwenAttnProcessor(base)
 
     # ------------------------------------------------------------------------------------------------ sizes
+    def _area(self, area: int) -> int:
+        return area if self.scale == 1.0 else round(area * self.scale)
+
     def generation_size(self, image_size: Size) -> Size:
-        area = self.module.VAE_IMAGE_SIZE if self.plus else 1024 * 1024
+        area = self._area(self.module.VAE_IMAGE_SIZE if self.plus else PIPELINE_AREA)
         w, h = self.module.calculate_dimensions(area, image_size[0] / image_size[1])[:2]
         return (int(w) // self.patch * self.patch, int(h) // self.patch * self.patch)
 
     def prompt_image(self, image: Image.Image):
         """The image the text encoder sees, exactly as the pipeline prepares it."""
         if self.plus:
-            w, h = self.module.calculate_dimensions(self.module.CONDITION_IMAGE_SIZE, image.size[0] / image.size[1])
+            w, h = self.module.calculate_dimensions(self._area(self.module.CONDITION_IMAGE_SIZE),
+                                                    image.size[0] / image.size[1])
             return [self.pipe.image_processor.resize(image, h, w)]
-        w, h = self.module.calculate_dimensions(1024 * 1024, image.size[0] / image.size[1])[:2]
+        w, h = self.module.calculate_dimensions(self._area(PIPELINE_AREA), image.size[0] / image.size[1])[:2]
         return self.pipe.image_processor.resize(image, h, w)
+
+    @contextlib.contextmanager
+    def _pipeline_sizes(self):
+        """Scale the sizes the stock pipeline reads from its module while it runs (``max_area`` only)."""
+        if self.scale == 1.0:
+            yield
+            return
+        module = self.module
+        with _SIZE_LOCK:
+            saved = {k: getattr(module, k) for k in ("calculate_dimensions", "VAE_IMAGE_SIZE", "CONDITION_IMAGE_SIZE")
+                     if hasattr(module, k)}
+            if self.plus:
+                module.VAE_IMAGE_SIZE = self._area(saved["VAE_IMAGE_SIZE"])
+                module.CONDITION_IMAGE_SIZE = self._area(saved["CONDITION_IMAGE_SIZE"])
+            else:
+                original = saved["calculate_dimensions"]
+                module.calculate_dimensions = lambda area, ratio: original(self._area(area), ratio)
+            try:
+                yield
+            finally:
+                for key, value in saved.items():
+                    setattr(module, key, value)
 
     # ------------------------------------------------------------------------------------------------ text
     def _vision_span(self, ids: list[int]) -> tuple[int, int]:
@@ -294,17 +333,18 @@ class QwenImageEditor(RegionEditor):
             raise ValueError("this scheduler stretches sigmas to shift_terminal, which needs at least 2 steps "
                              "(1 step gives NaN images)")
         w, h = gen_size
-        out = self.pipe(
-            image=image,
-            height=h,
-            width=w,
-            num_inference_steps=options["steps"],
-            true_cfg_scale=float(options.get("true_cfg", self.spec.true_cfg) or 1.0),
-            generator=options["generator"],
-            callback_on_step_end=callback,
-            output_type="pil",
-            **encoded.pipeline_kwargs,
-        )
+        with self._pipeline_sizes():
+            out = self.pipe(
+                image=image,
+                height=h,
+                width=w,
+                num_inference_steps=options["steps"],
+                true_cfg_scale=float(options.get("true_cfg", self.spec.true_cfg) or 1.0),
+                generator=options["generator"],
+                callback_on_step_end=callback,
+                output_type="pil",
+                **encoded.pipeline_kwargs,
+            )
         return out.images[0]
 
 

@@ -42,6 +42,7 @@ class BackboneSpec:
     description: str = ""
     builder: str | None = None  # "module:function" that saves offline components (the tiny backbones of a plugin)
     editor_kwargs: dict = field(default_factory=dict)
+    max_aspect: float | None = None  # the widest aspect ratio the pipeline accepts (None: no limit)
 
     def defaults(self, entry: str = "cli") -> EntryDefaults:
         """Official defaults for an entry point: ``cli``, ``app``, ``eval`` or ``server``."""
@@ -103,6 +104,7 @@ def _klein(name, model_id, steps, guidance, distilled, description):
         # The official code gives no per-entry values for klein: the FLUX.1 Kontext ones are used.
         entries=_entries(cli=(0.05, 0.15), app=(0.0, 0.15), eval=(0.0, 0.15)),
         description=description,
+        max_aspect=8.0,  # Flux2ImageProcessor.check_image_input
     )
 
 

@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -57,6 +56,7 @@ from replan.eval.judges import (
 )
 from replan.eval.scoring import DIMENSIONS, format_table, sample_metrics, status_of, summarize
 from replan.images import to_rgb
+from replan.io import OutputError, check_writable, write_file, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +73,14 @@ def cache_path(results_dir: str | Path, image_id: str, model: str) -> Path:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``replan.io.write_file``: staged beside ``path``, synced, renamed over it — a reader never sees half a file."""
+    def dump(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_file(path, dump)
 
 
 def read_cache(path: Path, model: str) -> dict[str, dict]:
@@ -296,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"cannot load dataset {args.dataset!r} (split {args.split!r}): {e}") from None
         if not samples:
             raise ValueError(f"dataset {args.dataset!r} split {args.split!r} has no samples to judge")
+        check_writable(results_dir, "results_dir (judge replies are cached in it)")
+        if args.output_json:
+            check_writable(Path(args.output_json).parent, "the --output_json folder")
     except (ValueError, ImportError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
@@ -314,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     report = {"judge_model": judge.model, "dataset": args.dataset, "split": args.split, "limit": args.limit,
               **report, "seconds": round(time.perf_counter() - start, 3), "generation": generation}
     output = Path(args.output_json) if args.output_json else results_dir / f"evaluation-{sanitise(judge.model)}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output, report)
+    try:
+        write_outputs(output.parent, {output.name: lambda p: write_json_atomic(p, report)})
+    except OutputError as e:
+        print(f"error: {e}; rerun with a writable --output_json (cached judge replies are not asked again)",
+              file=sys.stderr)
+        return 2
     title = (f"IV-Edit {args.dataset} [{args.split}], judge {judge.model}: {len(samples)} samples, "
              f"{report['failed']} not fully judged ({report['missing']} without a result image)")
     print(format_table(report, title))

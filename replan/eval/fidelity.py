@@ -51,7 +51,7 @@ from replan.eval.image_metrics import (  # noqa: F401  (re-exported: the metrics
     to_tensor,
     unavailable_reason,
 )
-from replan.infer import write_atomically
+from replan.io import check_writable, write_atomically
 
 logger = logging.getLogger("replan.eval.fidelity")
 
@@ -229,14 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    out = Path(args.output_json)
     try:
+        check_writable(out.parent, "the --output_json folder")
         report = measure(args.run, args.reference, args.dataset, args.split, args.boxes, args.lpips,
                          args.lpips_net, args.device, args.limit)
-    except (ValueError, OSError, ImportError) as e:
+        write_atomically(out.parent, {out.name: lambda p: p.write_text(json.dumps(report, indent=2) + "\n")})
+    except (ValueError, OSError, ImportError) as e:  # OSError: also an unwritable output (the report is rescued)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.output_json)
-    write_atomically(out.parent, {out.name: lambda p: p.write_text(json.dumps(report, indent=2) + "\n")})
     for group, agg in report["aggregate"].items():
         parts = [f"{k} {_fmt(agg.get(k))}" for k in ("psnr", "psnr_finite", "ssim", "lpips") if k in agg]
         print(f"{group}: n={agg['count']} " + ", ".join(parts), file=sys.stderr)

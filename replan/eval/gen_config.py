@@ -16,7 +16,7 @@ from pathlib import Path
 from replan import __version__
 from replan.backbones.parallel import check_accel_parallel
 from replan.config_io import apply_overrides, check_keys, check_run_settings, read_yaml, recorded_settings
-from replan.infer import write_atomically
+from replan.io import clean_staging, write_atomically
 from replan.parse import parse_mode
 from replan.templates import describe
 
@@ -248,7 +248,9 @@ def finished_ids(out: Path, samples, force: bool = False) -> set:
 
 
 def _clean_stale_tmp(out: Path, image_id: str) -> None:
-    """Remove temporary folders a killed run left behind for this sample."""
+    """Remove temporary folders a killed run left behind for this sample (inside its folder; older runs staged
+    next to it)."""
+    clean_staging(out / image_id)
     for tmp in out.glob(f".{image_id}.*"):
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -72,7 +72,8 @@ from replan.eval.gen_config import (  # noqa: F401  (re-exported: the public nam
     sample_seed,
     validate,
 )
-from replan.infer import plan_json, write_atomically
+from replan.infer import plan_json
+from replan.io import check_writable, write_atomically
 
 logger = logging.getLogger("replan.eval.generate")
 
@@ -273,6 +274,7 @@ def run(cfg: GenerateConfig, rank: int = 0, world: int = 1, force: bool = False,
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"need 0 <= rank < world, got rank {rank} and world {world}")
     out = Path(cfg.output_dir)
+    check_writable(out, "output_dir")
     settings = resolved_settings(cfg)
     group.on_leader(check_run_config, out, cfg, settings, force)
     samples = load_samples(cfg.dataset, cfg.split, cfg.limit, rank, world)

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from replan.infer import write_atomically
+from replan.io import check_writable, write_atomically
 
 SCORES = ("quality", "target", "effect", "consistency", "overall", "weighted")
 HEADERS = ("Quality", "Target", "Effect", "Consistency", "Overall", "Weighted")
@@ -305,8 +305,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     try:
+        check_writable(args.out, "--out")
         path = build_report(args.inputs, args.out, labels, plots=not args.no_plots)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: an unwritable --out (the report is rescued; the message says where)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path.read_text(encoding="utf-8"), end="")

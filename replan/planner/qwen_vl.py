@@ -17,6 +17,7 @@ import logging
 import torch
 from PIL import Image
 
+from replan.hub import load_error
 from replan.planner.base import Planner, PlannerError, PlannerReply
 from replan.qwen_processor import ImageOnlyQwen2_5_VLProcessor, load_processor  # noqa: F401  (re-exported)
 
@@ -59,7 +60,7 @@ class QwenVLPlanner(Planner):
             )
             processor = load_processor(path, min_pixels, max_pixels)
         except OSError as e:
-            raise ValueError(f"cannot load the planner from {path!r}: {e}") from e
+            raise ValueError(load_error("the planner", path, e, "--vlm_ckpt_path")) from e
         if lora_path:
             try:
                 from peft import PeftModel

@@ -14,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from replan.io import write_file
 from replan.regions import losses as L
 from replan.regions.config import GeneratorConfig, TrainConfig
 
@@ -127,9 +127,9 @@ class ProxyGenerator:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         manifest = self.cache_dir / "generator.json"
         if not manifest.is_file():
-            _write_atomic(manifest, lambda p: p.write_text(json.dumps(
+            write_file(manifest, lambda p: p.write_text(json.dumps(
                 {"fingerprint": self.fingerprint, "seed": self.seed, **vars(self.cfg)}, indent=2), encoding="utf-8"))
-        _write_atomic(path, lambda p: out.save(p, format="PNG"))
+        write_file(path, lambda p: out.save(p, format="PNG"))
         self.generated += 1
         return out
 
@@ -159,7 +159,3 @@ class ProxyGenerator:
                              generator=generator).images[0]
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -97,9 +97,11 @@ def main(argv=None) -> int:
         print("error: use either --stage_offload or --offload, not both", file=sys.stderr)
         return 2
     try:
-        from replan.backbones.registry import resolve
+        from replan.pipeline import check_load
 
-        resolve(args.backbone)
+        if args.replicas is None or args.gpus_per_replica == 0:  # Ray replicas pick their own devices
+            check_load(args.backbone, args.model, args.planner if args.planner in ("local", "openai") else None,
+                       args.vlm_ckpt_path, args.vlm_lora_path, args.device, args.dtype, args.lora_path)
         config = config_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,12 +19,12 @@ TINY = register(replace(
     builder="replan.testing:save_tiny_kontext", editor_kwargs={"max_area": 256 * 256}, dtype="float32",
 ))
 
-# The same smoke path for the other families (random weights; the Qwen one runs at the real ~1 MP size, so it takes
-# a few seconds per edit on a CPU).
+# The same smoke path for the other families (random weights). Every tiny backbone edits at most 256x256 pixels of
+# area (max_area), so a whole CLI run takes seconds on a CPU (benchmark/tiny_cli.py measures it).
 TINY_QWEN = register(replace(
     BACKBONES["qwenimageedit"], name="tiny_qwen", model_id=MODEL_ID,
     description="TINY RANDOM Qwen-Image-Edit for offline smoke runs: the output is noise, every code path is real",
-    builder="replan.testing.qwen_image:save_tiny_qwen_edit", dtype="float32",
+    builder="replan.testing.qwen_image:save_tiny_qwen_edit", dtype="float32", editor_kwargs={"max_area": 256 * 256},
 ))
 TINY_KLEIN = register(replace(
     BACKBONES["flux_klein_base"], name="tiny_klein", model_id=MODEL_ID,
