@@ -6,6 +6,7 @@
     python -m replan.infer --backbone tiny --vlm_ckpt_path tiny --image assets/examples/desk.png \\
         --instruction "replace the used cup with a cactus"                           # offline smoke run
     python -m replan.infer --backbone flux                                           # interactive: read from stdin
+    torchrun --nproc_per_node 2 -m replan.infer --ulysses 2 --image photo.jpg --instruction "…"   # 2 GPUs per edit
 
 The output directory gets ``result.png``, ``plan.json``, ``overlay.png``, ``config.json`` (everything needed to
 replay) and, when the planner ran, ``planner_response.txt``. Files appear only when the edit succeeded, all at once
@@ -15,6 +16,10 @@ Every argument, the image (decoded and size-checked), the plan file and the outp
 model loads. Without ``--image`` the models are loaded once and pairs of lines (image path, instruction) are read
 from stdin until EOF; each pair is checked before it is planned, and each edit goes to its own numbered
 sub-directory. Exit codes: 0 done, 2 bad input or unwritable output, 3 planner or endpoint failure.
+
+With ``--ulysses N`` under ``torchrun --nproc_per_node N`` the N processes compute each edit together (Ulysses context
+parallelism, docs/parallel.md): rank 0 plans, reads stdin and writes the outputs; the result equals the one-GPU
+result up to float noise.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from replan import __version__
 from replan.accel.cli import accel_flags, accel_from_args, add_accel_arguments
 from replan.attention import parse_bytes
 from replan.backbones import names
+from replan.backbones.parallel import check_accel_parallel
 from replan.backbones.registry import BackboneSpec
+from replan.distributed import EditGroup, shutdown
 from replan.inputs import check_edit_options, check_instruction, check_number, read_image, read_plan
 from replan.io import OutputError, check_writable, write_outputs
 from replan.parse import PARSE_MODES, PlanParseError, parse_mode
@@ -93,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trim_hint_padding", action=argparse.BooleanOptionalAction, default=None,
                     help="run the hints without their padding tokens (default: only when the padded layout is over "
                     "the attention budget)")
+    ap.add_argument("--ulysses", type=int, default=1,
+                    help="GPUs computing each edit together (Ulysses context parallelism); launch with "
+                         "'torchrun --nproc_per_node N -m replan.infer --ulysses N'")
+    ap.add_argument("--ulysses_anything", action="store_true",
+                    help="allow unequal Ulysses chunks (image sizes or head counts that do not divide by --ulysses)")
     ap.add_argument("--only_save_image", action="store_true", help="write result.png only")
     ap.add_argument("-v", "--verbose", action="store_true")
     add_accel_arguments(ap)
@@ -138,6 +150,7 @@ class Setup:
     template: str | None = None
     planner: object = None  # an endpoint planner, built (it loads nothing) so that its settings are checked
     job: Job | None = None  # the one-shot edit, checked
+    parallel: object = None  # the ContextParallelConfig of --ulysses N (None for one process)
 
 
 def check_args(args) -> Setup:
@@ -146,6 +159,7 @@ def check_args(args) -> Setup:
         raise ValueError("--plan and --no_plan exclude each other: pick one")
     if args.image is None and args.instruction:
         raise ValueError("--instruction needs --image (omit both for the interactive mode)")
+    parallel = parallel_config(args)  # --ulysses (and --accel with it)
     needs_planner = not (args.plan or args.no_plan)
     spec, device = check_load(args.backbone, args.model, args.planner if needs_planner else None,
                               args.vlm_ckpt_path, args.vlm_lora_path, args.device, args.dtype, args.lora_path)
@@ -156,7 +170,7 @@ def check_args(args) -> Setup:
     check_accel(args, spec)
     if args.offload != "none" and args.stage_offload != "none":
         raise ValueError("--offload and --stage_offload exclude each other: use one of them")
-    setup = Setup(spec, device)
+    setup = Setup(spec, device, parallel=parallel)
     if needs_planner:
         parse_mode(args.parse, args.strict_plan)
         setup.template = load_template(args.prompt_template) if args.prompt_template else None
@@ -216,12 +230,29 @@ def load_pipeline(args, device: str, setup: Setup | None = None) -> RePlanPipeli
         device=device, torch_dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, planner_kwargs=planner_kwargs,
         compile=args.compile, attention_budget=args.attention_budget,
+        parallel=setup.parallel if setup is not None else parallel_config(args),
     )
+
+
+def parallel_config(args):
+    """The ``ContextParallelConfig`` for ``--ulysses N`` (None for one process)."""
+    if args.ulysses < 1:
+        raise ValueError(f"--ulysses must be >= 1, got {args.ulysses}")
+    check_accel_parallel(getattr(args, "accel", None), args.ulysses)  # (--accel: replan.accel, when present)
+    if args.ulysses == 1:
+        if args.ulysses_anything:
+            raise ValueError("--ulysses_anything needs --ulysses N with N > 1")
+        return None
+    from diffusers import ContextParallelConfig
+
+    return ContextParallelConfig(ulysses_degree=args.ulysses, ulysses_anything=args.ulysses_anything)
 
 
 def run_one(pipe: RePlanPipeline, args, job: Job, out_dir: Path) -> Path:
     """Plan (unless the job has a plan) and edit; write the outputs. Returns the folder written."""
     out = pipe(job.image, job.instruction, plan=job.plan, **edit_options(args))
+    if not pipe.is_leader:  # another rank of the edit's group: the leader writes
+        return out_dir
     note = no_regions_note(out.plan) if job.plan is None else None
     if note:
         print(f"warning: {note}; ran a global edit (use --parse strict to fail instead, or write a plan and "
@@ -237,6 +268,7 @@ def run_one(pipe: RePlanPipeline, args, job: Job, out_dir: Path) -> Path:
         "edit_options": {k: (v.describe() if k == "accel" else v) for k, v in edit_options(args).items()
                          if v is not None},
         "compile": args.compile, "attention_budget": args.attention_budget,
+        "parallel": {"ulysses": args.ulysses, "ulysses_anything": args.ulysses_anything} if args.ulysses > 1 else None,
         "resolved": {"steps": pipe.editor.spec.steps if args.steps is None else args.steps,
                      "generation_size": out.edit.generation_size,
                      "boxes": [list(b) for b in out.edit.boxes],
@@ -297,9 +329,18 @@ def output_error(e: OutputError) -> str:
 
 def interactive(pipe: RePlanPipeline, args, setup: Setup, out_root: Path) -> int:
     count, failures = 0, 0
+    group = pipe.group if setup.parallel is not None else EditGroup.single()  # (one process: the pipe is not asked)
+    leader = group.leader
+
+    def ask(prompt: str) -> str:  # read on the leader; every rank of the edit gets the line
+        def read():
+            print(prompt, end="", file=sys.stderr, flush=True)
+            return sys.stdin.readline()
+
+        return group.on_leader(read)
+
     while True:
-        print("image path (EOF to quit): ", end="", file=sys.stderr, flush=True)
-        image_path = sys.stdin.readline()
+        image_path = ask("image path (EOF to quit): ")
         if not image_path:
             break
         image_path = image_path.strip()
@@ -307,31 +348,36 @@ def interactive(pipe: RePlanPipeline, args, setup: Setup, out_root: Path) -> int
             continue
         instruction = None
         if not args.plan:
-            print("instruction: ", end="", file=sys.stderr, flush=True)
-            instruction = sys.stdin.readline().strip()
+            instruction = ask("instruction: ").strip()
         count += 1
         out_dir = out_root / f"{count:03d}_{Path(image_path).stem}"
         try:
             job = read_job(args, setup, image_path, instruction)  # checked before anything is planned
             run_one(pipe, args, job, out_dir)
-            print(f"wrote {out_dir}", file=sys.stderr)
+            if leader:
+                print(f"wrote {out_dir}", file=sys.stderr)
         except OutputError as e:
             failures += 1
-            print(output_error(e), file=sys.stderr)
+            if leader:
+                print(output_error(e), file=sys.stderr)
         except (ValueError, PlannerError) as e:
             failures += 1
-            print(f"error: {e}", file=sys.stderr)
+            if leader:
+                print(f"error: {e}", file=sys.stderr)
         except Exception as e:  # one failing edit must not end the session (and lose the loaded models)
             failures += 1
             logger.info("edit failed", exc_info=True)
-            print(f"error: the edit failed ({type(e).__name__}: {e}); -v shows the traceback", file=sys.stderr)
-    print("", file=sys.stderr)
+            if leader:  # (every rank of an edit fails alike)
+                print(f"error: the edit failed ({type(e).__name__}: {e}); -v shows the traceback", file=sys.stderr)
+    if leader:
+        print("", file=sys.stderr)
     return 0 if failures == 0 else 2
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    pipe = None
     try:
         setup = check_args(args)  # everything that can fail without a model fails here, in the first second
         pipe = load_pipeline(args, setup.device, setup)
@@ -342,17 +388,23 @@ def main(argv=None) -> int:
         print(output_error(e), file=sys.stderr)
         return 2
     except PlanParseError as e:
-        print(f"error: the planner reply does not follow the plan grammar: {e} (without --parse strict it falls "
-              "back to a global edit)", file=sys.stderr)
-        return 2
+        return _fail(pipe, f"the planner reply does not follow the plan grammar: {e} (without --parse strict it "
+                     "falls back to a global edit)", 2)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(pipe, str(e), 2)
     except PlannerError as e:
-        print(f"error: planner failed: {e}", file=sys.stderr)
-        return 3
-    print(f"wrote {out_dir}", file=sys.stderr)
+        return _fail(pipe, f"planner failed: {e}", 3)
+    finally:
+        shutdown()
+    if pipe.is_leader:
+        print(f"wrote {out_dir}", file=sys.stderr)
     return 0
+
+
+def _fail(pipe, message: str, code: int) -> int:
+    if pipe is None or pipe.is_leader:  # every rank of an edit fails alike; one says so
+        print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ A ready plan skips the planner (``pipe(image, plan=plan)``); a pipeline built wi
 planner runs, and the planner while the editor runs. ``compile=True`` compiles the editor's transformer blocks once
 (the first edit of each shape pays it); ``attention_budget`` caps the region-attention memory of an edit (default:
 half the device's free memory), refusing larger plans with ``AttentionBudgetError`` before any model work.
+
+Several GPUs per edit (``docs/parallel.md``): run the same script on every rank with ``torchrun`` and pass
+``parallel=ContextParallelConfig(ulysses_degree=N)``. Each edit is then computed by a group of N ranks; the group's
+leader (``pipe.is_leader``) loads the planner, plans, and sends the plan to the others; every rank returns the same
+output, and only the leader should write it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from replan.attention.budget import parse_bytes
 from replan.backbones import load_editor
 from replan.backbones.base import EditResult, RegionEditor, lora_source
 from replan.backbones.registry import BackboneSpec, resolve
+from replan.distributed import init_distributed
 from replan.hub import check_source
 from replan.images import to_rgb
 from replan.inputs import check_device, check_dtype
@@ -53,6 +59,18 @@ class RePlanPipeline:
         self.planner = planner
         self.stage_offload = stage_offload
         self.device = device
+        self.drives_followers = False  # the leader sends every call to ranks waiting in follow() (the server)
+        self.on_close: list = []  # functions close() runs (e.g. waiting for follower processes)
+
+    @property
+    def group(self):
+        """The ranks computing this pipeline's edits together (one process unless ``parallel`` was given)."""
+        return self.editor.group
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this rank plans and writes outputs (always True in one process)."""
+        return self.group.leader
 
     @classmethod
     def from_pretrained(
@@ -72,6 +90,7 @@ class RePlanPipeline:
         editor_kwargs: dict | None = None,
         compile: bool = False,
         attention_budget: int | str | None = None,
+        parallel=None,
     ) -> RePlanPipeline:
         """Load an editor (``backbone`` name or alias; ``model`` overrides its weights) and a planner (``"local"``,
         ``"openai"``, a ``Planner`` instance, or ``None`` for plan-only-from-file use).
@@ -83,17 +102,28 @@ class RePlanPipeline:
         devices itself, so it excludes ``stage_offload``. ``compile``: compile the editor's repeated transformer
         blocks (``RegionEditor.compile``). ``attention_budget``: bytes or a size such as ``"8GB"`` for the region
         attention of one edit (None: half the device's free memory at edit time).
+
+        ``parallel``: a diffusers ``ContextParallelConfig`` (e.g. ``ulysses_degree=2``) — call this on every rank
+        of a ``torchrun`` launch; ``device`` then defaults to ``cuda:$LOCAL_RANK``. Only each group's leader loads
+        the planner.
         """
         if offload != "none" and stage_offload != "none":
             raise ValueError("use either stage_offload or diffusers' offload for the editor, not both")
         if stage_offload not in STAGE_OFFLOAD:
             raise ValueError(f"stage_offload must be one of {STAGE_OFFLOAD}, got {stage_offload!r}")
-        first_device = "cpu" if stage_offload == "cpu" else device
         budget = parse_bytes(attention_budget)  # a bad size fails before any model loads
+        if parallel is not None:
+            if offload != "none" or stage_offload != "none":
+                raise ValueError("context parallelism keeps the editor on each rank's GPU: drop --offload and "
+                                 "--stage_offload")
+            device = init_distributed(device)
+        first_device = "cpu" if stage_offload == "cpu" else device
         editor = load_editor(backbone, model, device=device if offload != "none" else first_device,
                              torch_dtype=torch_dtype, offload=offload, editor_kwargs=editor_kwargs, lora_path=lora_path)
         editor.attention_budget = budget
-        if compile:
+        if parallel is not None and not editor.enable_parallel(parallel).leader:
+            planner = None  # the group's leader plans and sends the plan
+        if compile:  # after parallelism: the compiled blocks must see the split
             editor.compile()
         if isinstance(planner, str):
             planner = load_planner(planner, vlm_ckpt_path, lora_path=vlm_lora_path, device=first_device,
@@ -117,6 +147,10 @@ class RePlanPipeline:
         _empty_cache(self.device)
 
     def plan(self, image: Image.Image, instruction: str, strict: bool = False) -> tuple[RegionPlan, str]:
+        """Plan on this rank, or — with several ranks per edit — on the group's leader, sent to every rank."""
+        return self.group.on_leader(self._plan_here, image, instruction, strict)
+
+    def _plan_here(self, image: Image.Image, instruction: str, strict: bool) -> tuple[RegionPlan, str]:
         if self.planner is None:
             raise ValueError("this pipeline has no planner: pass a plan, or load one with planner='local'/'openai'")
         self._activate("plan")
@@ -126,7 +160,36 @@ class RePlanPipeline:
     def __call__(self, image: Image.Image, instruction: str | None = None, *, plan: RegionPlan | None = None,
                  strict_plan: bool = False, **edit_options) -> RePlanOutput:
         """Plan (unless ``plan`` is given) and edit. ``edit_options`` go to the editor's ``edit`` (steps, seed,
-        guidance, expand, switch, rules, …)."""
+        guidance, expand, switch, rules, …). With several ranks per edit every rank calls this with the same
+        arguments — or, with ``drives_followers``, only the leader does and the others wait in ``follow()``."""
+        if self.drives_followers and self.group.distributed:
+            self.group.broadcast(("call", image, instruction, plan, strict_plan, edit_options))
+        return self._run(image, instruction, plan, strict_plan, edit_options)
+
+    def follow(self) -> None:
+        """On a rank other than the leader: run every call the leader makes (``drives_followers``) until
+        ``close()``. A call that fails is reported by the leader; this rank goes on with the next."""
+        while True:
+            message = self.group.broadcast(None)
+            if message is None or message[0] != "call":
+                return
+            _, image, instruction, plan, strict_plan, edit_options = message
+            try:
+                self._run(image, instruction, plan, strict_plan, edit_options)
+            except Exception as e:
+                logger.info("follower rank %d: the call failed as on the leader: %s: %s", self.group.rank,
+                            type(e).__name__, e)
+
+    def close(self) -> None:
+        """On the leader of a ``drives_followers`` pipeline: release the ranks waiting in ``follow()``; then run
+        ``on_close``."""
+        if self.drives_followers and self.group.distributed and self.is_leader:
+            self.group.broadcast(("stop",))
+            self.drives_followers = False
+        while self.on_close:
+            self.on_close.pop(0)()
+
+    def _run(self, image, instruction, plan, strict_plan, edit_options) -> RePlanOutput:
         image = to_rgb(image)
         timings = {}
         start = time.perf_counter()

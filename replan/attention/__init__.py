@@ -1,4 +1,5 @@
-"""Backbone-agnostic region attention: token layout, group rules, masks, processors and the memory budget."""
+"""Backbone-agnostic region attention: token layout, group rules, masks, processors, the memory budget and the
+token order under Ulysses context parallelism."""
 
 from replan.attention.budget import AttentionBudgetError, AttentionCost, LayoutSize, attention_cost, parse_bytes
 from replan.attention.layout import PatchGrid, TokenLayout
@@ -10,6 +11,7 @@ from replan.attention.masks import (
     dense_mask,
     materialize_block_mask,
 )
+from replan.attention.parallel import UlyssesLayout, UlyssesSplit, chunk_sizes, pad_text_inputs
 from replan.attention.processors import (
     RegionAttention,
     RegionAttnProcessor,
@@ -34,7 +36,8 @@ from replan.attention.rules import (
 __all__ = [
     "AttentionBudgetError", "AttentionCost", "GroupMembership", "LayoutSize", "PatchGrid", "RegionAttention",
     "RegionAttnProcessor", "RegionCall", "RegionProcessors", "RegionSelfAttnProcessor", "RegionWrapper",
-    "RuleSchedule", "RuleSet", "TokenLayout", "additive_mask", "attention_cost", "block_mask", "canonical_name",
-    "class_capacity", "custom_schedule", "default_rules", "default_schedule", "dense_mask", "expand_to_split",
-    "materialize_block_mask", "parse_bytes", "short_label", "switch_step", "wrap_processor",
+    "RuleSchedule", "RuleSet", "TokenLayout", "UlyssesLayout", "UlyssesSplit", "additive_mask", "attention_cost",
+    "block_mask", "canonical_name", "chunk_sizes", "class_capacity", "custom_schedule", "default_rules",
+    "default_schedule", "dense_mask", "expand_to_split", "materialize_block_mask", "pad_text_inputs", "parse_bytes",
+    "short_label", "switch_step", "wrap_processor",
 ]

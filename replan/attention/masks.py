@@ -35,11 +35,15 @@ def aligned_width(length: int) -> int:
 
 @dataclass(frozen=True)
 class GroupMembership:
-    """Tokens compressed into membership classes: ``class_groups[c, g]`` says class c belongs to group g."""
+    """Tokens compressed into membership classes: ``class_groups[c, g]`` says class c belongs to group g.
+
+    With ``padded`` the last class holds padding tokens (``arranged``): they attend only to each other and no other
+    token attends to them."""
 
     names: tuple[str, ...]
     token_class: torch.Tensor  # (L,) long
     class_groups: torch.Tensor  # (C, G) bool
+    padded: bool = False
 
     @classmethod
     def from_layout(cls, layout: TokenLayout) -> GroupMembership:
@@ -50,6 +54,20 @@ class GroupMembership:
     @property
     def num_tokens(self) -> int:
         return self.token_class.numel()
+
+    def arranged(self, order: torch.Tensor) -> GroupMembership:
+        """The same tokens in another order: position i holds token ``order[i]`` of this membership, or a padding
+        token where ``order[i] < 0`` (the token order of a context-parallel pass, ``replan.attention.parallel``)."""
+        if self.padded:
+            raise ValueError("this membership is already arranged")
+        pad = order < 0
+        token_class = self.token_class[order.clamp(min=0)]
+        if not pad.any():
+            return GroupMembership(self.names, token_class, self.class_groups)
+        pad_class = self.class_groups.shape[0]
+        token_class = torch.where(pad, torch.full_like(token_class, pad_class), token_class)
+        class_groups = torch.cat([self.class_groups, self.class_groups.new_zeros(1, self.class_groups.shape[1])])
+        return GroupMembership(self.names, token_class, class_groups, padded=True)
 
     def class_mask(self, rules: RuleSet) -> torch.Tensor:
         """``(C, C)`` bool: may a token of class a attend to a token of class b under ``rules`` (cached per rule
@@ -63,7 +81,8 @@ class GroupMembership:
 
     def _class_mask(self, rules: RuleSet) -> torch.Tensor:
         r = rules.matrix(self.names).float()
-        g = self.class_groups.float()
+        g = self.class_groups[:-1] if self.padded else self.class_groups
+        g = g.float()
         allowed = (g @ r @ g.T) > 0
         empty = ~allowed.any(dim=1)
         if empty.any():
@@ -73,6 +92,10 @@ class GroupMembership:
                 f"the attention rules '{rules.label}' let tokens of {stranded} attend to nothing; "
                 "allow each group at least itself (e.g. 'Hint 1, Hint 1': true)"
             )
+        if self.padded:  # padding sees only padding and is seen by nothing else
+            n = allowed.shape[0]
+            allowed = torch.cat([torch.cat([allowed, allowed.new_zeros(n, 1)], 1), allowed.new_zeros(1, n + 1)])
+            allowed[n, n] = True
         return allowed
 
 

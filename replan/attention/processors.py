@@ -18,6 +18,11 @@ Which passes are masked: ``callback_on_step_end`` advances the step; the hook co
 Without true CFG every pass is masked; with true CFG the first pass of each step (the conditional one, which every
 supported pipeline makes first) is masked and the later ones (the negative prompt, which has no hint tokens) run
 unmasked, as official. A masked pass whose length is not the layout's raises instead of running unmasked.
+
+Under Ulysses context parallelism (``RegionProcessors.ulysses``, set by the editor after ``enable_parallelism``)
+the hook also pads the text of every pass to the split (``replan.attention.parallel``), and masks are built in the
+token order each rank attends in after the all-to-all; an otherwise unmasked pass whose text was padded gets a
+key-padding mask that hides the padding.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 
 from replan.attention.layout import TokenLayout
 from replan.attention.masks import GroupMembership, additive_mask, block_mask
+from replan.attention.parallel import UlyssesLayout, UlyssesSplit, pad_text_inputs
 from replan.attention.rules import RuleSchedule, RuleSet
 
 BACKENDS = ("dense", "flex")
@@ -65,14 +71,21 @@ class RegionAttention:
         allow_unmasked: each step makes further transformer calls after the conditional one (a true-CFG negative
             pass); they run unmasked. Without it every call is masked.
         dtype: the compute dtype of the dense mask (the transformer's).
+        ulysses: the transformer runs under Ulysses context parallelism: masks are built in the token order of a
+            rank after the all-to-all, with the text padding the split needs (``cp`` records it).
     """
 
     def __init__(self, layout: TokenLayout, schedule: RuleSchedule, backend: str = "dense", block_size: int = 128,
-                 allow_unmasked: bool = False, dtype: torch.dtype = torch.float32):
+                 allow_unmasked: bool = False, dtype: torch.dtype = torch.float32,
+                 ulysses: UlyssesSplit | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         self.layout = layout
         self.membership = GroupMembership.from_layout(layout)
+        self.cp: UlyssesLayout | None = None
+        if ulysses is not None:
+            self.cp = ulysses.layout(layout.text_len, layout.total_len - layout.text_len)
+            self.membership = self.membership.arranged(self.cp.order())
         self.schedule = schedule
         self.backend = backend
         self.block_size = block_size
@@ -158,6 +171,11 @@ class RegionProcessors:
         wrap = wrap or wrap_processor
         transformer.set_attn_processor({name: wrap(proc) for name, proc in self.original.items()})
         self.active: RegionAttention | None = None
+        self.ulysses: UlyssesSplit | None = None  # set when the transformer runs under Ulysses context parallelism
+        self.padded_passes = 0  # passes whose text was padded to the Ulysses split (a trace for tests and logs)
+        self.parallel = None  # the diffusers ContextParallelConfig this transformer runs under (set with ``ulysses``)
+        self.group = None  # the ranks that compute its passes together (``replan.distributed.EditGroup``)
+        self._padding: tuple[tuple, RegionCall] | None = None
         self._hook = transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         transformer._replan_region_processors = self
 
@@ -180,21 +198,45 @@ class RegionProcessors:
             region.release()
 
     def _pre_forward(self, module, args, kwargs):
-        region = self.active
-        if region is None:
+        region, split = self.active, self.ulysses
+        if region is None and split is None:
             return None
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         text = kwargs.get("encoder_hidden_states")
+        text_len = 0 if text is None else text.shape[1]
         padding = kwargs.get("encoder_hidden_states_mask")
-        if padding is not None and not bool(padding.bool().all()):
+        padded_batch = padding is not None and not bool(padding.bool().all())
+        if region is not None and padded_batch:
             raise RuntimeError("region attention does not support padded text batches (encoder_hidden_states_mask)")
-        seq_len = hidden.shape[1] + (0 if text is None else text.shape[1])
-        call = region.call_for_pass(seq_len, hidden.device)
+        call = None if region is None else region.call_for_pass(hidden.shape[1] + text_len, hidden.device)
+        if split is not None:
+            if text is None:
+                raise RuntimeError("context-parallel region attention needs encoder_hidden_states as a keyword")
+            cp = split.layout(text_len, hidden.shape[1])
+            if call is not None and cp != region.cp:
+                raise RuntimeError(f"this pass splits as {cp}, but its region mask was built for {region.cp}")
+            if cp.pad:
+                self.padded_passes += 1
+                if padded_batch:
+                    raise RuntimeError("context parallelism cannot pad a padded text batch "
+                                       "(encoder_hidden_states_mask)")
+                kwargs = pad_text_inputs(kwargs, cp.pad)
+                if call is None:
+                    call = self._padding_call(cp, hidden.device)
+            elif call is None:
+                return None
         if call is None:
             return None
         attention_kwargs = dict(kwargs.get(self.kwarg) or {})
         attention_kwargs["region"] = call
         return args, {**kwargs, self.kwarg: attention_kwargs}
+
+    def _padding_call(self, cp: UlyssesLayout, device) -> RegionCall:
+        """The key-padding mask of an unmasked pass with padded text (kept while the arrangement repeats)."""
+        key = (cp, str(device))
+        if self._padding is None or self._padding[0] != key:
+            self._padding = (key, RegionCall(cp.key_padding_mask(self.transformer.dtype, device)))
+        return self._padding[1]
 
     def remove(self) -> None:
         self._hook.remove()

@@ -36,8 +36,10 @@ from replan.attention import (
     wrap_processor,
 )
 from replan.attention.budget import LayoutSize, default_budget, fit_hint_padding, parse_bytes
+from replan.backbones.parallel import check_parallel_compile, check_parallel_edit, enable_context_parallel
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
+from replan.distributed import EditGroup
 from replan.hub import load_error
 from replan.images import check_image_size, to_rgb
 from replan.plan import RegionPlan
@@ -118,7 +120,7 @@ class RegionEditor:
         self.spec = spec
         self.attention_budget: int | None = None
         self._warned_eager_flex = False
-        self.processors = RegionProcessors.install(pipe.transformer, self.wrap_processor)
+        self.processors = RegionProcessors.install(pipe.transformer, self.wrap_processor)  # before enable_parallel
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -172,11 +174,27 @@ class RegionEditor:
         class shares one function (``Module._call_impl``)."""
         if self.compiled:
             return
+        check_parallel_compile(self)
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.pipe.transformer.compile_repeated_blocks(**{"fullgraph": True, "dynamic": False, **compile_kwargs})
         self.processors.compiled = True
+
+    @property
+    def parallel(self):
+        """The diffusers ``ContextParallelConfig`` of this editor's transformer (None without parallelism)."""
+        return self.processors.parallel
+
+    @property
+    def group(self) -> EditGroup:
+        """The ranks computing this editor's edits together (one process without parallelism)."""
+        return self.processors.group or EditGroup.single()
+
+    def enable_parallel(self, config) -> EditGroup:
+        """Compute each edit on several GPUs (diffusers context parallelism, ``ContextParallelConfig``); see
+        ``replan.backbones.parallel``. Every rank then calls ``edit`` with the same arguments."""
+        return enable_context_parallel(self, config)
 
     # ------------------------------------------------------------------------------------------------ family hooks
     def generation_size(self, image_size: Size) -> Size:
@@ -261,6 +279,7 @@ class RegionEditor:
         if attention not in ("dense", "flex"):
             raise ValueError(f"attention backend must be one of ('dense', 'flex'), got {attention!r}")
         budget = parse_bytes(attention_budget)
+        ulysses = check_parallel_edit(self, bool(plan.regions), attention, accel)
 
         gen_size = self.generation_size(image.size)
         boxes = executed_boxes(plan, expand, expand_mode, image.size)
@@ -301,7 +320,7 @@ class RegionEditor:
         )
         schedule = self._schedule(rules, len(plan.regions), steps, switch, defaults.switch, rule_options)
         region = RegionAttention(layout, schedule, backend=attention, dtype=self.pipe.transformer.dtype,
-                                 allow_unmasked=self.allows_unmasked_passes(options))
+                                 allow_unmasked=self.allows_unmasked_passes(options), ulysses=ulysses)
         with self.processors.activate(region), \
                 self._accelerate(accel, plan, boxes, image.size, gen_size, options) as acc:
             out = self.run_pipeline(image, gen_size, encoded, options,

@@ -221,6 +221,8 @@ class QwenImageEditor(RegionEditor):
             negative = tok(options.get("negative_prompt", self.spec.negative_prompt) + suffix)["input_ids"]
         main_len = None if delete_main else len(ids) - prefix
         text_len = (main_len or 0) + sum(len(h) for h in hints)
+        if self.processors.ulysses is not None:  # context parallelism may pad the text to its split
+            text_len += self.processors.ulysses.degree - 1
         grid = max(gen_size[0], gen_size[1]) // self.patch
         offset = grid // 2 if getattr(self.pipe.transformer.pos_embed, "scale_rope", True) else grid
         if text_len + offset > ROPE_POSITIONS:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,12 +195,22 @@ def build_offline(builder: str, name: str) -> Path:
     if not path.exists():  # built into a temporary sibling and renamed: existing means complete
         module, func = builder.split(":")
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        getattr(importlib.import_module(module), func)(tmp)
+        if _in_process_group():  # transformers' save_pretrained writes nothing on ranks other than 0
+            code = f"import {module} as m; m.{func}({str(tmp)!r})"
+            subprocess.run([sys.executable, "-c", code], check=True)
+        else:
+            getattr(importlib.import_module(module), func)(tmp)
         if path.exists():  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.replace(path)
     return path
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def load_editor(name: str, model: str | None = None, **kwargs):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from replan import __version__
+from replan.backbones.parallel import check_accel_parallel
 from replan.config_io import apply_overrides, check_keys, check_run_settings, read_yaml, recorded_settings
 from replan.io import clean_staging, write_atomically
 from replan.parse import parse_mode
@@ -66,6 +67,8 @@ class GenerateConfig:
     device: str | None = None  # None: cuda (cuda:$LOCAL_RANK under torchrun) when available, else cpu
     dtype: str | None = None  # None: the backbone's on GPU, fp32 on CPU
     stage_offload: str = "none"  # none | cpu
+    ulysses: int = 1  # GPUs per sample (Ulysses context parallelism); torchrun ranks form groups of this size
+    ulysses_anything: bool = False  # unequal Ulysses chunks (sizes or head counts that do not divide)
     accel: str | dict | None = None  # none | regione | plan | plan+regione | cache-dit, or {mode: ..., threshold: ...}
 
     def to_dict(self) -> dict:
@@ -120,6 +123,13 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
     if cfg.steps is not None and (not isinstance(cfg.steps, int) or cfg.steps < 1):
         raise ValueError(f"steps must be a positive integer or null, got {cfg.steps!r}")
+    if not isinstance(cfg.ulysses, int) or isinstance(cfg.ulysses, bool) or cfg.ulysses < 1:
+        raise ValueError(f"ulysses must be a positive integer, got {cfg.ulysses!r}")
+    if cfg.ulysses_anything and cfg.ulysses == 1:
+        raise ValueError("ulysses_anything needs ulysses > 1")
+    check_accel_parallel(getattr(cfg, "accel", None), cfg.ulysses)
+    if cfg.ulysses > 1 and cfg.stage_offload != "none":
+        raise ValueError("ulysses keeps the editor on each rank's GPU: set stage_offload: none")
     if not cfg.output_dir:
         raise ValueError("output_dir is empty")
     if cfg.lora_path:  # files named in the config are checked now, before any model loads
@@ -210,6 +220,8 @@ def resolved_settings(cfg: GenerateConfig) -> dict:
         settings["compile"] = True  # compiled kernels round differently
     if cfg.attention_budget is not None:
         settings["attention_budget"] = cfg.attention_budget  # may trim hint padding
+    if cfg.ulysses > 1:  # the same images up to float noise, like compile
+        settings["ulysses"] = {"degree": cfg.ulysses, "anything": cfg.ulysses_anything}
     accel = accel_settings(cfg)
     if accel is not None:  # runs without acceleration keep the settings they always had
         settings["accel"] = accel
@@ -239,6 +251,16 @@ def check_run_config(out: Path, cfg: GenerateConfig, settings: dict, force: bool
         logger.warning("--force: %s is overwritten with the new settings", out / RUN_CONFIG)
     record = {"replan_version": __version__, "settings": settings, "config": cfg.to_dict()}
     write_atomically(out, {RUN_CONFIG: lambda p: p.write_text(json.dumps(record, indent=2) + "\n")})
+
+
+def finished_ids(out: Path, samples, force: bool = False) -> set:
+    """Ids of the samples already complete in ``out`` (none with ``force``); stale temporary folders removed."""
+    done = set()
+    for sample in samples:
+        _clean_stale_tmp(out, sample.image_id)
+        if not force and (out / sample.image_id / RESULT).is_file():
+            done.add(sample.image_id)
+    return done
 
 
 def _clean_stale_tmp(out: Path, image_id: str) -> None:

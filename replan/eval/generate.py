@@ -28,6 +28,10 @@ reused across the shard, so results depend on the GPU count.)
 Sharding: ``--rank R --world W`` (default from ``RANK``/``WORLD_SIZE`` or ``LOCAL_RANK``/``LOCAL_WORLD_SIZE``, as set
 by ``torchrun``/``accelerate launch``) processes ``samples[R::W]`` after ``limit``.
 
+Several GPUs per sample: ``ulysses: N`` (Ulysses context parallelism, docs/parallel.md) under
+``torchrun --nproc_per_node G`` splits the G ranks into G/N groups; each group computes one sample at a time on its N
+GPUs, the groups are the shards (``samples[g::G/N]``), and each group's first rank plans and writes.
+
 Overrides: trailing ``key=value`` pairs (YAML values; dotted keys for the planner, e.g. ``planner.ckpt=tiny``).
 Exit codes: 0 every sample finished, 1 some samples failed (see their ``error.txt``), 2 bad config or refused run.
 """
@@ -44,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from replan import __version__
+from replan.distributed import EditGroup, shutdown
 from replan.eval.gen_config import (  # noqa: F401  (re-exported: the public names of a generation run)
     ERROR,
     METHODS,
@@ -60,6 +65,7 @@ from replan.eval.gen_config import (  # noqa: F401  (re-exported: the public nam
     config_from_dict,
     default_device,
     dist_env,
+    finished_ids,
     load_config,
     planner_parse,
     resolved_settings,
@@ -91,6 +97,8 @@ class Summary:
     no_regions: int = 0  # replan samples whose plan had no regions (the edit ran globally)
     fallbacks: int = 0  # rephrase samples that used the original instruction
     failed_ids: list = field(default_factory=list)
+    shard: str = "0/1"
+    writer: bool = True  # False on the ranks of a context-parallel group that compute but do not write
 
     def line(self, shard: str, out: Path) -> str:
         extra = ""
@@ -110,6 +118,13 @@ class Generator:
         self.pipe = pipe
         self.settings = settings or resolved_settings(cfg)
         self.rephrase_template = _read(cfg.rephrase_template, REPHRASE_TEMPLATE)
+        self.group = getattr(pipe, "group", None) or EditGroup.single()  # several ranks per sample: the leader writes
+
+    def write(self, sample_dir: Path, files: dict, drop_result: bool = False) -> None:
+        if self.group.leader:
+            if drop_result:  # a --force re-run must not leave an old result behind
+                (sample_dir / RESULT).unlink(missing_ok=True)
+            write_atomically(sample_dir, files)
 
     def edit_options(self, seed: int) -> dict:
         s = self.settings
@@ -141,15 +156,16 @@ class Generator:
             if cfg.method == "replan":
                 plan, planner_text = self.pipe.plan(image, sample.instruction)  # the planner's parse mode
                 timings["plan"] = time.perf_counter() - start
-                reply = getattr(self.pipe.planner, "last_reply", None)
-                if reply is not None:
-                    record["planner_reply"] = {"frame": list(reply.frame), **reply.extras}
-                record["planner_provenance"] = self.pipe.planner.provenance()
+                if self.group.leader:  # the planner lives on the leader of a context-parallel group
+                    reply = getattr(self.pipe.planner, "last_reply", None)
+                    if reply is not None:
+                        record["planner_reply"] = {"frame": list(reply.frame), **reply.extras}
+                    record["planner_provenance"] = self.pipe.planner.provenance()
                 files["plan.json"] = lambda p, plan=plan: p.write_text(
-                    plan_json(plan, record["planner_provenance"]), encoding="utf-8")
+                    plan_json(plan, record.get("planner_provenance")), encoding="utf-8")
             elif cfg.method == "rephrase":
                 stage = "rephrase"
-                prompt, planner_text, record["rephrase"] = self.rephrase(sample.instruction)
+                prompt, planner_text, record["rephrase"] = self.group.on_leader(self.rephrase, sample.instruction)
                 timings["rephrase"] = time.perf_counter() - start
                 plan = RegionPlan(prompt, image_size=image.size)
             else:
@@ -167,8 +183,7 @@ class Generator:
             error = f"{stage} failed: {type(e).__name__}: {e}\n\n{traceback.format_exc()}"
             files["config.json"] = lambda p: p.write_text(json.dumps(record, indent=2, default=str) + "\n")
             files[ERROR] = lambda p: p.write_text(error, encoding="utf-8")
-            (sample_dir / RESULT).unlink(missing_ok=True)  # a --force re-run must not leave an old result behind
-            write_atomically(sample_dir, files)
+            self.write(sample_dir, files, drop_result=True)
             raise
         timings["total"] = time.perf_counter() - start
         record["edit"] = {"generation_size": list(out.edit.generation_size),
@@ -182,8 +197,9 @@ class Generator:
                                                                     encoding="utf-8")
         files["config.json"] = lambda p: p.write_text(json.dumps(record, indent=2, default=str) + "\n")
         files[RESULT] = lambda p: out.image.save(p)  # last: its presence means the sample is complete
-        write_atomically(sample_dir, files)
-        (sample_dir / ERROR).unlink(missing_ok=True)
+        self.write(sample_dir, files)
+        if self.group.leader:
+            (sample_dir / ERROR).unlink(missing_ok=True)
         return record
 
     def rephrase(self, instruction: str) -> tuple[str, str, dict]:
@@ -231,39 +247,51 @@ def load_pipeline(cfg: GenerateConfig, device: str):
         backbone=cfg.backbone, planner=planner, model=cfg.model, vlm_ckpt_path=cfg.planner.ckpt,
         lora_path=cfg.lora_path, vlm_lora_path=cfg.planner.vlm_lora_path, device=device, torch_dtype=cfg.dtype,
         stage_offload=cfg.stage_offload, planner_kwargs=kwargs, compile=cfg.compile,
-        attention_budget=cfg.attention_budget,
+        attention_budget=cfg.attention_budget, parallel=_parallel(cfg),
     )
     if hasattr(pipe.editor.pipe, "set_progress_bar_config"):
         pipe.editor.pipe.set_progress_bar_config(disable=True)  # one bar per run, not one per sample
     return pipe
 
 
+def _parallel(cfg: GenerateConfig):
+    if cfg.ulysses == 1:
+        return None
+    from diffusers import ContextParallelConfig
+
+    return ContextParallelConfig(ulysses_degree=cfg.ulysses, ulysses_anything=cfg.ulysses_anything)
+
+
 def run(cfg: GenerateConfig, rank: int = 0, world: int = 1, force: bool = False, pipe=None) -> Summary:
-    """Generate shard ``rank`` of ``world``; returns the counts. ``pipe``: an already loaded pipeline (optional)."""
+    """Generate shard ``rank`` of ``world``; returns the counts. ``pipe``: an already loaded pipeline (optional).
+
+    With ``cfg.ulysses > 1`` every torchrun rank calls this: all load the pipeline (a collective), the groups are the
+    shards (``rank``/``world`` are replaced by the group's), and each group's leader decides and writes."""
     from tqdm import tqdm
 
     from replan.eval.dataset import load_samples
 
+    if cfg.ulysses > 1:
+        pipe = pipe or load_pipeline(cfg, cfg.device)
+        rank, world = pipe.group.index, pipe.group.count
+    group = getattr(pipe, "group", None) or EditGroup.single()
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"need 0 <= rank < world, got rank {rank} and world {world}")
     out = Path(cfg.output_dir)
     check_writable(out, "output_dir")
     settings = resolved_settings(cfg)
-    check_run_config(out, cfg, settings, force)
+    group.on_leader(check_run_config, out, cfg, settings, force)
     samples = load_samples(cfg.dataset, cfg.split, cfg.limit, rank, world)
-    summary = Summary(total=len(samples))
-    todo = []
-    for sample in samples:
-        _clean_stale_tmp(out, sample.image_id)
-        if not force and (out / sample.image_id / RESULT).is_file():
-            summary.skipped += 1
-        else:
-            todo.append(sample)
+    summary = Summary(total=len(samples), shard=f"{rank}/{world}", writer=group.leader)
+    done = group.on_leader(finished_ids, out, samples, force)  # the group agrees on what is left
+    todo = [s for s in samples if s.image_id not in done]
+    summary.skipped = len(samples) - len(todo)
     if todo and pipe is None:
         pipe = load_pipeline(cfg, cfg.device or default_device())
     generator = Generator(cfg, pipe, settings) if todo else None
     bar = tqdm(todo, desc=f"{cfg.method}:{Path(cfg.output_dir).name} [{rank}/{world}]", file=sys.stderr,
-               position=rank if world > 1 and sys.stderr.isatty() else None, dynamic_ncols=True)
+               position=rank if world > 1 and sys.stderr.isatty() else None, dynamic_ncols=True,
+               disable=not group.leader)
     for sample in bar:
         sample_dir = out / sample.image_id
         try:
@@ -323,8 +351,11 @@ def main(argv=None) -> int:
     except (ValueError, OSError, ImportError) as e:  # OSError: e.g. the hub is unreachable and there is no copy
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summary.line(f"{rank}/{world}", Path(cfg.output_dir)), file=sys.stderr)
-    if summary.failed:
+    finally:
+        shutdown()
+    if summary.writer:
+        print(summary.line(summary.shard, Path(cfg.output_dir)), file=sys.stderr)
+    if summary.failed and summary.writer:
         print(f"failed samples (see <id>/{ERROR}): {', '.join(summary.failed_ids)}", file=sys.stderr)
     return 1 if summary.failed else 0
 

@@ -4,11 +4,14 @@
     python -m replan.serve --backbone flux --planner none --port 8001        # the GRPO reward server
     python -m replan.serve --backbone tiny --vlm_ckpt_path tiny              # offline smoke server (noise)
     python -m replan.serve --backbone flux --planner none --replicas 8       # Ray Serve: 8 replicas, 1 GPU each
+    python -m replan.serve --backbone flux --ulysses 2                       # one replica, each edit on 2 GPUs
+    python -m replan.serve --backbone flux --ulysses 2 --replicas 4          # Ray Serve: 4 replicas of 2 GPUs each
 
 Binds 127.0.0.1 unless ``--host`` says otherwise. The models load in the background: ``GET /health`` answers at
 once and says ``"ready"`` when edits can run (edits get 503 + Retry-After until then). With ``--replicas`` the
 replicas run under Ray Serve (``pip install "ray[serve]"``; set ``RAY_ADDRESS`` to join an existing cluster); each
-loads before it takes traffic. Endpoints and their contracts: ``replan/serve/__init__.py``.
+loads before it takes traffic. With ``--ulysses N`` a replica starts N-1 helper processes itself and computes each
+edit on N GPUs (Ulysses context parallelism, docs/parallel.md). Endpoints and contracts: ``replan/serve/__init__.py``.
 """
 
 from __future__ import annotations
@@ -63,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max_image_mb", type=float, default=20.0, help="largest accepted image upload (413 above)")
     ap.add_argument("--replicas", type=int, default=None,
                     help="run N replicas under Ray Serve (needs ray[serve]); default: one in-process replica")
-    ap.add_argument("--gpus_per_replica", type=float, default=1.0, help="Ray Serve: GPUs per replica (0: CPU)")
+    ap.add_argument("--gpus_per_replica", type=float, default=None,
+                    help="Ray Serve: GPUs per replica (0: CPU; default: --ulysses)")
+    ap.add_argument("--ulysses", type=int, default=1,
+                    help="GPUs computing each edit together (Ulysses context parallelism; the replica starts N-1 "
+                         "helper processes)")
+    ap.add_argument("--ulysses_anything", action="store_true",
+                    help="allow unequal Ulysses chunks (image sizes or head counts that do not divide by --ulysses)")
     ap.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     add_accel_arguments(ap)
     return ap
@@ -79,6 +88,7 @@ def config_from_args(args):
         dtype=args.dtype,
         stage_offload=args.stage_offload, offload=args.offload, attention=args.attention, queue=args.queue,
         max_image_mb=args.max_image_mb, compile=args.compile, attention_budget=args.attention_budget,
+        ulysses=args.ulysses, ulysses_anything=args.ulysses_anything,
         accel=_accel(args),
     )
 
@@ -110,9 +120,13 @@ def main(argv=None) -> int:
             return 2
         from replan.serve.ray_app import RayServeMissing, serve_forever
 
+        gpus = float(args.ulysses) if args.gpus_per_replica is None else args.gpus_per_replica
+        if args.ulysses > 1 and gpus < args.ulysses:
+            print(f"error: --ulysses {args.ulysses} needs at least {args.ulysses} GPUs per replica", file=sys.stderr)
+            return 2
         try:
-            serve_forever(config, args.replicas, host=args.host, port=args.port,
-                          gpus_per_replica=args.gpus_per_replica, log_level=args.log_level)
+            serve_forever(config, args.replicas, host=args.host, port=args.port, gpus_per_replica=gpus,
+                          log_level=args.log_level)
         except RayServeMissing as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -1,4 +1,5 @@
-"""Scale-out: the same FastAPI app, one copy per Ray Serve replica (one GPU each by default).
+"""Scale-out: the same FastAPI app, one copy per Ray Serve replica (one GPU each by default; with ``--ulysses N`` a
+replica asks for N GPUs and starts its N-1 follower ranks itself, ``replan.serve.followers``).
 
 Ray Serve routes requests across replicas (power-of-two-choices on queue length), restarts failed replicas, spans
 nodes (``RAY_ADDRESS``) and gives in-cluster callers a ``DeploymentHandle``; there is no home-made load balancer.

@@ -50,10 +50,19 @@ class ServeConfig:
     accel: str | dict | None = None  # default acceleration for every edit (--accel …); a request may override it
     queue: int = 8  # edits that may wait behind the running one
     max_image_mb: float = 20.0
+    ulysses: int = 1  # GPUs per replica computing each edit together (Ulysses context parallelism)
+    ulysses_anything: bool = False  # diffusers' unequal Ulysses chunks (image sizes / head counts that do not divide)
 
     def __post_init__(self):
         if self.planner not in PLANNERS:
             raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
+        if not isinstance(self.ulysses, int) or self.ulysses < 1:
+            raise ValueError(f"ulysses must be a positive integer, got {self.ulysses!r}")
+        from replan.backbones.parallel import check_accel_parallel
+
+        check_accel_parallel(getattr(self, "accel", None), self.ulysses)
+        if self.ulysses > 1 and (self.offload != "none" or self.stage_offload != "none"):
+            raise ValueError("--ulysses keeps the editor on each rank's GPU: drop --offload and --stage_offload")
         if self.parse not in PARSE_MODES:
             raise ValueError(f"parse must be one of {', '.join(PARSE_MODES)}, got {self.parse!r}")
         from replan.coords import BOX_FRAMES
@@ -89,7 +98,23 @@ class ServeConfig:
 
 
 def load_pipeline(config: ServeConfig):
-    """Load the ``RePlanPipeline`` a config describes (the default loader)."""
+    """Load the ``RePlanPipeline`` a config describes (the default loader). With ``ulysses > 1`` the calling
+    process becomes rank 0 of the replica and starts the other ranks (``replan.serve.followers``)."""
+    parallel = None
+    if config.ulysses > 1:
+        from diffusers import ContextParallelConfig
+
+        from replan.distributed import is_initialized
+
+        parallel = ContextParallelConfig(ulysses_degree=config.ulysses, ulysses_anything=config.ulysses_anything)
+        if not is_initialized():  # the leader: start the followers, then load alongside them
+            from replan.serve.followers import load_leader
+
+            return load_leader(config, lambda: _load(config, parallel))
+    return _load(config, parallel)
+
+
+def _load(config: ServeConfig, parallel):
     import torch
 
     from replan.pipeline import RePlanPipeline
@@ -103,9 +128,10 @@ def load_pipeline(config: ServeConfig):
     pipe = RePlanPipeline.from_pretrained(
         backbone=config.backbone, planner=None if config.planner == "none" else config.planner, model=config.model,
         vlm_ckpt_path=config.vlm_ckpt_path, lora_path=config.lora_path, vlm_lora_path=config.vlm_lora_path,
-        device=config.device or ("cuda" if torch.cuda.is_available() else "cpu"), torch_dtype=config.dtype,
-        stage_offload=config.stage_offload, offload=config.offload, planner_kwargs=planner_kwargs,
-        compile=config.compile, attention_budget=config.attention_budget,
+        device=config.device or (None if parallel else "cuda" if torch.cuda.is_available() else "cpu"),
+        torch_dtype=config.dtype, stage_offload=config.stage_offload, offload=config.offload,
+        planner_kwargs=planner_kwargs, compile=config.compile, attention_budget=config.attention_budget,
+        parallel=parallel,
     )
     progress = getattr(pipe.editor.pipe, "set_progress_bar_config", None)
     if progress is not None:  # one line per edit (with timings) in the server log, not a progress bar
@@ -244,6 +270,9 @@ class EditService:
         return await asyncio.wrap_future(future)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        parallel = bool(getattr(self.pipe, "drives_followers", False))
+        self._executor.shutdown(wait=parallel, cancel_futures=True)  # a replica of several ranks: finish the edit
+        if parallel:
+            self.pipe.close()  # then release the follower ranks
 
 
