@@ -42,7 +42,8 @@ def test_bad_accel_exits_2_before_any_model_loads(tmp_path, capsys, monkeypatch)
                            (["--accel", "regione", "--steps", "4"], "do not fit in 4 steps"),
                            (["--accel_cache_threshold", "0.1"], "need --accel"),
                            (["--accel", "plan", "--compile"], "cannot be compiled: drop --compile"),
-                           (["--accel", "regione", "--attention", "flex"], "use attention dense")]:
+                           (["--accel", "regione", "--attention", "flex"], "use attention dense"),
+                           (["--accel", "plan", "--ulysses", "2"], "cannot run under context parallelism")]:
         assert infer.main(["--image", DESK, "--output_dir", str(tmp_path / "o")] + TINY + extra) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists()
