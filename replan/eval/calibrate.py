@@ -32,7 +32,7 @@ import torch
 from replan.accel import AccelConfig, adaptive_partition, fit_gamma, one_step_estimate, velocity_ratios
 from replan.accel.gamma import STATISTICS
 from replan.backbones import load_editor, resolve
-from replan.infer import write_atomically
+from replan.io import write_outputs
 from replan.plan import RegionPlan
 
 logger = logging.getLogger("replan.eval.calibrate")
@@ -111,9 +111,9 @@ def run(args) -> int:
             failed += 1
             logger.error("sample %s failed: %s", sample.image_id, e)
             text = f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"
-            write_atomically(folder, {f"{sample.image_id}.error.txt": lambda p, t=text: p.write_text(t)})
+            write_outputs(folder, {f"{sample.image_id}.error.txt": lambda p, t=text: p.write_text(t)})
             continue
-        write_atomically(folder, {path.name: lambda p, r=record: p.write_text(json.dumps(r) + "\n")})
+        write_outputs(folder, {path.name: lambda p, r=record: p.write_text(json.dumps(r) + "\n")})
         (folder / f"{sample.image_id}.error.txt").unlink(missing_ok=True)
         records[sample.image_id] = record
         print(f"{sample.image_id}: {record['edited_tokens']}/{record['tokens']} tokens edited", file=sys.stderr)
@@ -126,7 +126,7 @@ def run(args) -> int:
              "model": args.model or spec.model_id, "steps": steps, "statistic": args.statistic,
              "warmup": config.warmup, "threshold": config.threshold, "samples": sorted(usable),
              "dataset": args.dataset, "seed": args.seed}
-    write_atomically(out, {"gamma.json": lambda p: p.write_text(json.dumps(table, indent=2) + "\n")})
+    write_outputs(out, {"gamma.json": lambda p: p.write_text(json.dumps(table, indent=2) + "\n")})
     print(f"gamma from {len(usable)} sample(s) ({failed} failed) -> {out / 'gamma.json'}", file=sys.stderr)
     return 0
 
