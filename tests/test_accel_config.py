@@ -120,3 +120,18 @@ def test_edited_only_passes_refuse_compile_and_flex():
         AccelConfig(mode).check_editor_options()
     for mode in ("none", "cache-dit"):
         AccelConfig(mode).check_editor_options(compile=True, attention="flex")
+
+
+def test_gamma_without_a_schedule_must_match_the_step_count(tmp_path):
+    """A table without sigmas cannot be transferred to another step count: refused while resolving (before any
+    model loads), not at the first transformer call."""
+    with pytest.raises(ValueError, match=r"accel gamma has 3 values \(4 steps\).* 28 steps needs 27"):
+        resolved(gamma="1.0,1.02,0.99")
+    no_schedule = tmp_path / "gamma.json"
+    no_schedule.write_text(json.dumps({"gamma": [1.0] * 9, "sigmas": None}))
+    with pytest.raises(ValueError, match=r"accel gamma has 9 values \(10 steps\)"):
+        resolved(gamma=str(no_schedule))
+    assert resolved(steps=10, gamma=str(no_schedule)).gamma == str(no_schedule)
+    assert resolved(steps=10, gamma="1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0").gamma == (1.0,) * 9
+    assert resolved(steps=10).gamma == "flux_kontext"  # a published table carries its schedule: transferred
+    assert resolved(steps=10, cache_threshold=0, gamma="1.0,1.0").cache_threshold == 0  # cache off: unused

@@ -193,7 +193,13 @@ class AccelConfig:
         )
         cfg.check(steps)
         if cfg.cache_threshold > 0 and cfg.gamma is not None:
-            load_gamma(cfg.gamma)  # a missing or malformed table fails here, before any model work
+            table = load_gamma(cfg.gamma)  # a missing or malformed table fails here, before any model work
+            if table.sigmas is None and table.steps != steps:  # nothing to transfer it with (GammaTable.for_schedule)
+                raise ValueError(
+                    f"accel gamma has {len(table.values)} values ({table.steps} steps) and no schedule to transfer "
+                    f"it with; {steps} steps needs {steps - 1} values: refit it with `python -m replan.eval.calibrate "
+                    f"--steps {steps}`, or pass {steps - 1} values"
+                )
         if cfg.cache_threshold > 0 and cfg.gamma is None:
             raise ValueError(
                 f"the velocity cache (accel cache_threshold {cfg.cache_threshold}) needs a gamma table and "
