@@ -135,3 +135,10 @@ def test_gamma_without_a_schedule_must_match_the_step_count(tmp_path):
     assert resolved(steps=10, gamma="1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0").gamma == (1.0,) * 9
     assert resolved(steps=10).gamma == "flux_kontext"  # a published table carries its schedule: transferred
     assert resolved(steps=10, cache_threshold=0, gamma="1.0,1.0").cache_threshold == 0  # cache off: unused
+
+
+def test_one_step_is_refused_without_a_contradictory_range():
+    for params in ({"warmup": 1, "post": 0, "refresh": "none"}, {"post": 0}):
+        with pytest.raises(ValueError, match="accel regione needs at least 2 steps .* got 1: use more steps"):
+            resolved(steps=1, **params)
+    assert resolved(steps=2, warmup=1, post=0, refresh="none").warmup == 1  # the fewest that fit

@@ -211,6 +211,9 @@ class AccelConfig:
     def check(self, steps: int) -> None:
         """Range checks of a resolved config against ``steps`` (regione-spec §3 constraints)."""
         n, w, p, refresh = steps, self.warmup, self.post, self.refresh
+        if n < 2:  # (else the post range below reads "0..0, got 0")
+            raise ValueError(f"accel {self.mode} needs at least 2 steps (a partition step, then a region step), got "
+                             f"{n}: use more steps or accel none")
         if p < 0 or p > n - 2:
             raise ValueError(f"accel post (smooth-stage steps) must be in 0..{max(0, n - 2)} for {n} steps, got {p}")
         if w < 1 or w > n - p - 1:
