@@ -237,3 +237,20 @@ def test_controller_checks():
     with pytest.raises(ValueError, match="fed 10 noisy tokens; the 8x8 grid has 64"):
         ctl.forward(torch.zeros(1, 10, 4), None, lambda ids, kv: x)
     assert StepPlan.build(Phases(10, 2, 1, ()), SIGMAS).pattern == "FPCCCCCCCF"
+
+
+def test_edited_ids_reach_a_device_once_per_edited_set():
+    """The ids an edited-only pass uses are the same tensor on every pass (the runtime builds the restricted region
+    mask once per tensor; a fresh copy per pass rebuilt it every pass on a GPU), and new ones after a new partition.
+    ``meta`` stands in for an accelerator: ``.to("meta")`` copies every time, as ``.to("cuda")`` does from CPU."""
+    ref, noise, target, inside = scene()
+    ctl = RegionController(config(), 10, (H, W))
+    ctl.start(SIGMAS)
+    run_loop(noise, ref, straight(target), ctl)
+    first = ctl.ids_on("edited_ids", "meta")
+    assert first.device.type == "meta" and first.shape == ctl.edited_ids.shape
+    assert ctl.ids_on("edited_ids", "meta") is first
+    assert ctl.ids_on("unedited_ids", "meta") is ctl.ids_on("unedited_ids", "meta")
+    ctl._set_edited(~ctl.edited)  # a refresh that finds another edited set
+    again = ctl.ids_on("edited_ids", "meta")
+    assert again is not first and again.shape == ctl.edited_ids.shape

@@ -100,6 +100,7 @@ class RegionController:
         self.branch = 0  # index of the call in flight within its step (the CFG branch)
         self.edited: torch.Tensor | None = None  # (L,) bool once known
         self.edited_ids = self.unedited_ids = None
+        self._on_device: dict[tuple[str, str], torch.Tensor] = {}  # ids copied to a device, per edited set
         self.x0 = self.noise = self.reference = self.x_before = None
         self.frozen: torch.Tensor | None = None  # the unedited tokens since their last jump
         self.full_out: dict[int, torch.Tensor] = {}  # call index → noisy-token output of the last full store pass
@@ -124,6 +125,15 @@ class RegionController:
         self.edited = mask.reshape(-1).bool().cpu()
         self.edited_ids = token_ids(self.edited)
         self.unedited_ids = token_ids(~self.edited)
+        self._on_device = {}
+
+    def ids_on(self, which: str, device) -> torch.Tensor:
+        """``edited_ids`` / ``unedited_ids`` on ``device``, copied once per edited set: the same tensor on every pass,
+        so the runtime's restricted region mask is built once per set, and no index copy runs per step."""
+        key = (which, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = getattr(self, which).to(device)
+        return self._on_device[key]
 
     @property
     def all_edited(self) -> bool:
@@ -166,7 +176,7 @@ class RegionController:
         return self._region_velocity(branch, kind, noise, run)
 
     def _region_velocity(self, branch: int, kind: str, noise: torch.Tensor, run: Runner) -> torch.Tensor:
-        ids = self.edited_ids.to(noise.device)
+        ids = self.ids_on("edited_ids", noise.device)
         if kind == REGION and len(ids):
             if self.all_edited:  # nothing to cache against: a full pass is the exact thing
                 out = run(None, "normal")
@@ -197,7 +207,7 @@ class RegionController:
             scale = self.plan.jump_scale[self.step]
             if not scale or self.config.pin_background:
                 scale = 1.0
-            u = self.unedited_ids.to(noise.device)
+            u = self.ids_on("unedited_ids", noise.device)
             velocity[:, u] = (self.full_out[branch][:, u] * scale).to(noise.dtype)
         return velocity
 
@@ -213,7 +223,7 @@ class RegionController:
             if self.config.pin_background:
                 latents = self.pin(latents, self.sigmas[i + 1])
             elif kind in (REGION, SKIP):
-                u = self.unedited_ids.to(latents.device)
+                u = self.ids_on("unedited_ids", latents.device)
                 if self.plan.jump_scale[i]:  # they have just jumped: hold them there until the next full pass
                     self.frozen = latents[:, u].clone()
                 else:
@@ -264,7 +274,7 @@ class RegionController:
     def pin(self, latents: torch.Tensor, sigma: float) -> torch.Tensor:
         """``latents`` with every unedited token set to the reference trajectory at ``sigma``."""
         target = self.reference_trajectory(sigma).to(latents.dtype)
-        u = self.unedited_ids.to(latents.device)
+        u = self.ids_on("unedited_ids", latents.device)
         latents = latents.clone()
         latents[:, u] = target[:, u]
         return latents
