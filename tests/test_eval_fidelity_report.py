@@ -190,3 +190,28 @@ def test_report_labels_and_bad_input(tmp_path, capsys):
     assert report.main([str(bad), "--out", str(out)]) == 2
     assert "neither a replan.eval.evaluate nor a replan.eval.fidelity output" in capsys.readouterr().err
     assert report.main([str(tmp_path / "missing.json"), "--out", str(out)]) == 2
+
+
+def test_ssim_7x7_is_skimages_default_computed_window_by_window():
+    """RegionE's SSIM (skimage defaults): every 7×7 window inside the image, sample statistics (ddof 1), per
+    channel, averaged — written out with loops here, against the pooled implementation; identical images give 1."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 12, 10)).astype(np.float64)
+    y = np.clip(x + rng.normal(0, 40, x.shape), 0, 255).round()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    per_channel = []
+    for c in range(3):
+        values = []
+        for i in range(12 - 6):
+            for j in range(10 - 6):
+                wx, wy = x[c, i:i + 7, j:j + 7].ravel(), y[c, i:i + 7, j:j + 7].ravel()
+                mx, my = wx.mean(), wy.mean()
+                vx, vy = wx.var(ddof=1), wy.var(ddof=1)
+                cxy = ((wx - mx) * (wy - my)).sum() / 48
+                values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+        per_channel.append(np.mean(values))
+    a, b = torch.from_numpy(x)[None].float(), torch.from_numpy(y)[None].float()
+    assert fidelity.ssim_7x7(a, b) == pytest.approx(float(np.mean(per_channel)), rel=1e-9)
+    assert fidelity.ssim_7x7(a, a) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 7x7"):
+        fidelity.ssim_7x7(a[..., :6, :], b[..., :6, :])

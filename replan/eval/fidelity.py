@@ -9,7 +9,9 @@ Two independent measurements, each on the samples of ``--run`` that have a ``res
 
 * ``reference`` (with ``--reference DIR``): the run's result against the reference run's result of the same image id
   (e.g. an accelerated or modified pipeline against the stock one, as RegionE reports): PSNR, SSIM and, when
-  available, LPIPS; and ``speed``: the mean editor time of both runs (each sample's ``timings_s.edit``) and the
+  available, LPIPS, plus ``ssim_7x7``: SSIM exactly as RegionE computes it (skimage's defaults: 7×7 uniform window),
+  to set beside RegionE's tables (``ssim``, torchmetrics' 11-px Gaussian window, is not comparable to them); and
+  ``speed``: the mean editor time of both runs (each sample's ``timings_s.edit``) and the
   speed-up, mean reference time / mean run time, with the passes an accelerated run recorded.
 * ``original`` and ``background`` (with a dataset: ``--dataset``, else the one in the run's ``run_config.json``): the
   result against the ORIGINAL input image — over the whole image, and over the pixels outside the plan's boxes only
@@ -48,6 +50,7 @@ from replan.eval.image_metrics import (  # noqa: F401  (re-exported: the metrics
     masked_mean,
     psnr,
     ssim,
+    ssim_7x7,
     ssim_full,
     to_tensor,
     unavailable_reason,
@@ -166,7 +169,8 @@ def measure(run: str | Path, reference: str | Path | None = None, dataset: str |
                 row["reference"] = {"error": f"size {result.size} differs from the reference's {ref.size}"}
             else:
                 b = to_tensor(ref).to(device)
-                row["reference"] = {"psnr": psnr(a, b), "ssim": ssim(a, b), "lpips": lp(a, b)}
+                row["reference"] = {"psnr": psnr(a, b), "ssim": ssim(a, b), "ssim_7x7": ssim_7x7(a, b),
+                                    "lpips": lp(a, b)}
         if image_id in originals:
             original = originals[image_id]
             if original.size != result.size:
@@ -202,7 +206,7 @@ def aggregate(rows: list[dict], group: str) -> dict:
     out["psnr"] = float(np.mean(values)) if values else None
     out["psnr_finite"] = float(np.mean(finite)) if finite else None
     out["identical"] = len(values) - len(finite)
-    for key in ("ssim", "lpips"):
+    for key in ("ssim", "ssim_7x7", "lpips"):
         vals = [e[key] for e in entries if e.get(key) is not None]
         if vals or key == "ssim":
             out[key] = float(np.mean(vals)) if vals else None
@@ -280,7 +284,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for group, agg in report["aggregate"].items():
-        parts = [f"{k} {_fmt(agg.get(k))}" for k in ("psnr", "psnr_finite", "ssim", "lpips") if k in agg]
+        parts = [f"{k} {_fmt(agg.get(k))}" for k in ("psnr", "psnr_finite", "ssim", "ssim_7x7", "lpips") if k in agg]
         print(f"{group}: n={agg['count']} " + ", ".join(parts), file=sys.stderr)
     sp = report.get("speed") or {}
     if sp.get("speedup"):

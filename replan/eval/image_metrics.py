@@ -47,6 +47,28 @@ def ssim_full(a: torch.Tensor, b: torch.Tensor) -> tuple[float, torch.Tensor]:
     return float(value[0]), full[0].mean(0)
 
 
+def ssim_7x7(a: torch.Tensor, b: torch.Tensor) -> float:
+    """SSIM as RegionE reports it (``skimage.metrics.structural_similarity`` defaults on uint8 RGB, channel axis
+    last): a 7×7 uniform window, sample covariance (× 49/48), K1 0.01, K2 0.03, data range 255, the map's mean over
+    the windows that lie inside the image, averaged over channels. ``a``, ``b``: (1, C, H, W) in 0..255, H, W ≥ 7."""
+    import torch.nn.functional as F
+
+    x, y = a.double(), b.double()
+    if min(x.shape[-2:]) < 7:
+        raise ValueError(f"SSIM with a 7x7 window needs images of at least 7x7 pixels, got {tuple(x.shape[-2:])}")
+
+    def mean(t):  # the uniform filter, only where the window fits (what skimage keeps after cropping)
+        return F.avg_pool2d(t, 7, stride=1)
+
+    ux, uy = mean(x), mean(y)
+    norm = 49 / 48
+    vx, vy = norm * (mean(x * x) - ux * ux), norm * (mean(y * y) - uy * uy)
+    vxy = norm * (mean(x * y) - ux * uy)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return float(s.mean(dim=(-2, -1)).mean())
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float | None:
     """Whole-image SSIM, or the mean of the SSIM map over ``mask`` (H, W bool) pixels (None when it is empty)."""
     value, full = ssim_full(a, b)
