@@ -78,6 +78,19 @@ def test_every_token_edited_equals_the_baseline(kontext):
     assert same(edit(kontext, {"mode": "plan", "cache_threshold": 0}), base)  # no regions: everything is edited
 
 
+def test_plan_and_regione_without_regions_is_regione_with_a_pinned_background(kontext):
+    """A plan without regions says nothing of where the edit is: plan+regione takes RegionE's partition alone
+    (not the whole image, which would accelerate nothing); unpinned it is plain RegionE."""
+    options = {"threshold": 0.0, "erosion_dilation": False, "cache_threshold": 0}
+    regione = edit(kontext, {"mode": "regione", **options})
+    both = edit(kontext, {"mode": "plan+regione", **options, "pin_background": False})
+    assert 0 < both.extras["accel"]["edited_tokens"] == regione.extras["accel"]["edited_tokens"] < tokens(kontext)
+    assert both.extras["accel"]["edited_passes"] == regione.extras["accel"]["edited_passes"] > 0
+    assert same(both, regione)
+    pinned = edit(kontext, {"mode": "plan+regione", **options})
+    assert pinned.extras["accel"]["edited_tokens"] == regione.extras["accel"]["edited_tokens"]
+
+
 def test_partial_partition_freezes_and_jumps_unedited_tokens(kontext):
     n = tokens(kontext)
     rec = Recorder(kontext.pipe.transformer, n)

@@ -376,9 +376,10 @@ class RegionEditor:
         steps = options["steps"]
         grid = (gen_size[1] // self.patch, gen_size[0] // self.patch)
         mask = None
-        if config.uses_plan:  # a plan without regions edits the whole image: nothing is outside it
+        if config.uses_plan:  # a plan without regions says nothing of where: `plan` edits the whole image,
+            # `plan+regione` leaves the edited set to RegionE's partition alone
             mask = (plan_token_mask(boxes, plan.masks, image_size, grid, self.patch, config.margin) if plan.regions
-                    else torch.ones(grid[0] * grid[1], dtype=torch.bool))
+                    else torch.full((grid[0] * grid[1],), config.mode == "plan", dtype=torch.bool))
         return accelerate(config, self.pipe, steps=steps, grid=grid, plan_mask=mask, runtime=self.accel_runtime,
                           combine=self.cfg_combine(options) if config.regional else None)
 
