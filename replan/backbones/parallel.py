@@ -105,9 +105,11 @@ def check_accel_parallel(accel, ulysses: int) -> None:
     """Refuse region acceleration (``--accel``) together with context parallelism (``--ulysses N``, N > 1), before
     any model loads: the composition is not built (docs/parallel.md)."""
     if ulysses > 1 and accel_requested(accel):
-        raise ValueError("region acceleration (--accel) cannot run under context parallelism (--ulysses) yet: its "
-                         "edited-only passes would need the K/V cache kept after the all-to-all; use --accel none "
-                         "or --ulysses 1")
+        mode = accel if isinstance(accel, str) else (accel.get("mode") if isinstance(accel, Mapping)
+                                                     else getattr(accel, "mode", None))
+        raise ValueError(f"acceleration (--accel {mode or '…'}) cannot run under context parallelism (--ulysses) "
+                         "yet: RegionE's edited-only passes would need the K/V cache kept after the all-to-all, and "
+                         "cache-dit's step cache is not tested across ranks; use --accel none or --ulysses 1")
 
 
 def check_parallel_edit(editor, has_regions: bool, attention: str, accel=None) -> UlyssesSplit | None:
