@@ -31,6 +31,8 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
+from replan.attention.joint import qwen_joint_out, qwen_joint_qkv
+
 STORE, CACHED = "store", "cached"
 
 
@@ -233,35 +235,9 @@ class AccelQwenProcessor(AccelWrapper):
         if accel is None:
             return self._delegate(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
                                   attention_mask, image_rotary_emb, region=region)
-        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-
         text_len = encoder_hidden_states.shape[1]
-        head_dim = attn.inner_dim // attn.heads
-
-        def heads(x):
-            return x.unflatten(-1, (-1, head_dim))
-
-        img_q, img_k, img_v = (heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)),
-                               heads(attn.to_v(hidden_states)))
-        txt_q, txt_k, txt_v = (heads(attn.add_q_proj(encoder_hidden_states)),
-                               heads(attn.add_k_proj(encoder_hidden_states)),
-                               heads(attn.add_v_proj(encoder_hidden_states)))
-        if attn.norm_q is not None:
-            img_q = attn.norm_q(img_q)
-        if attn.norm_k is not None:
-            img_k = attn.norm_k(img_k)
-        if attn.norm_added_q is not None:
-            txt_q = attn.norm_added_q(txt_q)
-        if attn.norm_added_k is not None:
-            txt_k = attn.norm_added_k(txt_k)
-        if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb
-            if accel.mode == CACHED:
-                img_freqs = img_freqs[accel.ids.to(img_freqs.device)]
-            img_q = apply_rotary_emb_qwen(img_q, img_freqs, use_real=False)
-            img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
-            txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
-            txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
+        q, k, v = qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                 accel.ids if accel.mode == CACHED else None)
         mask, backend = self._mask_and_backend(region, attention_mask)
         if region is None and encoder_hidden_states_mask is not None:  # the stock joint padding mask, full keys
             image_len = hidden_states.shape[1]
@@ -269,13 +245,8 @@ class AccelQwenProcessor(AccelWrapper):
                 image_len = accel.store.get(attn, accel.branch)[0].shape[1] - text_len
             keep = torch.ones(hidden_states.shape[0], image_len, dtype=torch.bool, device=hidden_states.device)
             mask = torch.cat([encoder_hidden_states_mask, keep], dim=1)[:, None, None, :]
-        out = cached_attention(attn, torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1),
-                               torch.cat([txt_v, img_v], dim=1), text_len, accel, mask, backend, self._parallel_config)
-        out = out.flatten(2, 3).to(txt_q.dtype)
-        image = attn.to_out[0](out[:, text_len:].contiguous())
-        if len(attn.to_out) > 1:
-            image = attn.to_out[1](image)
-        return image, attn.to_add_out(out[:, :text_len].contiguous())
+        out = cached_attention(attn, q, k, v, text_len, accel, mask, backend, self._parallel_config)
+        return qwen_joint_out(attn, out, text_len, q.dtype)
 
 
 def accel_processor(processor, attention_module):

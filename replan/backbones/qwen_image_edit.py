@@ -35,10 +35,10 @@ from collections.abc import Callable
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from PIL import Image
 
 from replan.attention import RegionCall, RegionWrapper
+from replan.attention.joint import qwen_joint_out, qwen_joint_qkv
 from replan.backbones.base import EncodedPrompt, RegionEditor, TextTokens
 from replan.coords import Size
 from replan.hub import load_error
@@ -67,42 +67,11 @@ class RegionQwenAttnProcessor(RegionWrapper):
             return self.base(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
                              image_rotary_emb)
         mask = region.mask  # text padding is refused before the pass (RegionProcessors)
-        head_dim = attn.inner_dim // attn.heads
-
-        def heads(x):
-            return x.unflatten(-1, (-1, head_dim))
-
-        img_q, img_k, img_v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(
-            attn.to_v(hidden_states))
-        txt_q, txt_k, txt_v = (heads(attn.add_q_proj(encoder_hidden_states)),
-                               heads(attn.add_k_proj(encoder_hidden_states)),
-                               heads(attn.add_v_proj(encoder_hidden_states)))
-        if attn.norm_q is not None:
-            img_q = attn.norm_q(img_q)
-        if attn.norm_k is not None:
-            img_k = attn.norm_k(img_k)
-        if attn.norm_added_q is not None:
-            txt_q = attn.norm_added_q(txt_q)
-        if attn.norm_added_k is not None:
-            txt_k = attn.norm_added_k(txt_k)
-        if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb
-            img_q = apply_rotary_emb_qwen(img_q, img_freqs, use_real=False)
-            img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
-            txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
-            txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
+        q, k, v = qwen_joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         backend = "flex" if region.kind == "flex" else self.base._attention_backend
-        joint = dispatch_attention_fn(
-            torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1), torch.cat([txt_v, img_v], dim=1),
-            attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend,
-            parallel_config=self.base._parallel_config,
-        )
-        joint = joint.flatten(2, 3).to(txt_q.dtype)
-        seq_txt = encoder_hidden_states.shape[1]
-        img_out = attn.to_out[0](joint[:, seq_txt:].contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)
-        return img_out, attn.to_add_out(joint[:, :seq_txt].contiguous())
+        joint = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend,
+                                      parallel_config=self.base._parallel_config)
+        return qwen_joint_out(attn, joint, encoder_hidden_states.shape[1], q.dtype)
 
 
 class QwenImageEditor(RegionEditor):
