@@ -26,7 +26,8 @@ from PIL import Image
 
 from replan.attention.budget import parse_bytes
 from replan.backbones import load_editor
-from replan.backbones.base import EditResult, RegionEditor, lora_source
+from replan.backbones.base import EditResult, RegionEditor
+from replan.backbones.lora import lora_source
 from replan.backbones.registry import BackboneSpec, resolve
 from replan.distributed import init_distributed
 from replan.hub import check_source

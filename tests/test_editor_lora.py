@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from replan.backbones import load_editor
-from replan.backbones.base import load_lora, lora_source
+from replan.backbones.lora import load_lora, lora_source
 from replan.backbones.registry import BACKBONES, build_offline
 from replan.infer import main
 from replan.pipeline import RePlanPipeline

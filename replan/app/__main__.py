@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load(args):
     import torch
 
-    from replan.backbones.base import lora_source
+    from replan.backbones.lora import lora_source
     from replan.pipeline import RePlanPipeline
     from replan.planner import load_template
 

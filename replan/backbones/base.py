@@ -8,16 +8,17 @@ compilation, resizing the output back — lives here, once, for all backbones.
 Region attention is installed once per editor (``RegionProcessors``): with no regions the processors call the stock
 ones and the edit is the stock pipeline's, bit for bit. ``compile()`` compiles the transformer's repeated blocks
 once; masks reach them as data, so later edits of the same shape reuse the compiled graphs.
+
+This file is one idea, the edit flow around one pipeline call (memory check, layout, rule schedule, acceleration and
+context-parallel checks), and stays whole though it passes 350 lines; what stands apart lives beside it
+(``lora.py``, ``parallel.py``, ``registry.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -36,6 +37,7 @@ from replan.attention import (
     wrap_processor,
 )
 from replan.attention.budget import LayoutSize, default_budget, fit_hint_padding, parse_bytes
+from replan.backbones.lora import load_lora
 from replan.backbones.parallel import check_parallel_compile, check_parallel_edit, enable_context_parallel
 from replan.backbones.registry import BackboneSpec
 from replan.coords import Size, box_to_patch_mask, mask_to_patch_mask
@@ -47,9 +49,6 @@ from replan.plan import RegionPlan
 logger = logging.getLogger(__name__)
 
 RESIZE_BACK = Image.BICUBIC  # the official pipelines call ``image.resize((W, H))``: PIL's default, BICUBIC
-# a hub repository id as the hub spells it: owner/name, letters, digits, "-", "_", "." (not first or last)
-_HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?/[A-Za-z0-9_](?:[\w.-]*[A-Za-z0-9_])?")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -399,43 +398,6 @@ class RegionEditor:
     def _resize_back(out: Image.Image, size: Size) -> Image.Image:
         """The output at the input size, resized with PIL's default filter (BICUBIC), as official."""
         return out if out.size == tuple(size) else out.resize(tuple(size), RESIZE_BACK)
-
-
-def load_lora(pipe, lora_path: str, adapter_name: str = "default") -> None:
-    """Load a LoRA into a diffusers editor pipeline as official: ``pipe.load_lora_weights(path, adapter_name=
-    "default")``. ``lora_path``: a hub id, a directory holding ``pytorch_lora_weights.safetensors`` (what
-    ``save_lora_weights`` writes) or one ``.safetensors`` file. ``ValueError`` naming the fix when the pipeline takes
-    no LoRA, the path does not exist, or no weight of the file fits the editor (e.g. a planner adapter)."""
-    name = type(pipe).__name__
-    if not callable(getattr(pipe, "load_lora_weights", None)):
-        raise ValueError(f"{name} cannot load LoRA weights (it has no load_lora_weights): drop --lora_path")
-    source, kwargs = lora_source(lora_path)
-    hint = ("--lora_path is a LoRA for the diffusion editor (diffusers format, e.g. written by "
-            "save_lora_weights); a LoRA of the planner goes to --vlm_lora_path")
-    try:
-        pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
-    except Exception as e:  # diffusers raises KeyError/ValueError/OSError/... for weights of another model
-        reason = " ".join(str(e).split())[:300]  # diffusers' messages span several lines: one line here
-        raise ValueError(f"cannot load the LoRA {lora_path} into {name}: {type(e).__name__}: {reason}. {hint}") from e
-    if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
-        raise ValueError(f"the LoRA {lora_path} has no weight that fits {name}: nothing was loaded. {hint}")
-    logger.info("loaded the editor LoRA %s as adapter %r", lora_path, adapter_name)
-
-
-def lora_source(lora_path: str) -> tuple[str, dict]:
-    """``(source, load_lora_weights kwargs)`` for a LoRA path: an existing file (its folder and ``weight_name``), an
-    existing directory, or else a hub id ``owner/name`` (``FLUX.1-...`` names included); ``ValueError`` for anything
-    else (a local path that does not exist, a weights file name that is not there)."""
-    text = str(lora_path)
-    path = Path(os.path.expanduser(text))
-    if path.is_file():
-        return str(path.parent), {"weight_name": path.name}
-    if path.exists():
-        return str(path), {}
-    if _HUB_ID.fullmatch(text) and not text.endswith(_WEIGHT_SUFFIXES):
-        return text, {}
-    raise ValueError(f"editor LoRA {lora_path} does not exist (--lora_path takes a diffusers LoRA directory, "
-                     "a .safetensors file or a hub id owner/name)")
 
 
 def executed_boxes(plan: RegionPlan, expand: float, expand_mode: str, image_size: Size) -> list:

@@ -133,7 +133,7 @@ def validate(cfg: GenerateConfig) -> None:
     if not cfg.output_dir:
         raise ValueError("output_dir is empty")
     if cfg.lora_path:  # files named in the config are checked now, before any model loads
-        from replan.backbones.base import lora_source
+        from replan.backbones.lora import lora_source
 
         lora_source(cfg.lora_path)
     if cfg.planner.template:

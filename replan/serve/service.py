@@ -74,7 +74,7 @@ class ServeConfig:
 
             load_template(self.prompt_template)  # a missing file is an error now, before any model loads
         if self.lora_path:
-            from replan.backbones.base import lora_source
+            from replan.backbones.lora import lora_source
 
             lora_source(self.lora_path)  # likewise a missing editor LoRA
         if self.queue < 0:
