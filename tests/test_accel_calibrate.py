@@ -62,3 +62,11 @@ def test_calibration_run_is_resumable_and_its_table_drives_the_cache(tmp_path, c
     capsys.readouterr()
     assert main(args[:-2] + ["--steps", "2"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_too_few_steps_is_named_as_such_before_anything_loads(tmp_path, capsys):
+    args = ["--backbone", "tiny", "--steps", "2", "--dataset", "tiny", "--device", "cpu",
+            "--output_dir", str(tmp_path / "cal")]
+    assert main(args) == 2
+    assert "calibration needs at least 3 steps (--steps), got 2" in capsys.readouterr().err
+    assert not (tmp_path / "cal").exists()

@@ -85,10 +85,10 @@ def sample_ratios(editor, image, instruction: str, steps: int, seed: int, config
 def run(args) -> int:
     spec = resolve(args.backbone)
     steps = args.steps or spec.steps
+    if steps < 3:  # before the phases: their message would name the warm-up, not the step count
+        raise ValueError(f"calibration needs at least 3 steps (--steps), got {steps}")
     config = AccelConfig.from_options("regione", warmup=args.warmup, threshold=args.threshold, post=0,
                                       refresh="none", cache_threshold=0).resolved(spec.name, spec.family, steps)
-    if steps < 3:
-        raise ValueError(f"calibration needs at least 3 steps, got {steps}")
     from replan.eval.dataset import load_samples
 
     samples = load_samples(args.dataset, args.split, limit=args.limit)
