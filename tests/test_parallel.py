@@ -217,10 +217,10 @@ def test_accel_refused_with_ulysses_everywhere_before_loading():
     from replan.infer import parallel_config
     from replan.serve.service import ServeConfig
 
-    for off in (None, "none", " None ", {"mode": "none"}, SimpleNamespace(enabled=False), {}):
+    for off in (None, "none", " None ", {"mode": "none"}, SimpleNamespace(enabled=False), {}, {"threshold": 0.1}):
         assert not accel_requested(off), off
         check_accel_parallel(off, 2)
-    for on in ("regione", "plan+regione", {"mode": "plan", "threshold": 0.1}, {"threshold": 0.1},
+    for on in ("regione", "plan+regione", {"mode": "plan", "threshold": 0.1},
                SimpleNamespace(enabled=True), SimpleNamespace(mode="x")):
         assert accel_requested(on), on
         check_accel_parallel(on, 1)  # one rank: nothing to refuse

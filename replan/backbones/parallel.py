@@ -90,14 +90,15 @@ def check_parallel_compile(editor) -> None:
 
 
 def accel_requested(accel) -> bool:
-    """Whether ``accel`` asks for region acceleration: a mode name other than "none", a mapping with such a
-    ``mode``, or a config object whose ``enabled`` is true (None, "none" and ``{"mode": "none"}`` do not)."""
+    """Whether ``accel`` asks for acceleration: a mode name other than "none", a mapping with such a ``mode``, or a
+    config object whose ``enabled`` is true (None, "none" and a mapping without a mode do not: ``AccelConfig`` reads
+    those as mode none)."""
     if accel is None:
         return False
     if isinstance(accel, str):
         return accel.strip().lower() not in ("", "none")
     if isinstance(accel, Mapping):
-        return accel_requested(accel.get("mode", "none")) if "mode" in accel else bool(accel)
+        return accel_requested(accel.get("mode") or "none")
     return bool(getattr(accel, "enabled", True))
 
 
