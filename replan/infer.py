@@ -238,7 +238,7 @@ def parallel_config(args):
     """The ``ContextParallelConfig`` for ``--ulysses N`` (None for one process)."""
     if args.ulysses < 1:
         raise ValueError(f"--ulysses must be >= 1, got {args.ulysses}")
-    check_accel_parallel(getattr(args, "accel", None), args.ulysses)  # (--accel: replan.accel, when present)
+    check_accel_parallel(args.accel, args.ulysses)
     if args.ulysses == 1:
         if args.ulysses_anything:
             raise ValueError("--ulysses_anything needs --ulysses N with N > 1")

@@ -70,3 +70,11 @@ def test_too_few_steps_is_named_as_such_before_anything_loads(tmp_path, capsys):
     assert main(args) == 2
     assert "calibration needs at least 3 steps (--steps), got 2" in capsys.readouterr().err
     assert not (tmp_path / "cal").exists()
+
+
+def test_a_device_that_is_not_there_is_refused_before_anything_loads(tmp_path, capsys):
+    args = ["--backbone", "tiny", "--steps", "8", "--dataset", "tiny", "--device", "tpu:7",
+            "--output_dir", str(tmp_path / "cal")]
+    assert main(args) == 2
+    assert "--device 'tpu:7'" in capsys.readouterr().err
+    assert not (tmp_path / "cal").exists()

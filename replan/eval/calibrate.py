@@ -32,6 +32,7 @@ import torch
 from replan.accel import AccelConfig, adaptive_partition, fit_gamma, one_step_estimate, velocity_ratios
 from replan.accel.gamma import STATISTICS
 from replan.backbones import load_editor, resolve
+from replan.inputs import check_device
 from replan.io import write_outputs
 from replan.plan import RegionPlan
 
@@ -87,6 +88,7 @@ def run(args) -> int:
     steps = args.steps or spec.steps
     if steps < 3:  # before the phases: their message would name the warm-up, not the step count
         raise ValueError(f"calibration needs at least 3 steps (--steps), got {steps}")
+    device = check_device(args.device, args.dtype)  # before anything loads, as every entry point
     config = AccelConfig.from_options("regione", warmup=args.warmup, threshold=args.threshold, post=0,
                                       refresh="none", cache_threshold=0).resolved(spec.name, spec.family, steps)
     from replan.eval.dataset import load_samples
@@ -96,7 +98,7 @@ def run(args) -> int:
         raise ValueError(f"dataset {args.dataset!r} has no samples")
     out = Path(args.output_dir)
     folder = out / "samples"
-    editor = load_editor(spec.name, args.model, device=args.device or _default_device(), torch_dtype=args.dtype)
+    editor = load_editor(spec.name, args.model, device=device, torch_dtype=args.dtype)
     editor.pipe.set_progress_bar_config(disable=True)
     records, failed = {}, 0
     for sample in samples:
@@ -158,10 +160,6 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

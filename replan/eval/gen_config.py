@@ -127,7 +127,7 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError(f"ulysses must be a positive integer, got {cfg.ulysses!r}")
     if cfg.ulysses_anything and cfg.ulysses == 1:
         raise ValueError("ulysses_anything needs ulysses > 1")
-    check_accel_parallel(getattr(cfg, "accel", None), cfg.ulysses)
+    check_accel_parallel(cfg.accel, cfg.ulysses)
     if cfg.ulysses > 1 and cfg.stage_offload != "none":
         raise ValueError("ulysses keeps the editor on each rank's GPU: set stage_offload: none")
     if not cfg.output_dir:

@@ -60,7 +60,7 @@ class ServeConfig:
             raise ValueError(f"ulysses must be a positive integer, got {self.ulysses!r}")
         from replan.backbones.parallel import check_accel_parallel
 
-        check_accel_parallel(getattr(self, "accel", None), self.ulysses)
+        check_accel_parallel(self.accel, self.ulysses)
         if self.ulysses > 1 and (self.offload != "none" or self.stage_offload != "none"):
             raise ValueError("--ulysses keeps the editor on each rank's GPU: drop --offload and --stage_offload")
         if self.parse not in PARSE_MODES:
